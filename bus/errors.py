@@ -1,0 +1,27 @@
+"""The error tree of `bus`.
+
+    BusError                      anything the bus cannot do
+    +-- RedisUnavailable          Redis cannot be reached (after retries)
+    +-- BlobMissing               a referenced blob is not (or no longer) stored
+    +-- EmbeddedRedisError        no redis-server binary, or it would not start
+
+redis-py's exceptions are mapped to these in one place (`bus.connection`).
+"""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Base of every error raised by `bus`."""
+
+
+class RedisUnavailable(BusError):
+    """Redis could not be reached, even after reconnecting with backoff."""
+
+
+class BlobMissing(BusError):
+    """A blob that a message references is not stored (expired, unlinked, never put)."""
+
+
+class EmbeddedRedisError(BusError):
+    """The embedded redis-server could not be found or started."""

@@ -1,0 +1,37 @@
+"""Wire formats: state dicts as header + raw tensor bytes, and the stream messages.
+
+Imports no other package of ours. Everything that reads untrusted bytes raises
+`PayloadError` (with a `reason` label) and nothing else.
+"""
+
+from serialization.errors import PayloadError
+from serialization.messages import SCHEMA_VERSION, Job, Message, Registration, Result
+from serialization.tensors import (
+    DTYPES,
+    TensorSpec,
+    check_finite,
+    decode,
+    encode,
+    encode_into,
+    encoded_size,
+    read_header,
+    schema_of,
+)
+
+__all__ = [
+    "DTYPES",
+    "SCHEMA_VERSION",
+    "Job",
+    "Message",
+    "PayloadError",
+    "Registration",
+    "Result",
+    "TensorSpec",
+    "check_finite",
+    "decode",
+    "encode",
+    "encode_into",
+    "encoded_size",
+    "read_header",
+    "schema_of",
+]

@@ -1,0 +1,146 @@
+"""Versioned msgpack schemas for the small messages on the streams.
+
+Each message is a frozen dataclass. On the wire it is a msgpack map with the
+schema version under ``"v"`` and the message kind under ``"k"``; decoding
+ignores unknown fields (newer senders may add some) and rejects missing or
+mistyped required ones with `PayloadError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self, TypeVar
+
+import msgpack
+
+from serialization.errors import PayloadError
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+_SCALARS: dict[type, tuple[type, ...]] = {
+    str: (str,),
+    int: (int,),
+    float: (float, int),
+    bool: (bool,),
+    bytes: (bytes,),
+    dict: (dict,),
+    list: (list, tuple),
+}
+
+
+class Message:
+    """Base of the stream messages: `to_bytes` / `from_bytes` with validation."""
+
+    kind: ClassVar[str]
+
+    def to_bytes(self) -> bytes:
+        body = dataclasses.asdict(self)  # type: ignore[call-overload]
+        body["v"], body["k"] = SCHEMA_VERSION, self.kind
+        return msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | memoryview) -> Self:
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise PayloadError("too_large", f"{cls.kind} message of {len(raw)} bytes")
+        try:
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except Exception as exc:  # noqa: BLE001 - msgpack raises many types on bad input
+            raise PayloadError("malformed", f"{cls.kind} message is not msgpack: {exc}") from None
+        return cls.from_dict(body)
+
+    @classmethod
+    def from_dict(cls, body: Any) -> Self:
+        if not isinstance(body, dict):
+            raise PayloadError("malformed", f"{cls.kind} message is not a map")
+        if body.get("k", cls.kind) != cls.kind:
+            raise PayloadError("malformed", f"expected a {cls.kind} message, got {body.get('k')!r}")
+        version = body.get("v")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise PayloadError("bad_version", f"{cls.kind} schema version {version!r} is unsupported")
+        return cls(**_fields(cls, body))
+
+
+def _fields(cls: type, body: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PayloadError("missing_field", f"{cls.kind} message lacks {f.name!r}")  # type: ignore[attr-defined]
+            continue
+        values[f.name] = _checked(cls, f.name, hints[f.name], body[f.name])
+    return values
+
+
+def _checked(cls: type, name: str, hint: Any, value: Any) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return value
+        if base in _SCALARS and isinstance(value, _SCALARS[base]):
+            if base is not bool and isinstance(value, bool) and base is not int:
+                continue
+            return float(value) if base is float else value
+    kind = cls.kind  # type: ignore[attr-defined]
+    raise PayloadError("bad_field", f"{kind} field {name!r} has type {type(value).__name__}")
+
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class Job(Message):
+    """Train client `client_id` for slot `slot_id`, round `round`, from the model blob."""
+
+    kind: ClassVar[str] = "job"
+    job_id: str
+    run_id: str
+    slot_id: int
+    round: int
+    client_id: str
+    model_digest: str
+    model_nbytes: int
+    deadline_ts: float
+    task: str
+    task_options: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    published_ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """What a client sends back: an update blob reference or a failure reason."""
+
+    kind: ClassVar[str] = "result"
+    job_id: str
+    run_id: str
+    slot_id: int
+    round: int
+    client_id: str
+    status: str  # "ok" or "failed"
+    agent_id: str = ""
+    update_digest: str = ""
+    update_nbytes: int = 0
+    num_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class Registration(Message):
+    """An agent announces the clients it hosts."""
+
+    kind: ClassVar[str] = "registration"
+    agent_id: str
+    client_ids: list[str]
+    devices: list[str] = field(default_factory=list)
+    hostname: str = ""
+    pid: int = 0
+    event: str = "register"  # or "unregister" on a clean shutdown

@@ -1,0 +1,271 @@
+"""State dict <-> bytes: a small msgpack header, then the raw tensor bytes.
+
+Layout (all integers little endian)::
+
+    b"PWFL" | u32 header_len | msgpack header | zero padding | tensor bytes ...
+
+The header is ``{"v": 1, "t": [[name, dtype, shape, offset, nbytes], ...],
+"m": {meta}}``; offsets are from the start of the payload and each tensor starts
+on a 64-byte boundary, so views over an aligned buffer are aligned too.
+
+Encoding copies every tensor's bytes exactly once (into the joined output or
+into a caller's buffer such as shared memory). Decoding copies nothing: the
+returned tensors are views over the given buffer, so the buffer must outlive
+them, and they are read-only unless the buffer is writable.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from serialization.errors import PayloadError
+
+MAGIC = b"PWFL"
+FORMAT_VERSION = 1
+ALIGN = 64
+_PREFIX = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BYTES = 4 * 1024**3
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+
+StateDict = Mapping[str, torch.Tensor]
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor must be: its dtype name and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+Schema = Mapping[str, TensorSpec]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def schema_of(state: StateDict) -> dict[str, TensorSpec]:
+    """The schema a payload must match to be loaded into a model with this state."""
+    return {k: TensorSpec(_dtype_name(t.dtype), tuple(t.shape)) for k, t in state.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise PayloadError("bad_dtype", f"dtype {dtype} is not supported") from None
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a uint8 numpy array, without a copy when it is on CPU."""
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat.view(torch.uint8).numpy()
+
+
+def _plan(state: StateDict, meta: Mapping[str, Any] | None) -> tuple[bytes, list[np.ndarray], int]:
+    """Header bytes (prefix included, padded), tensor byte views, total size."""
+    views = [_byte_view(t) for t in state.values()]
+    rows: list[list[Any]] = []
+    # Offsets depend on the header's length, which depends on the offsets:
+    # encode once with offsets relative to the data start, then shift.
+    data_offset = 0
+    for (name, t), view in zip(state.items(), views, strict=True):
+        rows.append([name, _dtype_name(t.dtype), list(t.shape), data_offset, view.nbytes])
+        data_offset = _align(data_offset + view.nbytes)
+    header = {"v": FORMAT_VERSION, "t": rows, "m": dict(meta or {})}
+    shift = 0
+    while True:  # shifting the offsets can lengthen their varints: settle in a step or two
+        start = _align(_PREFIX.size + len(msgpack.packb(header)))
+        for row in rows:
+            row[3] += start - shift
+        shift = start
+        packed = msgpack.packb(header)
+        if _PREFIX.size + len(packed) <= start:
+            break
+    head = _PREFIX.pack(MAGIC, len(packed)) + packed
+    head += bytes(start - len(head))
+    total = rows[-1][3] + rows[-1][4] if rows else start
+    return head, views, total
+
+
+def encoded_size(state: StateDict, meta: Mapping[str, Any] | None = None) -> int:
+    """Bytes that `encode` / `encode_into` will produce for this state dict."""
+    return _plan(state, meta)[2]
+
+
+def encode(state: StateDict, meta: Mapping[str, Any] | None = None) -> bytes:
+    """The payload as one bytes object: the tensors' bytes are copied once."""
+    head, views, total = _plan(state, meta)
+    parts: list[Any] = [head]
+    pos = len(head)
+    for view in views:
+        pad = _align(pos) - pos
+        if pad:
+            parts.append(bytes(pad))
+        parts.append(view)
+        pos += pad + view.nbytes
+    out = b"".join(parts)
+    assert len(out) == total
+    return out
+
+
+def encode_into(state: StateDict, buf: memoryview | bytearray,
+                meta: Mapping[str, Any] | None = None) -> int:
+    """Write the payload into `buf` (for example shared memory); returns its size."""
+    head, views, total = _plan(state, meta)
+    if len(buf) < total:
+        raise ValueError(f"buffer of {len(buf)} bytes is smaller than the payload ({total})")
+    out = np.frombuffer(buf, dtype=np.uint8, count=total)
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    pos = len(head)
+    for view in views:
+        start = _align(pos)
+        out[pos:start] = 0
+        out[start : start + view.nbytes] = view
+        pos = start + view.nbytes
+    return total
+
+
+def read_header(buf: Buffer, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[_Entry], dict[str, Any]]:
+    """Parse and validate the header: entries and meta. Raises PayloadError."""
+    size = len(buf)
+    if size > max_bytes:
+        raise PayloadError("too_large", f"payload is {size} bytes, limit {max_bytes}")
+    if size < _PREFIX.size:
+        raise PayloadError("truncated", f"payload is {size} bytes, shorter than the prefix")
+    magic, header_len = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise PayloadError("bad_magic", "payload does not start with b'PWFL'")
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > size:
+        raise PayloadError("truncated", f"header of {header_len} bytes does not fit the payload")
+    raw = memoryview(buf)[_PREFIX.size : _PREFIX.size + header_len]
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on bad input
+        raise PayloadError("bad_header", f"header is not valid msgpack: {exc}") from None
+    return _entries(header, size, _PREFIX.size + header_len)
+
+
+def _entries(header: Any, size: int, data_start: int) -> tuple[list[_Entry], dict[str, Any]]:
+    if not isinstance(header, dict) or header.get("v") != FORMAT_VERSION:
+        raise PayloadError("bad_header", f"unsupported header (format version {FORMAT_VERSION})")
+    rows, meta = header.get("t"), header.get("m", {})
+    if not isinstance(rows, list) or not isinstance(meta, dict):
+        raise PayloadError("bad_header", "header fields 't' and 'm' have the wrong types")
+    entries, seen, end = [], set(), data_start
+    for row in rows:
+        entry = _entry(row)
+        if entry.name in seen:
+            raise PayloadError("bad_header", f"tensor {entry.name!r} appears twice")
+        if entry.offset < end or entry.offset + entry.nbytes > size:
+            raise PayloadError("truncated", f"tensor {entry.name!r} lies outside the payload")
+        seen.add(entry.name)
+        end = entry.offset + entry.nbytes
+        entries.append(entry)
+    return entries, meta
+
+
+def _entry(row: Any) -> _Entry:
+    if not (isinstance(row, list) and len(row) == 5):
+        raise PayloadError("bad_header", "a tensor row is not [name, dtype, shape, offset, nbytes]")
+    name, dtype, shape, offset, nbytes = row
+    if not isinstance(name, str) or dtype not in DTYPES:
+        raise PayloadError("bad_dtype", f"tensor {name!r}: dtype {dtype!r} is not supported")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise PayloadError("bad_shape", f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offset, int) and isinstance(nbytes, int) and offset >= 0 and nbytes >= 0):
+        raise PayloadError("bad_header", f"tensor {name!r}: bad offset or length")
+    itemsize = DTYPES[dtype].itemsize
+    if math.prod(shape) * itemsize != nbytes:
+        raise PayloadError("bad_shape", f"tensor {name!r}: shape {shape} x {itemsize} B != {nbytes} B")
+    return _Entry(name, dtype, tuple(shape), offset, nbytes)
+
+
+def check_schema(entries: list[_Entry], schema: Schema) -> None:
+    """Names, dtypes and shapes must equal the expected model's."""
+    names = [e.name for e in entries]
+    if set(names) != set(schema):
+        missing = sorted(set(schema) - set(names))[:3]
+        extra = sorted(set(names) - set(schema))[:3]
+        raise PayloadError("wrong_names", f"missing {missing}, unexpected {extra}")
+    for e in entries:
+        spec = schema[e.name]
+        if e.dtype != spec.dtype or e.shape != tuple(spec.shape):
+            raise PayloadError(
+                "wrong_schema",
+                f"tensor {e.name!r} is {e.dtype}{list(e.shape)}, expected {spec.dtype}{list(spec.shape)}",
+            )
+
+
+def _view(buf: Buffer, e: _Entry) -> torch.Tensor:
+    if e.nbytes == 0:
+        return torch.empty(e.shape, dtype=DTYPES[e.dtype])
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=e.nbytes, offset=e.offset)
+    return raw.view(DTYPES[e.dtype]).view(e.shape)
+
+
+def check_finite(state: StateDict) -> None:
+    """Reject NaN or Inf in any float tensor (one read pass, no temporaries)."""
+    for name, t in state.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        # A sum is finite iff every element is, except for overflow of huge
+        # finite values; the exact elementwise check settles that rare case.
+        if not math.isfinite(float(t.sum(dtype=torch.float64))) and not bool(torch.isfinite(t).all()):
+            raise PayloadError("not_finite", f"tensor {name!r} holds NaN or Inf")
+
+
+def decode(
+    buf: Buffer,
+    *,
+    schema: Schema | None = None,
+    finite: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Validate and decode: (state dict of views over `buf`, meta). Raises PayloadError."""
+    entries, meta = read_header(buf, max_bytes=max_bytes)
+    if schema is not None:
+        check_schema(entries, schema)
+    state = {e.name: _view(buf, e) for e in entries}
+    if finite:
+        check_finite(state)
+    return state, meta

@@ -1,0 +1,42 @@
+"""Shared-memory segments for handing state dicts between agent and trainers.
+
+Python 3.11's `SharedMemory` registers every segment it creates *or attaches*
+with the resource tracker, which then unlinks segments still in use and warns
+at exit. PWFL manages lifetimes explicitly (the creator names the owner, the
+owner unlinks), so these helpers take segments out of the tracker's hands.
+"""
+
+from __future__ import annotations
+
+import secrets
+from multiprocessing import resource_tracker, shared_memory
+
+
+def _untrack(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm
+
+
+def create(nbytes: int, prefix: str = "pwfl") -> shared_memory.SharedMemory:
+    """A new segment of at least `nbytes` (the caller owns it and must unlink it)."""
+    name = f"{prefix}-{secrets.token_hex(8)}"
+    return _untrack(shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1)))
+
+
+def attach(name: str) -> shared_memory.SharedMemory:
+    """Open an existing segment by name (close it; its owner unlinks it)."""
+    return _untrack(shared_memory.SharedMemory(name=name, create=False))
+
+
+def release(shm: shared_memory.SharedMemory, *, unlink: bool = False) -> None:
+    """Close this process's mapping and, for the owner, remove the segment."""
+    try:
+        shm.close()
+    except BufferError:
+        # A view over the buffer is still alive somewhere; the mapping goes when it does.
+        pass
+    if unlink:
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass

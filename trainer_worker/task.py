@@ -1,0 +1,82 @@
+"""The task plugin interface: what a learning problem gives PWFL.
+
+A task is named by import path ``module:factory``; the factory is called with
+the task options (a msgpack-able dict that travels in every job) and returns a
+`Task`. It is imported inside the process that uses it (a spawned trainer, or
+the coordinator for the initial model and evaluation), so user code never has
+to be importable by anyone else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+class TaskError(Exception):
+    """A task could not be loaded, or its data could not be found."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings for one job (from the job message's `config`)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx; 0 is plain local SGD
+    max_steps: int = 0  # 0: no limit
+    seed: int = 0
+    noop: bool = False  # return the received weights untouched (framework benchmarks)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Known keys only; unknown keys are ignored so newer coordinators can add some."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What local training reports: examples seen (the FedAvg weight) and metrics."""
+
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A learning problem: its model, each client's data, training and evaluation."""
+
+    @abstractmethod
+    def build_model(self, seed: int) -> torch.nn.Module:
+        """A freshly initialised model; the same seed gives the same weights."""
+
+    @abstractmethod
+    def train(self, model: torch.nn.Module, client_id: str, config: TrainConfig,
+              device: torch.device) -> TrainOutcome:
+        """Train `model` in place on this client's partition."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Metrics on the held-out test set: at least `accuracy`, `loss`, `num_examples`."""
+
+
+def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
+    """Import ``module:factory`` and call the factory with the options."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TaskError(f"task {spec!r} is not of the form 'module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise TaskError(f"cannot import task {spec!r}: {exc}") from exc
+    task = factory(**(options or {}))
+    if not isinstance(task, Task):
+        raise TaskError(f"{spec!r} returned {type(task).__name__}, not a Task")
+    return task
