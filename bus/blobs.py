@@ -1,20 +1,40 @@
 """Content-addressed blobs: SET once under their sha256, fetch, expire, unlink.
 
-Blobs above `chunk_bytes` are stored as chunks ``blob:{digest}:{i}`` so that a
-model larger than Redis's 512 MB bulk limit still travels; readers know the
-layout from the size the message carries. STUB: signatures fixed.
+A blob up to `chunk_bytes` is one string key, ``blob:{digest}``, written with one
+SET and read with one GET (redis-py sends large bytes / memoryview values
+without copying them). A bigger blob, which could otherwise pass Redis's 512 MB
+bulk limit, is stored as chunks ``blob:{digest}:{i}`` written and read on a few
+connections at once and joined into one bytearray; its base key then holds a
+16-byte manifest (magic + chunk size), so a reader needs only the `BlobRef` and
+never the writer's `chunk_bytes`: the base key's value is the blob itself when
+its length is `BlobRef.nbytes`, else the manifest. Every key carries the TTL;
+putting bytes that are already stored only refreshes it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from bus.connection import as_bytes, redis_errors
+from bus.errors import BlobMissing
 from bus.keys import Keys
 
 DEFAULT_TTL_MS = 30 * 60 * 1000
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+DEFAULT_PARALLEL = 4
+MIN_CHUNK_BYTES = 1024
+# Above this, hashing moves to a thread, and `put` asks whether the blob exists
+# before sending its bytes (one small round trip against a large upload).
+THREAD_BYTES = 1024 * 1024
+
+_MANIFEST = struct.Struct("<8sQ")
+_MAGIC = b"PWFLCHNK"
 
 
 @dataclass(frozen=True)
@@ -25,24 +45,141 @@ class BlobRef:
 
 def digest_of(data: bytes | bytearray | memoryview) -> str:
     """sha256 hex digest (hashlib releases the GIL: call it from a thread for big data)."""
-    raise NotImplementedError
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _digest(data: bytes | bytearray | memoryview) -> str:
+    if len(data) > THREAD_BYTES:
+        return await asyncio.to_thread(digest_of, data)
+    return digest_of(data)
+
+
+def _byte_view(data: bytes | memoryview) -> bytes | memoryview:
+    """`data` as something whose len() is its size in bytes (no copy)."""
+    if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+        return data.cast("B")
+    return data
+
+
+def _chunk_size(value: bytes) -> int | None:
+    """The chunk size a manifest records, or None when `value` is not a manifest."""
+    if len(value) != _MANIFEST.size:
+        return None
+    magic, chunk_bytes = _MANIFEST.unpack(value)
+    return int(chunk_bytes) if magic == _MAGIC and chunk_bytes > 0 else None
 
 
 class BlobStore:
     """Blobs of one run."""
 
     def __init__(self, r: aioredis.Redis, keys: Keys, *, ttl_ms: int = DEFAULT_TTL_MS,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        raise NotImplementedError
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, parallel: int = DEFAULT_PARALLEL) -> None:
+        if chunk_bytes < MIN_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be at least {MIN_CHUNK_BYTES}, not {chunk_bytes}")
+        self._r = r
+        self._keys = keys
+        self._ttl_ms = ttl_ms
+        self._chunk_bytes = chunk_bytes
+        self._parallel = max(1, parallel)
 
     async def put(self, data: bytes | memoryview, digest: str | None = None) -> BlobRef:
-        """Store once (SET NX with TTL; an existing blob only has its TTL refreshed)."""
-        raise NotImplementedError
+        """Store once (SET NX with TTL; an existing blob only has its TTL refreshed).
+
+        A caller that already knows the sha256 of `data` passes it as `digest` (trusted).
+        """
+        data = _byte_view(data)
+        ref = BlobRef(digest or await _digest(data), len(data))
+        with redis_errors():
+            if ref.nbytes > self._chunk_bytes:
+                await self._put_chunked(ref, memoryview(data))
+            else:
+                await self._put_one(ref, data)
+        return ref
+
+    async def _put_one(self, ref: BlobRef, data: bytes | memoryview) -> None:
+        key = self._keys.blob(ref.digest)
+        if ref.nbytes > THREAD_BYTES and await self._r.pexpire(key, self._ttl_ms):
+            return
+        if not await self._r.set(key, data, nx=True, px=self._ttl_ms):
+            await self._r.pexpire(key, self._ttl_ms)
+
+    async def _put_chunked(self, ref: BlobRef, view: memoryview) -> None:
+        size = self._chunk_bytes
+        keys = self._chunk_keys(ref.digest, ref.nbytes, size)
+        if await self._refresh([*keys, self._keys.blob(ref.digest)]):
+            return
+
+        async def put_chunk(i: int) -> None:
+            await self._r.set(keys[i], view[i * size : (i + 1) * size], px=self._ttl_ms)
+
+        await self._each(len(keys), put_chunk)
+        # The manifest goes last: whoever sees it finds every chunk in place.
+        manifest = _MANIFEST.pack(_MAGIC, size)
+        await self._r.set(self._keys.blob(ref.digest), manifest, px=self._ttl_ms)
+
+    async def _refresh(self, keys: list[str]) -> bool:
+        """PEXPIRE every key (one pipeline); True when all of them existed."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pexpire(key, self._ttl_ms)
+            return all(await pipe.execute())
 
     async def get(self, ref: BlobRef, *, verify: bool = False) -> bytes | bytearray:
         """The blob's bytes; raises BlobMissing. `verify` re-hashes against the digest."""
-        raise NotImplementedError
+        with redis_errors():
+            reply = await self._r.get(self._keys.blob(ref.digest))
+            if reply is None:
+                raise BlobMissing(f"blob {ref.digest} is not stored (expired or never put)")
+            value = as_bytes(reply)
+            data = value if len(value) == ref.nbytes else await self._get_chunked(ref, value)
+        if verify and await _digest(data) != ref.digest:
+            raise BlobMissing(f"blob {ref.digest}: the stored bytes have another digest")
+        return data
+
+    async def _get_chunked(self, ref: BlobRef, manifest: bytes) -> bytearray:
+        size = _chunk_size(manifest)
+        if size is None:
+            raise BlobMissing(f"blob {ref.digest} is stored with {len(manifest)} bytes, "
+                              f"not {ref.nbytes}")
+        keys = self._chunk_keys(ref.digest, ref.nbytes, size)
+        out = bytearray(ref.nbytes)
+
+        async def get_chunk(i: int) -> None:
+            part = await self._r.get(keys[i])
+            start = i * size
+            part = None if part is None else as_bytes(part)
+            if part is None or len(part) != min(size, ref.nbytes - start):
+                raise BlobMissing(f"blob {ref.digest}: chunk {i} is missing or truncated")
+            out[start : start + len(part)] = part
+
+        await self._each(len(keys), get_chunk)
+        return out
 
     async def delete(self, ref: BlobRef) -> None:
         """UNLINK the blob (all its chunks)."""
-        raise NotImplementedError
+        base = self._keys.blob(ref.digest)
+        with redis_errors():
+            head = as_bytes(await self._r.getrange(base, 0, _MANIFEST.size - 1))
+            size = _chunk_size(head) if ref.nbytes != len(head) else None
+            keys = set(self._chunk_keys(ref.digest, ref.nbytes, size or self._chunk_bytes))
+            await self._r.unlink(base, *keys)
+
+    def _chunk_keys(self, digest: str, nbytes: int, chunk_bytes: int) -> list[str]:
+        if nbytes <= chunk_bytes:
+            return []
+        count = -(-nbytes // chunk_bytes)
+        return [self._keys.blob_chunk(digest, i) for i in range(count)]
+
+    async def _each(self, count: int, step: Callable[[int], Awaitable[None]]) -> None:
+        """step(0) .. step(count - 1) on up to `parallel` connections; the first error raises."""
+
+        async def worker(first: int) -> None:
+            for i in range(first, count, self._parallel):
+                await step(i)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for first in range(min(self._parallel, count)):
+                    tg.create_task(worker(first))
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None

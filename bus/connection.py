@@ -1,13 +1,58 @@
 """Connecting to Redis: one place for URLs, credentials, retries and error mapping.
 
-STUB: signatures fixed; implementation pending.
+`connect` builds a redis-py asyncio client whose connections retry
+ConnectionError / TimeoutError with exponential backoff, so a command issued
+while Redis restarts waits for it instead of failing. redis-py (>= 5) drops a
+connection whose command was cancelled mid-flight (its `read_response`
+disconnects on any BaseException), so a cancelled blocking XREADGROUP never
+leaves its reply for the next caller; `tests/test_bus_connection.py` pins that.
+
+redis-py's exceptions become ours here and nowhere else (`redis_errors`):
+
+    redis.AuthenticationError, AuthorizationError,
+      MaxConnectionsError                       -> BusError (never retried)
+    redis.ConnectionError, redis.TimeoutError   -> RedisUnavailable (after the retries)
+    any other redis.RedisError                  -> BusError
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from bus.errors import BusError, RedisUnavailable
+
+_RETRIED = (rex.ConnectionError, rex.TimeoutError)
+# ConnectionError subclasses that waiting cannot fix: fail at once, as BusError.
+_NOT_RETRIED = (rex.AuthenticationError, rex.AuthorizationError, rex.MaxConnectionsError)
+T = TypeVar("T")
+
+
+class _Retry(Retry):
+    """redis-py's Retry, except for bad credentials and a full pool (no use waiting)."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def retryable(exc: Exception) -> bool:
+            if isinstance(exc, _NOT_RETRIED):
+                return False
+            return is_retryable is None or is_retryable(exc)
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 @dataclass(frozen=True)
@@ -27,11 +72,96 @@ class RedisSettings:
     tls_key_file: str | None = None
 
 
-def connect(settings: RedisSettings | str) -> aioredis.Redis:
-    """An asyncio client (bytes replies) that reconnects with exponential backoff."""
-    raise NotImplementedError
+def _client_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "retry": _Retry(
+            ExponentialBackoff(cap=settings.backoff_cap_s, base=settings.backoff_base_s),
+            settings.retries,
+            supported_errors=_RETRIED,
+        ),
+        "retry_on_error": list(_RETRIED),
+    }
+    if settings.username is not None:
+        kwargs["username"] = settings.username
+    if settings.password is not None:
+        kwargs["password"] = settings.password
+    if urlsplit(settings.url).scheme == "rediss":
+        kwargs |= _tls_kwargs(settings)
+    return kwargs
+
+
+def _tls_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    tls = {
+        "ssl_ca_certs": settings.tls_ca_file,
+        "ssl_certfile": settings.tls_cert_file,
+        "ssl_keyfile": settings.tls_key_file,
+    }
+    return {k: v for k, v in tls.items() if v is not None}
+
+
+def connect(settings: RedisSettings | str, *, max_connections: int | None = None) -> aioredis.Redis:
+    """An asyncio client (bytes replies) that reconnects with exponential backoff.
+
+    `max_connections` caps the pool (a command beyond it raises instead of opening one more).
+    """
+    if isinstance(settings, str):
+        settings = RedisSettings(url=settings)
+    kwargs = _client_kwargs(settings)
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
+    try:
+        return aioredis.Redis.from_url(settings.url, **kwargs)
+    except ValueError as exc:  # redis-py's URL parser
+        raise BusError(f"bad Redis URL {settings.url!r}: {exc}") from exc
 
 
 async def wait_ready(client: aioredis.Redis, timeout_s: float = 10.0) -> None:
     """Return once PING answers; raise RedisUnavailable after `timeout_s`."""
-    raise NotImplementedError
+    errors: list[BaseException] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if await _pinged(client, errors):
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError as exc:
+        last = errors[-1] if errors else exc
+        raise RedisUnavailable(f"Redis did not answer PING within {timeout_s} s: {last}") from last
+
+
+async def _pinged(client: aioredis.Redis, errors: list[BaseException]) -> bool:
+    """One PING: True if answered, False (error noted) if Redis is not there yet."""
+    with redis_errors():
+        try:
+            return bool(await client.ping())
+        except _RETRIED as exc:  # BusyLoadingError (Redis loading its AOF) is one too
+            if isinstance(exc, _NOT_RETRIED):
+                raise
+            errors.append(exc)
+            return False
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A reply as bytes: our clients decode nothing, but redis-py's types allow str."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply (id, name) as str."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Re-raise redis-py's exceptions as the bus's (see the module docstring)."""
+    try:
+        yield
+    except _NOT_RETRIED as exc:
+        raise BusError(str(exc)) from exc
+    except _RETRIED as exc:
+        raise RedisUnavailable(str(exc)) from exc
+    except rex.RedisError as exc:
+        raise BusError(str(exc)) from exc

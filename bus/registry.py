@@ -1,15 +1,27 @@
-"""Client registry, heartbeats and the active-run pointer. STUB: signatures fixed."""
+"""Client registry, heartbeats and the active-run pointer.
+
+An agent records the clients it hosts in the run's ``clients`` hash, announces
+itself on the ``registrations`` stream (which the coordinator consumes) and
+keeps one ``alive:{client}`` key per client alive with a TTL: a client whose
+agent stops beating disappears from `Registry.alive` when the key expires.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import redis.asyncio as aioredis
+import structlog
 
-from bus.keys import Keys
-from serialization import Registration
+from bus.connection import as_bytes, as_text, redis_errors
+from bus.keys import DEFAULT_NAMESPACE, Keys
+from bus.streams import FIELD
+from serialization import PayloadError, Registration
 
 DEFAULT_HEARTBEAT_TTL_MS = 5000
+
+log = structlog.get_logger(__name__)
 
 
 class Registry:
@@ -17,32 +29,74 @@ class Registry:
 
     def __init__(self, r: aioredis.Redis, keys: Keys, *,
                  ttl_ms: int = DEFAULT_HEARTBEAT_TTL_MS) -> None:
-        raise NotImplementedError
+        self._r = r
+        self._keys = keys
+        self._ttl_ms = ttl_ms
 
     async def register(self, registration: Registration) -> None:
         """Record the agent's clients, mark them alive, announce on the registrations stream."""
-        raise NotImplementedError
+        raw = registration.to_bytes()
+        with redis_errors():
+            async with self._r.pipeline(transaction=True) as pipe:
+                if registration.client_ids:
+                    pipe.hset(self._keys.clients(),
+                              mapping=dict.fromkeys(registration.client_ids, raw))
+                for client_id in registration.client_ids:
+                    pipe.set(self._keys.alive(client_id), b"1", px=self._ttl_ms)
+                pipe.xadd(self._keys.registrations(), {FIELD: raw})
+                await pipe.execute()
 
     async def unregister(self, registration: Registration) -> None:
         """Clean shutdown: clients are no longer alive; announce it."""
-        raise NotImplementedError
+        farewell = dataclasses.replace(registration, event="unregister")
+        with redis_errors():
+            async with self._r.pipeline(transaction=True) as pipe:
+                if registration.client_ids:
+                    pipe.unlink(*(self._keys.alive(c) for c in registration.client_ids))
+                pipe.xadd(self._keys.registrations(), {FIELD: farewell.to_bytes()})
+                await pipe.execute()
 
     async def heartbeat(self, client_ids: Iterable[str]) -> None:
         """Refresh the clients' alive keys (one pipeline)."""
-        raise NotImplementedError
+        with redis_errors():
+            async with self._r.pipeline(transaction=False) as pipe:
+                for client_id in client_ids:
+                    pipe.set(self._keys.alive(client_id), b"1", px=self._ttl_ms)
+                await pipe.execute()
 
     async def alive(self, client_ids: Iterable[str]) -> set[str]:
-        """Which of these clients have a live heartbeat (one pipeline)."""
-        raise NotImplementedError
+        """Which of these clients have a live heartbeat (one MGET)."""
+        ids = list(client_ids)
+        if not ids:
+            return set()
+        with redis_errors():
+            values = await self._r.mget([self._keys.alive(c) for c in ids])
+        return {c for c, v in zip(ids, values, strict=True) if v is not None}
 
     async def clients(self) -> dict[str, Registration]:
-        """Every registered client and its agent's registration."""
-        raise NotImplementedError
+        """Every registered client and its agent's registration (undecodable ones are logged)."""
+        with redis_errors():
+            raw = await self._r.hgetall(self._keys.clients())
+        out: dict[str, Registration] = {}
+        for key, value in raw.items():
+            client_id = key.decode(errors="replace") if isinstance(key, bytes) else key
+            try:
+                out[client_id] = Registration.from_bytes(as_bytes(value))
+            except PayloadError as exc:
+                log.warning("registration_undecodable", client_id=client_id, reason=exc.reason,
+                            detail=exc.detail)
+        return out
 
 
-async def set_active_run(r: aioredis.Redis, run_id: str, namespace: str = "pwfl") -> None:
-    raise NotImplementedError
+async def set_active_run(r: aioredis.Redis, run_id: str,
+                         namespace: str = DEFAULT_NAMESPACE) -> None:
+    """Point long-lived agents at `run_id`."""
+    with redis_errors():
+        await r.set(Keys.active_run(namespace), run_id.encode())
 
 
-async def get_active_run(r: aioredis.Redis, namespace: str = "pwfl") -> str | None:
-    raise NotImplementedError
+async def get_active_run(r: aioredis.Redis, namespace: str = DEFAULT_NAMESPACE) -> str | None:
+    """The run agents should serve, or None when none is set."""
+    with redis_errors():
+        value = await r.get(Keys.active_run(namespace))
+    return None if value is None else as_text(value)

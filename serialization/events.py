@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import structlog
 
@@ -62,7 +62,7 @@ def configure_events(
     *,
     log_file: str | Path | None = None,
     console_level: str = "info",
-    console: IO[str] | None = None,
+    console: TextIO | None = None,
 ) -> None:
     """Set structlog up for this process: JSON lines to `log_file`, text to stderr."""
     processors: list[Any] = [

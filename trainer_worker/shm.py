@@ -8,6 +8,7 @@ owner unlinks), so these helpers take segments out of the tracker's hands.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from multiprocessing import resource_tracker, shared_memory
 
@@ -30,13 +31,10 @@ def attach(name: str) -> shared_memory.SharedMemory:
 
 def release(shm: shared_memory.SharedMemory, *, unlink: bool = False) -> None:
     """Close this process's mapping and, for the owner, remove the segment."""
-    try:
+    # BufferError: a view over the buffer is still alive somewhere; the mapping
+    # goes when the last view does (SharedMemory.__del__ closes it).
+    with contextlib.suppress(BufferError):
         shm.close()
-    except BufferError:
-        # A view over the buffer is still alive somewhere; the mapping goes when it does.
-        pass
     if unlink:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             shm.unlink()
-        except FileNotFoundError:
-            pass

@@ -1,0 +1,169 @@
+"""Built-in tasks, and the in-memory classification base they share.
+
+`TensorClassificationTask` holds a task's data as tensors (the whole training
+set once, each client as an index tensor into it) and implements `train` and
+`evaluate` once: batches are gathered by index from pre-built tensors (no
+DataLoader, no worker processes), the epoch order comes from a generator seeded
+by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
+(the gradient of ``mu/2 * ||w - w_global||^2``). The built-in tasks:
+
+- ``trainer_worker.tasks.fashion_mnist:FashionMnistTask``
+- ``trainer_worker.tasks.synthetic:SyntheticTask``
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Inputs and int64 labels, first dimension aligned."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
+class TensorClassificationTask(Task):
+    """A classification task whose data fit in memory as tensors."""
+
+    eval_batch_size: int = 1000
+    num_clients: int = 1
+
+    def __init__(self) -> None:
+        self._on_device: dict[tuple[str, str], Examples] = {}
+
+    @abstractmethod
+    def train_examples(self) -> Examples:
+        """Every client's training examples together (built once, then cached)."""
+
+    @abstractmethod
+    def client_indices(self, partition: int) -> torch.Tensor:
+        """Indices into `train_examples()` of one client's partition (int64)."""
+
+    @abstractmethod
+    def test_examples(self) -> Examples:
+        """The held-out test set."""
+
+    def partition_of(self, client_id: str) -> int:
+        """The partition index of a client id ("0" .. "N-1")."""
+        try:
+            partition = int(client_id)
+        except ValueError:
+            raise TaskError(f"client id {client_id!r} is not an integer") from None
+        if not 0 <= partition < self.num_clients:
+            raise TaskError(f"client id {client_id!r} is outside 0..{self.num_clients - 1}")
+        return partition
+
+    def train(self, model: nn.Module, client_id: str, config: TrainConfig,
+              device: torch.device) -> TrainOutcome:
+        indices = self.client_indices(self.partition_of(client_id))
+        data = self._examples_on("train", device)
+        metrics = train_sgd(model, data, indices.to(device), config)
+        return TrainOutcome(num_examples=len(indices), metrics=metrics)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        data = self._examples_on("test", device)
+        return evaluate_batches(model, data, self.eval_batch_size)
+
+    def _examples_on(self, split: str, device: torch.device) -> Examples:
+        key = (split, str(device))
+        if key not in self._on_device:
+            data = self.train_examples() if split == "train" else self.test_examples()
+            self._on_device[key] = Examples(data.inputs.to(device), data.labels.to(device))
+        return self._on_device[key]
+
+
+def train_sgd(model: nn.Module, data: Examples, indices: torch.Tensor,
+              config: TrainConfig) -> dict[str, float]:
+    """Local SGD over the examples at `indices`: mean loss, accuracy and step count."""
+    torch.manual_seed(config.seed)  # dropout and friends, if a user's model has any
+    order = torch.Generator().manual_seed(config.seed)
+    step = _Stepper(model, config)
+    model.train()
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(indices), generator=order).to(indices.device)
+        for batch in indices[perm].split(config.batch_size):
+            if config.max_steps and step.steps >= config.max_steps:
+                return step.metrics()
+            step(data.inputs[batch], data.labels[batch])
+    return step.metrics()
+
+
+class _Stepper:
+    """One SGD step per call (with the FedProx pull when mu > 0), and running totals."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.mu = config.proximal_mu
+        # FedProx anchors on the weights the job received, i.e. the model before training.
+        self.anchor = [p.detach().clone() for p in self.params] if self.mu > 0 else []
+        device = self.params[0].device if self.params else torch.device("cpu")
+        # Summed on the device: no host sync per step.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+        self.steps = 0
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        if self.anchor:
+            self._pull_to_anchor()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.loss_sum += loss.detach() * len(labels)
+            self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+        self.steps += 1
+
+    def _pull_to_anchor(self) -> None:
+        grads: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+        anchors: list[torch.Tensor] = []
+        for param, anchor in zip(self.params, self.anchor, strict=True):
+            if param.grad is not None:
+                grads.append(param.grad)
+                weights.append(param.detach())
+                anchors.append(anchor)
+        if grads:
+            torch._foreach_add_(grads, torch._foreach_sub(weights, anchors), alpha=self.mu)
+
+    def metrics(self) -> dict[str, float]:
+        seen = max(self.seen, 1)
+        return {
+            "train_loss": float(self.loss_sum) / seen,
+            "train_accuracy": int(self.correct) / seen,
+            "steps": float(self.steps),
+        }
+
+
+def evaluate_batches(model: nn.Module, data: Examples, batch_size: int) -> dict[str, float]:
+    """Accuracy, mean loss and example count over `data`, in eval mode without autograd."""
+    model.eval()
+    device = data.labels.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        for inputs, labels in zip(data.inputs.split(batch_size), data.labels.split(batch_size),
+                                  strict=True):
+            logits = model(inputs)
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+    count = len(data.labels)
+    return {
+        "accuracy": int(correct) / max(count, 1),
+        "loss": float(loss_sum) / max(count, 1),
+        "num_examples": float(count),
+    }

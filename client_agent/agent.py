@@ -1,0 +1,208 @@
+"""The client agent: one per machine, hosting several clients, serving a run's jobs.
+
+Start-up connects, picks the run (given, or the active one), starts the trainer
+processes and registers the clients. The main loop heartbeats, reads jobs for
+its clients only as fast as its trainers can take them (plus one ahead, so the
+next model download overlaps training), reclaims jobs a dead agent left
+pending, and runs each job (`client_agent.jobs`). Shutdown stops taking jobs,
+finishes those in hand (or leaves them pending for a replacement after
+`drain_timeout_s`), unregisters and stops the trainers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import structlog
+
+from bus import streams
+from bus.blobs import BlobStore
+from bus.connection import connect, wait_ready
+from bus.keys import JOBS_GROUP, Keys
+from bus.registry import Registry, get_active_run
+from client_agent.jobs import JobRunner
+from client_agent.model_cache import ModelCache
+from client_agent.settings import AgentSettings
+from client_agent.trainers import TrainerPool
+from serialization import Job, PayloadError, Registration
+
+log = structlog.get_logger()
+
+FINISHED_STATES = {b"finished", b"interrupted", b"failed"}
+RECLAIM_EVERY_S = 5.0
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self._stopping = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self.rejected = 0
+
+    def request_stop(self, reason: str = "signal") -> None:
+        """Stop taking jobs; finish the ones in hand."""
+        if not self._stopping.is_set():
+            log.info("agent_stopping", agent_id=self.settings.name, reason=reason)
+        self._stopping.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        redis = connect(s.redis_url)
+        try:
+            await wait_ready(redis, timeout_s=60)
+            while not self._stopping.is_set():
+                run_id = s.run_id or await self._active_run(redis)
+                if run_id is None:
+                    break
+                await self._serve(redis, run_id)
+                if s.exit_when_done or s.run_id:
+                    break
+        finally:
+            await redis.aclose()
+
+    async def _active_run(self, redis: object) -> str | None:
+        """Wait for a coordinator to announce a run (None if asked to stop meanwhile)."""
+        while not self._stopping.is_set():
+            run_id = await get_active_run(redis, self.settings.namespace)  # type: ignore[arg-type]
+            if run_id and not await self._run_over(redis, Keys(run_id, self.settings.namespace)):
+                return run_id
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+        return None
+
+    async def _serve(self, redis: object, run_id: str) -> None:
+        s = self.settings
+        structlog.contextvars.bind_contextvars(run_id=run_id, agent_id=s.name)
+        keys = Keys(run_id, s.namespace)
+        registry = Registry(redis, keys, ttl_ms=s.heartbeat_ttl_ms)  # type: ignore[arg-type]
+        pool = TrainerPool(list(s.devices), threads_per_trainer=s.threads, log_file=s.log_file,
+                           run_id=run_id, agent_id=s.name)
+        cache = ModelCache(s.cache_bytes)
+        registration = Registration(agent_id=s.name, client_ids=list(s.client_ids),
+                                    devices=list(s.devices), hostname=socket.gethostname(),
+                                    pid=os.getpid())
+        try:
+            await pool.start()
+            runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
+                               s.name)
+            await registry.register(registration)
+            log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
+                     devices=list(s.devices), hostname=registration.hostname)
+            await self._main(redis, keys, registry, runner)
+        finally:
+            await self._shutdown(registry, registration, pool, cache)
+
+    async def _main(self, redis: object, keys: Keys, registry: Registry,
+                    runner: JobRunner) -> None:
+        async with asyncio.TaskGroup() as tg:
+            background = [tg.create_task(self._heartbeat(registry), name="heartbeat"),
+                          tg.create_task(self._watch_run(redis, keys), name="run-watcher")]
+            try:
+                await self._consume(redis, keys, runner)
+                await self._drain()
+            finally:
+                for task in background:
+                    task.cancel()
+
+    async def _heartbeat(self, registry: Registry) -> None:
+        interval_s = self.settings.heartbeat_ttl_ms / 3000
+        while True:
+            try:
+                await registry.heartbeat(self.settings.client_ids)
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep beating, it comes back
+                log.warning("heartbeat_failed", error=str(exc))
+            await asyncio.sleep(interval_s)
+
+    async def _watch_run(self, redis: object, keys: Keys) -> None:
+        """Poll the run's status (once a second): stop serving when it has ended."""
+        while not await self._run_over(redis, keys):  # noqa: ASYNC110 - polling Redis, not a local flag
+            await asyncio.sleep(1.0)
+        self.request_stop("run_finished")
+
+    async def _run_over(self, redis: object, keys: Keys) -> bool:
+        try:
+            status = await redis.hget(keys.state(), "status")  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - unknown counts as not over
+            return False
+        return status in FINISHED_STATES
+
+    async def _consume(self, redis: object, keys: Keys, runner: JobRunner) -> None:
+        job_streams = [keys.jobs(c) for c in self.settings.client_ids]
+        for stream in job_streams:
+            await streams.ensure_group(redis, stream, JOBS_GROUP)  # type: ignore[arg-type]
+        last_reclaim = 0.0
+        while not self._stopping.is_set():
+            if time.monotonic() - last_reclaim > RECLAIM_EVERY_S:
+                last_reclaim = time.monotonic()
+                await self._reclaim(redis, keys, job_streams, runner)
+            capacity = len(self.settings.devices) + 1 - len(self._in_flight)
+            if capacity <= 0:
+                await self._wait_for_capacity()
+                continue
+            entries = await streams.consume(redis, job_streams, JOBS_GROUP,  # type: ignore[arg-type]
+                                            self.settings.name, count=capacity, block_ms=500)
+            for entry in entries:
+                await self._start_job(redis, entry, runner)
+
+    async def _wait_for_capacity(self) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([*self._in_flight.values(), stop],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+
+    async def _reclaim(self, redis: object, keys: Keys, job_streams: list[str],
+                       runner: JobRunner) -> None:
+        """Jobs another consumer (a dead agent for the same clients) left pending."""
+        s = self.settings
+        for stream in job_streams:
+            entries = await streams.reclaim(
+                redis, stream, JOBS_GROUP, s.name, min_idle_ms=s.reclaim_idle_ms,  # type: ignore[arg-type]
+                max_deliveries=s.max_deliveries, dead_letter=keys.dead_letter(stream))
+            for entry in entries:
+                if entry.entry_id not in self._in_flight:
+                    log.info("job_reclaimed", stream=stream, entry_id=entry.entry_id,
+                             deliveries=entry.deliveries)
+                    await self._start_job(redis, entry, runner)
+
+    async def _start_job(self, redis: object, entry: streams.Entry, runner: JobRunner) -> None:
+        try:
+            job = Job.from_bytes(entry.payload)
+        except PayloadError as exc:
+            self.rejected += 1
+            log.warning("job_rejected", stream=entry.stream, entry_id=entry.entry_id,
+                        reason=exc.reason, detail=exc.detail)
+            await streams.ack(redis, entry.stream, JOBS_GROUP, [entry.entry_id])  # type: ignore[arg-type]
+            return
+        log.info("job_received", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
+                 client_id=job.client_id)
+        task = asyncio.create_task(runner.run(job, entry, time.time()), name=job.job_id)
+        self._in_flight[entry.entry_id] = task
+        task.add_done_callback(lambda _t: self._in_flight.pop(entry.entry_id, None))
+
+    async def _drain(self) -> None:
+        """Finish the jobs in hand; after the timeout, leave them pending for a replacement."""
+        if not self._in_flight:
+            return
+        tasks = list(self._in_flight.values())
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _shutdown(self, registry: Registry, registration: Registration,
+                        pool: TrainerPool, cache: ModelCache) -> None:
+        try:
+            await asyncio.shield(registry.unregister(registration))
+        except Exception as exc:  # noqa: BLE001 - Redis may be gone; heartbeats expire anyway
+            log.warning("unregister_failed", error=str(exc))
+        await pool.close()
+        cache.close()
+        log.info("agent_stopped", agent_id=self.settings.name)

@@ -1,0 +1,117 @@
+"""`python -m client_agent`: one agent per machine, hosting its clients' training."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from client_agent.settings import AgentSettings
+from serialization.events import configure_events
+
+DESCRIPTION = """\
+Serve PWFL jobs for the clients this machine hosts. The agent registers its
+clients with the coordinator through Redis, heartbeats, fetches each model
+once (cached by digest and shared by all local trainers), trains on a pool of
+trainer processes (one per --devices entry) and uploads each update.
+
+The first SIGTERM/Ctrl-C stops taking jobs and finishes those in hand; a
+second one exits at once (unfinished jobs stay pending and are picked up by a
+replacement agent for the same clients).
+"""
+
+EPILOG = """\
+examples:
+  python -m client_agent --redis redis://coordinator:6379 --clients 0,1,2 --devices cpu
+  python -m client_agent --redis rediss://redis.example:6380 --clients 7 --devices cuda:0,cuda:1
+"""
+
+
+def _ids(text: str) -> tuple[str, ...]:
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not ids:
+        raise argparse.ArgumentTypeError("give at least one id")
+    if len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"duplicate ids in {text!r}")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m client_agent", description=DESCRIPTION,
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--redis", required=True, metavar="URL",
+                   help="redis://, rediss:// or unix:// URL of the run's Redis")
+    p.add_argument("--clients", required=True, type=_ids, metavar="IDS",
+                   help="comma-separated client ids hosted here, e.g. 0,1,2")
+    p.add_argument("--devices", type=_ids, default=("cpu",), metavar="DEVICES",
+                   help="one trainer process per entry: cpu,cpu or cuda:0,cuda:1 (default cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per trainer (default 1)")
+    p.add_argument("--run-id", help="serve this run only (default: follow the active run)")
+    p.add_argument("--agent-id", default="", help="name in logs and registrations "
+                                                  "(default HOSTNAME-PID)")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="exit when the run finishes instead of waiting for the next one")
+    p.add_argument("--log-file", help="JSON event log for this agent and its trainers")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--heartbeat-ttl-ms", type=int, default=5000,
+                   help="clients count as lost this long after the last heartbeat")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds to finish jobs in hand on shutdown (default 60)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    return AgentSettings(redis_url=args.redis, client_ids=args.clients, devices=args.devices,
+                         run_id=args.run_id, agent_id=args.agent_id, threads=args.threads,
+                         log_file=args.log_file, exit_when_done=args.exit_when_done,
+                         heartbeat_ttl_ms=args.heartbeat_ttl_ms,
+                         drain_timeout_s=args.drain_timeout)
+
+
+async def _run(settings: AgentSettings) -> None:
+    from client_agent.agent import Agent
+
+    agent = Agent(settings)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    signals = {"count": 0}
+
+    def on_signal(name: str) -> None:
+        signals["count"] += 1
+        if signals["count"] == 1:
+            agent.request_stop(name)
+        else:
+            main_task.cancel()  # second signal: leave now; pending jobs get reclaimed
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await agent.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    configure_events("agent", log_file=settings.log_file, console_level=args.log_level)
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        factory = asyncio.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_run(settings))
+    except asyncio.CancelledError:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

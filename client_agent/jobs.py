@@ -1,0 +1,132 @@
+"""One job, start to finish, on the agent: model, trainer, upload, result, ack.
+
+The result entry is added before the job is acked (at-least-once; the
+coordinator aggregates a job id at most once), and both writes are shielded
+from cancellation so a job in hand is never half-reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from bus import streams
+from bus.blobs import BlobRef, BlobStore
+from bus.errors import BlobMissing
+from bus.keys import JOBS_GROUP, Keys
+from client_agent.model_cache import ModelCache, ModelSegment
+from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
+from serialization import Job, Result
+
+log = structlog.get_logger()
+
+
+@dataclass
+class JobRunner:
+    """Runs jobs for one agent; shared by all its clients."""
+
+    redis: Any
+    keys: Keys
+    blobs: BlobStore
+    pool: TrainerPool
+    cache: ModelCache
+    agent_id: str
+    _fetching: dict[str, asyncio.Future[ModelSegment]] = field(default_factory=dict)
+
+    async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
+        try:
+            result = await self._execute(job, received_at)
+        except Exception as exc:
+            log.exception("job_error", job_id=job.job_id)
+            result = self._failed(job, f"{type(exc).__name__}: {exc}", {})
+        await asyncio.shield(self._report(job, result, entry))
+
+    async def _execute(self, job: Job, received_at: float) -> Result:
+        if job.deadline_ts < time.time():
+            return self._failed(job, "deadline passed before the job started", {})
+        fetch_start = time.perf_counter()
+        try:
+            segment = await self._model(job)
+        except BlobMissing as exc:
+            return self._failed(job, f"model blob missing: {exc}", {})
+        fetch_s = time.perf_counter() - fetch_start
+        self.cache.acquire(segment.digest)
+        try:
+            reply = await self._train(job, segment)
+        finally:
+            self.cache.release(segment.digest)
+        timings = {"queue_s": round(time.time() - received_at - fetch_s, 6),
+                   "fetch_s": round(fetch_s, 6), **reply.timings}
+        return await self._upload(job, reply, timings)
+
+    async def _model(self, job: Job) -> ModelSegment:
+        """The job's model in shared memory: fetched once per digest, however many ask."""
+        segment = self.cache.get(job.model_digest)
+        cached = segment is not None
+        start = time.perf_counter()
+        if segment is None:
+            segment = await self._fetch_once(job)
+        log.info("model_fetched", job_id=job.job_id, digest=job.model_digest,
+                 nbytes=job.model_nbytes, cached=cached,
+                 duration_s=round(time.perf_counter() - start, 6))
+        return segment
+
+    async def _fetch_once(self, job: Job) -> ModelSegment:
+        pending = self._fetching.get(job.model_digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ModelSegment] = asyncio.get_running_loop().create_future()
+        self._fetching[job.model_digest] = future
+        try:
+            data = await self.blobs.get(BlobRef(job.model_digest, job.model_nbytes))
+            segment = await asyncio.to_thread(self.cache.put, job.model_digest, data)
+            future.set_result(segment)
+            return segment
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody warns
+            raise
+        finally:
+            del self._fetching[job.model_digest]
+
+    async def _train(self, job: Job, segment: ModelSegment) -> TrainReply:
+        request = TrainRequest(job_id=job.job_id, client_id=job.client_id, task=job.task,
+                               task_options=job.task_options, config=job.config, model=segment)
+        log.info("job_started", job_id=job.job_id, client_id=job.client_id)
+        reply = await self.pool.train(request)
+        log.info("job_finished", job_id=job.job_id, client_id=job.client_id,
+                 status=reply.status, num_examples=reply.num_examples,
+                 train_s=reply.timings.get("train_s"), error=reply.error or None,
+                 device=reply.device)
+        return reply
+
+    async def _upload(self, job: Job, reply: TrainReply, timings: dict[str, Any]) -> Result:
+        if reply.status != "ok" or reply.update is None:
+            reply.release()
+            return self._failed(job, reply.error or "trainer returned no update", timings)
+        start = time.perf_counter()
+        try:
+            ref = await self.blobs.put(reply.update)
+        finally:
+            reply.release()
+        timings["upload_s"] = round(time.perf_counter() - start, 6)
+        log.info("update_uploaded", job_id=job.job_id, nbytes=ref.nbytes,
+                 duration_s=timings["upload_s"])
+        return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
+                      round=job.round, client_id=job.client_id, status="ok",
+                      agent_id=self.agent_id, update_digest=ref.digest,
+                      update_nbytes=ref.nbytes, num_examples=reply.num_examples,
+                      metrics=reply.metrics, timings=timings)
+
+    def _failed(self, job: Job, error: str, timings: dict[str, Any]) -> Result:
+        return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
+                      round=job.round, client_id=job.client_id, status="failed",
+                      agent_id=self.agent_id, error=error, timings=timings)
+
+    async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
+        await streams.publish(self.redis, self.keys.results(job.slot_id), result.to_bytes())
+        await streams.ack(self.redis, entry.stream, JOBS_GROUP, [entry.entry_id])

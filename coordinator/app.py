@@ -1,0 +1,227 @@
+"""The coordinator: start-up, main loop, shutdown, as three plain steps.
+
+Start-up connects to Redis, loads the task, builds (or restores) each slot's
+model and announces the run. The main loop runs the services (client tracker,
+result dispatcher, progress, HTTP) and one task per slot inside task groups;
+it ends when every slot has finished its rounds. Shutdown marks the run
+finished (agents that serve only this run leave), stops what it started and
+returns a summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from bus.blobs import BlobStore
+from bus.connection import connect, wait_ready
+from bus.keys import Keys
+from bus.registry import Registry, set_active_run
+from coordinator.checkpoints import CheckpointStore, json_safe
+from coordinator.clients import ClientTracker
+from coordinator.context import RunContext
+from coordinator.evaluation import Evaluator, load_task
+from coordinator.http import StatusServer
+from coordinator.leases import LeaseBroker
+from coordinator.local_agents import LocalAgents
+from coordinator.progress import Progress
+from coordinator.results import ResultDispatcher
+from coordinator.scheduling import ClientPool
+from coordinator.settings import CoordinatorSettings
+from coordinator.slot import SlotRunner
+from coordinator.status import RunStatus, SlotStatus
+from coordinator.strategies import make_strategy
+from serialization import decode
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    status: str
+    wall_s: float
+    slots: list[dict[str, Any]]
+    rejected: dict[str, int]
+    events_path: str
+    http_url: str
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
+                 show_progress: bool | None = None) -> None:
+        self.settings = settings
+        self._resume = resume_state
+        self.status = RunStatus(settings.run_id)
+        self._show_progress = show_progress
+        self._http = StatusServer(self._status_json, settings.http_host, settings.http_port)
+        self._agents: LocalAgents | None = None
+        self.ctx: RunContext | None = None
+
+    def _status_json(self) -> dict[str, Any]:
+        leases = self.ctx.broker.pool.leases if self.ctx else {}
+        return self.status.as_dict(leases)
+
+    async def run(self) -> RunSummary:
+        structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
+        started = time.monotonic()
+        try:
+            await self._startup()
+            await self._main()
+            self.status.state = "finished"
+        except asyncio.CancelledError:
+            self.status.state = "interrupted"
+            raise
+        except BaseException:
+            self.status.state = "failed"
+            raise
+        finally:
+            await asyncio.shield(self._shutdown(time.monotonic() - started))
+        return self._summary(time.monotonic() - started)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def _startup(self) -> None:
+        s = self.settings
+        torch.set_num_threads(max(1, s.eval_threads))
+        redis = connect(s.redis_url or "redis://127.0.0.1:6379")
+        await wait_ready(redis)
+        keys = Keys(s.run_id)
+        task = await asyncio.to_thread(load_task, s.task, s.full_task_options())
+        evaluator = Evaluator(task)
+        pool = ClientPool(s.policy, clients_per_round=s.round_size, min_clients=s.min_clients,
+                          rng=random.Random(s.seed))
+        states = await asyncio.to_thread(self._initial_states, evaluator)
+        self.ctx = RunContext(
+            settings=s, redis=redis, keys=keys,
+            blobs=BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms), broker=LeaseBroker(pool),
+            evaluator=evaluator, checkpoints=CheckpointStore(s.run_dir, s.keep_checkpoints),
+            schema=evaluator.schema(states[0][0]), status=self.status)
+        self._make_runners(states)
+        await self._announce()
+
+    def _initial_states(self, evaluator: Evaluator) -> list[tuple[dict[str, torch.Tensor], int]]:
+        """Per slot: (model state, first round to run): from seeds, or from checkpoints."""
+        done = {int(k): v for k, v in (self._resume or {}).get("slots", {}).items()}
+        states = []
+        for slot_id in range(self.settings.slots):
+            if slot_id in done:
+                payload = open(done[slot_id]["path"], "rb").read()  # noqa: SIM115
+                state = {k: v.clone() for k, v in decode(payload)[0].items()}
+                states.append((state, int(done[slot_id]["round"]) + 1))
+            else:
+                states.append((evaluator.initial_state(self.settings.seed + slot_id), 1))
+        return states
+
+    def _make_runners(self, states: list[tuple[dict[str, torch.Tensor], int]]) -> None:
+        assert self.ctx is not None
+        s = self.settings
+        for slot_id, (state, first_round) in enumerate(states):
+            strategy = make_strategy(s.strategy, **s.strategy_options)
+            self._restore_strategy(slot_id, first_round - 1, strategy)
+            self.status.slots[slot_id] = SlotStatus(slot_id, s.rounds, round=first_round,
+                                                   rounds_done=first_round - 1)
+            self.ctx.runners[slot_id] = SlotRunner(self.ctx, slot_id, strategy, state, first_round)
+
+    def _restore_strategy(self, slot_id: int, round_: int, strategy: Any) -> None:
+        assert self.ctx is not None
+        path = self.ctx.checkpoints.model_path(slot_id, round_, "strategy")
+        if round_ > 0 and path.exists():
+            state = decode(path.read_bytes())[0]
+            strategy.load_state_dict({k: v.clone() for k, v in state.items()})
+
+    async def _announce(self) -> None:
+        assert self.ctx is not None
+        s, ctx = self.settings, self.ctx
+        ctx.state_doc = self._state_doc()
+        await asyncio.to_thread(ctx.checkpoints.write_state, ctx.state_doc)
+        await set_active_run(ctx.redis, s.run_id)
+        await ctx.redis.hset(ctx.keys.state(), mapping={"status": "running",
+                                                        "slots": s.slots, "rounds": s.rounds})
+        model_nbytes = sum(t.numel() * t.element_size() for t in ctx.runners[0].state.values())
+        event = "run_resumed" if self._resume else "run_started"
+        log.info(event, slots=s.slots, rounds=s.rounds, expected_clients=s.expected_clients,
+                 policy=s.policy, quorum=s.quorum, min_clients=s.min_clients,
+                 clients_per_round=s.round_size, deadline_s=s.deadline_s,
+                 late_policy=s.late_policy, strategy=s.strategy, task=s.task,
+                 model_nbytes=model_nbytes, seed=s.seed,
+                 rounds_done={i: r.first_round - 1 for i, r in ctx.runners.items()})
+        await self._http.start(fallback_to_any_port=s.http_port == 8765)
+
+    def _state_doc(self) -> dict[str, Any]:
+        previous = self._resume or {}
+        return {"run_id": self.settings.run_id, "slots": previous.get("slots", {}),
+                "settings": json_safe(dataclasses.asdict(self.settings))}
+
+    # --- main loop ------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        assert self.ctx is not None
+        ctx = self.ctx
+        registry = Registry(ctx.redis, ctx.keys, ttl_ms=self.settings.heartbeat_ttl_ms)
+        tracker = ClientTracker(ctx, registry)
+        progress = Progress(self.status, live=self._show_progress)
+        async with asyncio.TaskGroup() as services:
+            service_tasks = [services.create_task(tracker.run(), name="client-tracker"),
+                             services.create_task(ResultDispatcher(ctx).run(), name="results"),
+                             services.create_task(progress.run(), name="progress")]
+            try:
+                await self._start_local_agents()
+                await self._wait_for_clients(tracker)
+                async with asyncio.TaskGroup() as slots:
+                    for runner in ctx.runners.values():
+                        slots.create_task(runner.run(), name=f"slot-{runner.slot_id}")
+            finally:
+                for task in service_tasks:
+                    task.cancel()
+
+    async def _start_local_agents(self) -> None:
+        s = self.settings
+        if s.local_agents <= 0:
+            return
+        assert self.ctx is not None
+        self._agents = LocalAgents(redis_url=s.redis_url or "", run_id=s.run_id,
+                                   run_dir=s.run_dir, devices=s.local_devices,
+                                   threads=s.local_threads)
+        await self._agents.start([str(i) for i in range(s.expected_clients)], s.local_agents)
+
+    async def _wait_for_clients(self, tracker: ClientTracker) -> None:
+        assert self.ctx is not None
+        self.status.state = "waiting for clients"
+        expected = self.settings.expected_clients
+        try:
+            async with asyncio.timeout(self.settings.wait_clients_s):
+                await tracker.wait_for(expected)
+        except TimeoutError:
+            log.warning("clients_missing", expected=expected, alive=len(tracker.live))
+        self.status.state = "running"
+        self.ctx.broker.open()
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def _shutdown(self, wall_s: float) -> None:
+        log.info("run_finished", wall_s=round(wall_s, 6), status=self.status.state)
+        if self.ctx is not None:
+            try:
+                await self.ctx.redis.hset(self.ctx.keys.state(), "status", self.status.state)
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever Redis says
+                log.warning("state_write_failed", error=str(exc))
+        if self._agents is not None:
+            await self._agents.stop()
+        await self._http.stop()
+        if self.ctx is not None:
+            await self.ctx.redis.aclose()
+
+    def _summary(self, wall_s: float) -> RunSummary:
+        return RunSummary(
+            run_id=self.settings.run_id, status=self.status.state, wall_s=wall_s,
+            slots=[s.as_dict() for s in self.status.slots.values()],
+            rejected=dict(self.status.rejected), events_path=str(self.settings.events_path),
+            http_url=self._http.url)

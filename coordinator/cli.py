@@ -1,0 +1,244 @@
+"""`python -m coordinator`: the command line, the embedded Redis, and the event loop."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from coordinator.settings import (
+    TASK_ALIASES,
+    CoordinatorSettings,
+    TrainingSettings,
+    new_run_id,
+)
+
+DESCRIPTION = """\
+Run a PWFL federated training job: several independent global models ("weight
+slots") train at once on disjoint subsets of the clients, so that while one
+slot aggregates and evaluates, the others' clients keep training.
+
+With no --redis URL a private redis-server is started for this run (embedded
+default) and --local-agents N starts N client agents on this machine. For real
+silos, start Redis yourself, pass --redis, and run `python -m client_agent` on
+each silo host.
+"""
+
+EPILOG = """\
+examples:
+  python -m coordinator --slots 3 --local-agents 2          # the default job, one machine
+  python -m coordinator --slots 1 --local-agents 2          # the same with one model, to compare
+  python -m coordinator --task synthetic --rounds 20 --local-agents 2 --clients 4
+  python -m coordinator --redis rediss://redis.example:6380 --clients 12 --slots 4
+  python -m coordinator --resume 20261123-101500-ab12 --local-agents 2
+
+Events go to runs/RUN_ID/events.jsonl; `python -m replay` reads them.
+Live status: http://127.0.0.1:8765/status while a run is going.
+"""
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m coordinator", description=DESCRIPTION,
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_job_options(p.add_argument_group("job"))
+    _add_schedule_options(p.add_argument_group("scheduling and quorum"))
+    _add_training_options(p.add_argument_group("local training (sent with every job)"))
+    _add_infra_options(p.add_argument_group("infrastructure"))
+    return p
+
+
+def _add_job_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--slots", type=_positive(int), default=3,
+                   help="weight slots: independent global models trained at once (default 3)")
+    g.add_argument("--rounds", type=_positive(int), default=5, help="rounds per slot (default 5)")
+    g.add_argument("--clients", type=_positive(int), default=6, dest="expected_clients",
+                   help="clients to wait for before starting; also the data partition count "
+                        "(default 6)")
+    g.add_argument("--task", default="fashion_mnist",
+                   help=f"task: {', '.join(TASK_ALIASES)} or an import path module:factory "
+                        "(default fashion_mnist)")
+    g.add_argument("--task-option", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="task option, e.g. alpha=0.5, data_dir=/data, download=true (repeatable)")
+    g.add_argument("--strategy", default="fedavg",
+                   help="aggregation: fedavg, fedadam, fedyogi, fedadagrad, median, "
+                        "trimmed_mean, krum, or module:Class (default fedavg)")
+    g.add_argument("--strategy-option", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="strategy option, e.g. eta=0.01 (repeatable)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="run seed: slot i starts from model seed SEED+i (default 0)")
+    g.add_argument("--resume", metavar="RUN_ID",
+                   help="continue a stopped run from its last checkpoints")
+
+
+def _add_schedule_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--policy", choices=("partition", "greedy"), default="partition",
+                   help="partition: random disjoint split of idle clients among waiting slots; "
+                        "greedy: a freed client goes to the slot waiting longest "
+                        "(default partition)")
+    g.add_argument("--clients-per-round", type=int, default=0,
+                   help="most clients one slot leases per round (default ceil(clients/slots))")
+    g.add_argument("--min-clients", type=_positive(int), default=1,
+                   help="fewest updates that make a round (default 1)")
+    g.add_argument("--quorum", type=float, default=1.0,
+                   help="fraction of a round's clients to wait for; 1.0 is the fully "
+                        "synchronous parameter server (default 1.0)")
+    g.add_argument("--deadline", type=_positive(float), default=600.0, dest="deadline_s",
+                   help="seconds a round waits for its quorum before closing with what it "
+                        "has (at least --min-clients) (default 600)")
+    g.add_argument("--late-policy", choices=("drop", "fold"), default="drop",
+                   help="an update whose round closed: drop it, or fold it into the slot's "
+                        "next round with a staleness weight (default drop)")
+    g.add_argument("--staleness", choices=("inverse", "constant", "exp"), default="inverse",
+                   help="staleness weight of folded late updates: 1/(1+s), 1, or 0.5^s")
+
+
+def _add_training_options(g: argparse._ArgumentGroup) -> None:
+    d = TrainingSettings()
+    g.add_argument("--epochs", type=_positive(int), default=d.epochs)
+    g.add_argument("--batch-size", type=_positive(int), default=d.batch_size)
+    g.add_argument("--lr", type=_positive(float), default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--proximal-mu", type=float, default=d.proximal_mu,
+                   help="FedProx proximal term on the clients (0: plain FedAvg)")
+    g.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="cap on local steps per job (0: no cap)")
+    g.add_argument("--noop-training", action="store_true",
+                   help="clients return the weights they received (framework overhead runs)")
+
+
+def _add_infra_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--redis", dest="redis_url", metavar="URL",
+                   help="redis://, rediss:// or unix:// URL (default: start a private "
+                        "redis-server for this run)")
+    g.add_argument("--local-agents", type=int, default=0,
+                   help="start this many client agents on this machine (default 0)")
+    g.add_argument("--local-devices", default="cpu",
+                   help="devices of each local agent, e.g. cpu or cuda:0,cuda:1 (default cpu)")
+    g.add_argument("--local-threads", type=_positive(int), default=1,
+                   help="torch threads per local trainer (default 1)")
+    g.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                   help="where runs keep events, checkpoints and state (default ./runs)")
+    g.add_argument("--log-file", type=Path,
+                   help="JSON event log (default RUNS_DIR/RUN_ID/events.jsonl)")
+    g.add_argument("--log-level", default="warning",
+                   choices=("debug", "info", "warning", "error"),
+                   help="events shown on the terminal (all go to the log file) (default warning)")
+    g.add_argument("--http-host", default="127.0.0.1")
+    g.add_argument("--http-port", type=int, default=8765, help="status API port (0: any free)")
+    g.add_argument("--wait-clients", type=_positive(float), default=300.0, dest="wait_clients_s",
+                   help="seconds to wait for --clients to register before starting with fewer")
+    g.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every N rounds (and after the last); 0 never (default 1)")
+    g.add_argument("--eval-threads", type=_positive(int), default=1,
+                   help="torch threads for evaluation on the coordinator (default 1)")
+    g.add_argument("--keep-checkpoints", type=_positive(int), default=2,
+                   help="model checkpoints kept per slot (default 2)")
+    g.add_argument("--run-id", help="name for a new run (default: time-based)")
+    g.add_argument("--no-progress", action="store_true", help="no live table on the terminal")
+    g.add_argument("--summary-json", action="store_true",
+                   help="print the final summary as one JSON line on stdout")
+
+
+TRAINING_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "proximal_mu",
+                   "max_steps")
+SETTINGS_FIELDS = ("slots", "rounds", "expected_clients", "clients_per_round", "min_clients",
+                   "policy", "quorum", "deadline_s", "late_policy", "staleness", "strategy",
+                   "seed", "redis_url", "runs_dir", "log_file", "http_host", "http_port",
+                   "wait_clients_s", "eval_threads", "eval_every", "keep_checkpoints",
+                   "local_agents", "local_devices", "local_threads")
+
+
+def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
+    """Settings for a new run from parsed arguments (validated)."""
+    training = TrainingSettings(**{f: getattr(args, f) for f in TRAINING_FIELDS},
+                                noop=args.noop_training)
+    settings = CoordinatorSettings(
+        run_id=args.run_id or new_run_id(), training=training,
+        task=TASK_ALIASES.get(args.task, args.task),
+        task_options=dict(args.task_option), strategy_options=dict(args.strategy_option),
+        progress=not args.no_progress, **{f: getattr(args, f) for f in SETTINGS_FIELDS})
+    _validate(settings)
+    return settings
+
+
+def _validate(s: CoordinatorSettings) -> None:
+    if not 0.0 < s.quorum <= 1.0:
+        raise SystemExit(f"--quorum must be in (0, 1], got {s.quorum}")
+    if ":" not in s.task:
+        raise SystemExit(f"--task {s.task!r}: use {', '.join(TASK_ALIASES)} or module:factory")
+    if s.min_clients > s.round_size:
+        raise SystemExit(f"--min-clients {s.min_clients} exceeds clients per round "
+                         f"{s.round_size}")
+
+
+def resume_settings(args: argparse.Namespace) -> tuple[CoordinatorSettings, dict[str, Any]]:
+    state_path = args.runs_dir / args.resume / "state.json"
+    if not state_path.exists():
+        raise SystemExit(f"--resume {args.resume}: no {state_path} (is --runs-dir right?)")
+    state = json.loads(state_path.read_text())
+    overrides = {"redis_url": args.redis_url, "local_agents": args.local_agents,
+                 "progress": not args.no_progress, "http_port": args.http_port}
+    settings = CoordinatorSettings.from_json(json.dumps(state["settings"]), **overrides)
+    return settings, state
+
+
+@contextlib.contextmanager
+def redis_for(settings: CoordinatorSettings) -> Iterator[CoordinatorSettings]:
+    """The given Redis, or a private redis-server for the duration of the run."""
+    if settings.redis_url:
+        yield settings
+        return
+    from bus.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(unix_socket=True) as server:
+        yield _replace(settings, redis_url=server.url)
+
+
+def _replace(settings: CoordinatorSettings, **changes: Any) -> CoordinatorSettings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resume_state = None
+    if args.resume:
+        settings, resume_state = resume_settings(args)
+    else:
+        settings = settings_from_args(args)
+    from coordinator.run import run_coordinator
+
+    with redis_for(settings) as ready:
+        return run_coordinator(ready, resume_state=resume_state, console_level=args.log_level,
+                               summary_json=args.summary_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Agents started by the coordinator itself for a single-machine run.
+
+Each is a `python -m client_agent` subprocess hosting a contiguous share of the
+client ids; its console output goes to a file in the run directory. They exit
+on their own when the run is marked finished; anything still running at the
+end is terminated, then killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger()
+
+
+def split_clients(client_ids: list[str], agents: int) -> list[list[str]]:
+    """Contiguous, nearly equal shares; no agent without clients."""
+    agents = max(1, min(agents, len(client_ids)))
+    base, extra = divmod(len(client_ids), agents)
+    shares, start = [], 0
+    for i in range(agents):
+        size = base + (1 if i < extra else 0)
+        shares.append(client_ids[start : start + size])
+        start += size
+    return shares
+
+
+class LocalAgents:
+    def __init__(self, *, redis_url: str, run_id: str, run_dir: Path, devices: str,
+                 threads: int) -> None:
+        self._redis_url, self._run_id, self._run_dir = redis_url, run_id, run_dir
+        self._devices, self._threads = devices, threads
+        self._procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self, client_ids: list[str], agents: int) -> None:
+        for index, share in enumerate(split_clients(client_ids, agents)):
+            await self._start_one(index, share)
+
+    async def _start_one(self, index: int, clients: list[str]) -> None:
+        agent_id = f"local-{index}"
+        argv = [sys.executable, "-m", "client_agent", "--redis", self._redis_url,
+                "--run-id", self._run_id, "--clients", ",".join(clients),
+                "--devices", self._devices, "--threads", str(self._threads),
+                "--agent-id", agent_id, "--exit-when-done",
+                "--log-file", str(self._run_dir / f"agent-{index}.jsonl")]
+        console = (self._run_dir / f"agent-{index}.console.log").open("ab")
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=console, stderr=console,
+                                                    stdin=asyncio.subprocess.DEVNULL)
+        console.close()
+        self._procs.append(proc)
+        log.info("local_agent_started", agent_id=agent_id, client_ids=clients, agent_pid=proc.pid)
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        """Wait for the agents to leave; terminate, then kill, those that do not."""
+        for proc in self._procs:
+            await self._stop_one(proc, timeout_s)
+        self._procs.clear()
+
+    async def _stop_one(self, proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+        for action in (None, proc.terminate, proc.kill):
+            if action is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    action()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await proc.wait()
+                return
+            except TimeoutError:
+                continue

@@ -1,0 +1,87 @@
+"""Reads every slot's results stream and routes each result to its slot.
+
+The dispatcher decodes the small result message, answers the job (at most once,
+whatever redelivery happens), returns the client's lease at once so another
+slot can take the client, and hands the result to the slot's inbox. Anything
+malformed, unknown, replayed or mismatched is rejected, logged, counted and
+acked; the dispatcher keeps serving.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from bus import streams
+from bus.keys import RESULTS_GROUP
+from coordinator.context import Delivery, RunContext
+from serialization import PayloadError, Result
+
+log = structlog.get_logger()
+
+CONSUMER = "coordinator"
+RECLAIM_IDLE_MS = 0  # at start-up: every pending entry is ours (one coordinator per run)
+MAX_DELIVERIES = 5
+
+
+class ResultDispatcher:
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+        self._streams = [ctx.keys.results(slot_id) for slot_id in range(ctx.settings.slots)]
+
+    async def run(self) -> None:
+        r = self._ctx.redis
+        for stream in self._streams:
+            await streams.ensure_group(r, stream, RESULTS_GROUP)
+        for stream in self._streams:  # what a previous coordinator read but never acked
+            for entry in await streams.reclaim(
+                r, stream, RESULTS_GROUP, CONSUMER, min_idle_ms=RECLAIM_IDLE_MS,
+                max_deliveries=MAX_DELIVERIES, dead_letter=self._ctx.keys.dead_letter(stream),
+            ):
+                await self.route(entry)
+        while True:
+            for entry in await streams.consume(r, self._streams, RESULTS_GROUP, CONSUMER,
+                                               count=256, block_ms=1000):
+                await self.route(entry)
+
+    async def route(self, entry: streams.Entry) -> None:
+        delivery = self._accept(entry)
+        if delivery is None:
+            await streams.ack(self._ctx.redis, entry.stream, RESULTS_GROUP, [entry.entry_id])
+            return
+        record, result = delivery.record, delivery.result
+        log.info("update_received", slot_id=record.slot_id, round=record.round,
+                 client_id=record.client_id, job_id=record.job_id, agent_id=result.agent_id,
+                 status=result.status, nbytes=result.update_nbytes,
+                 num_examples=result.num_examples, timings=result.timings,
+                 metrics=result.metrics, error=result.error or None)
+        reason = "result" if result.status == "ok" else "failed"
+        self._ctx.broker.release(record.client_id, record.slot_id, record.round, reason)
+        runner = self._ctx.runners[record.slot_id]
+        if runner.finished:
+            await runner.drop_after_finish(delivery)
+        else:
+            runner.deliver(delivery)
+
+    def _accept(self, entry: streams.Entry) -> Delivery | None:
+        ctx = self._ctx
+        try:
+            result = Result.from_bytes(entry.payload)
+        except PayloadError as exc:
+            ctx.reject(None, exc.reason, exc.detail, stream=entry.stream, entry_id=entry.entry_id)
+            return None
+        if ctx.jobs.was_answered(result.job_id):
+            ctx.reject(None, "duplicate", "job already answered", job_id=result.job_id)
+            return None
+        record = ctx.jobs.get(result.job_id)
+        if record is None or result.run_id != ctx.settings.run_id:
+            ctx.reject(None, "unknown_job", "no such job in this run", job_id=result.job_id,
+                       client_id=result.client_id)
+            return None
+        same = (record.client_id, record.slot_id, record.round) == (
+            result.client_id, result.slot_id, result.round)
+        if not same or entry.stream != ctx.keys.results(record.slot_id):
+            ctx.reject(None, "mismatch", "result does not match its job", job_id=result.job_id,
+                       client_id=result.client_id)
+            return None
+        ctx.jobs.answer(result.job_id)
+        return Delivery(record, result, entry.stream, entry.entry_id)

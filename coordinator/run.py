@@ -1,0 +1,66 @@
+"""Running a coordinator to the end on uvloop: events, signals, the closing table."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from coordinator.app import Coordinator, RunSummary
+from coordinator.http import HttpServerError
+from coordinator.progress import Progress
+from coordinator.settings import CoordinatorSettings
+from serialization.events import configure_events
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+async def _run(coordinator: Coordinator) -> RunSummary:
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def on_term() -> None:  # SIGTERM: like Ctrl-C, a graceful stop; a second one forces exit
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGTERM, lambda: sys.exit(143))
+        main_task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    return await coordinator.run()
+
+
+def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
+                    console_level: str = "warning", summary_json: bool = False) -> int:
+    """Run to the end; exit code 0 when every slot finished, 1 otherwise, 130 on Ctrl-C."""
+    configure_events("coordinator", log_file=settings.events_path, console_level=console_level)
+    coordinator = Coordinator(settings, resume_state=resume_state,
+                              show_progress=None if settings.progress else False)
+    console = Console(stderr=True)
+    console.print(f"PWFL run [bold]{settings.run_id}[/]: {settings.slots} slot(s) x "
+                  f"{settings.rounds} rounds, {settings.expected_clients} clients; "
+                  f"events -> {settings.events_path}")
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            summary = runner.run(_run(coordinator))
+    except KeyboardInterrupt:
+        console.print(f"interrupted; resume with: python -m coordinator --resume {settings.run_id}")
+        return 130
+    except HttpServerError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    Progress(coordinator.status, live=False).final()
+    console.print(f"wall time {summary.wall_s:.1f}s; events: {summary.events_path}")
+    if summary_json:
+        print(json.dumps(dataclasses.asdict(summary)))  # noqa: T201 - the requested output
+    return 0 if summary.status == "finished" else 1

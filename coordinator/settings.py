@@ -1,0 +1,112 @@
+"""The coordinator's settings: one frozen dataclass, built from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASK_ALIASES = {
+    "fashion_mnist": "trainer_worker.tasks.fashion_mnist:FashionMnistTask",
+    "synthetic": "trainer_worker.tasks.synthetic:SyntheticTask",
+}
+
+
+def new_run_id() -> str:
+    """Sortable and unique enough: UTC time plus a little randomness."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What every job asks of a client's local training."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    max_steps: int = 0
+    noop: bool = False
+
+    def job_config(self, seed: int) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "seed": seed}
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """Everything one run needs; saved with the run so `--resume` can rebuild it."""
+
+    run_id: str
+    slots: int = 3
+    rounds: int = 5
+    expected_clients: int = 6
+    clients_per_round: int = 0  # 0: ceil(expected_clients / slots)
+    min_clients: int = 1
+    policy: str = "partition"
+    quorum: float = 1.0
+    deadline_s: float = 600.0
+    late_policy: str = "drop"
+    staleness: str = "inverse"
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    task: str = TASK_ALIASES["fashion_mnist"]
+    task_options: dict[str, Any] = field(default_factory=dict)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    seed: int = 0
+    redis_url: str | None = None
+    runs_dir: Path = Path("runs")
+    log_file: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8765
+    wait_clients_s: float = 300.0
+    heartbeat_ttl_ms: int = 5000
+    eval_threads: int = 1
+    eval_every: int = 1
+    keep_checkpoints: int = 2
+    max_update_bytes: int = 2 * 1024**3
+    verify_digests: bool = True
+    blob_ttl_ms: int = 30 * 60 * 1000
+    local_agents: int = 0
+    local_devices: str = "cpu"
+    local_threads: int = 1
+    progress: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_id
+
+    @property
+    def events_path(self) -> Path:
+        return self.log_file or self.run_dir / "events.jsonl"
+
+    @property
+    def round_size(self) -> int:
+        """How many clients a slot leases for one round at most."""
+        if self.clients_per_round:
+            return self.clients_per_round
+        return max(1, -(-self.expected_clients // self.slots))
+
+    def full_task_options(self) -> dict[str, Any]:
+        """Task options as sent in every job; the partition follows the client count."""
+        return {"num_clients": self.expected_clients, **self.task_options}
+
+    def to_json(self) -> str:
+        body = dataclasses.asdict(self)
+        return json.dumps(body, default=str, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, **overrides: Any) -> CoordinatorSettings:
+        body = json.loads(text)
+        body["training"] = TrainingSettings(**body.get("training", {}))
+        for key in ("runs_dir", "log_file"):
+            if body.get(key) is not None:
+                body[key] = Path(body[key])
+        body.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in body.items() if k in names})

@@ -1,0 +1,298 @@
+"""One weight slot: its global model and its loop of rounds.
+
+A round: wait for the pool to lease clients, publish the model once, publish
+one job per client, fold each update into the running aggregate as it arrives
+(off the event loop), close on quorum or deadline, finalise. Evaluation and the
+checkpoint of round r then run in the background while round r+1 already trains,
+so the slot's clients wait only for the aggregation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+
+from bus.blobs import BlobRef
+from coordinator.context import Delivery, RunContext
+from coordinator.jobs import JobRecord, new_job_id
+from coordinator.quorum import Closure, RoundQuorum, staleness_weight
+from coordinator.strategies import Strategy
+from coordinator.updates import UpdateRejected, fetch_and_fold
+from serialization import Job, encode
+
+log = structlog.get_logger()
+
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class SlotFailed(Exception):
+    """A slot's rounds kept failing (no quorum) and it gave up."""
+
+
+@dataclass
+class OpenRound:
+    round: int
+    jobs: dict[str, JobRecord]
+    aggregate: Any
+    quorum: RoundQuorum
+    num_updates: int = 0
+    num_examples: int = 0
+    update_refs: list[BlobRef] = field(default_factory=list)
+
+
+@dataclass
+class SlotRunner:
+    """Runs one slot's rounds from `first_round` to the last."""
+
+    ctx: RunContext
+    slot_id: int
+    strategy: Strategy
+    state: dict[str, torch.Tensor]
+    first_round: int = 1
+    inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    _payload: bytes | None = None
+    model_ref: BlobRef | None = None
+    _open: OpenRound | None = None
+    _background: asyncio.Task[None] | None = None
+    finished: bool = False
+
+    @property
+    def status(self) -> Any:
+        return self.ctx.status.slots[self.slot_id]
+
+    def deliver(self, delivery: Delivery) -> None:
+        """A result for one of this slot's jobs (the dispatcher already returned the lease)."""
+        self.inbox.put_nowait(delivery)
+
+    async def run(self) -> None:
+        bound = structlog.contextvars.bound_contextvars(slot_id=self.slot_id)
+        with bound:
+            try:
+                for round_ in range(self.first_round, self.ctx.settings.rounds + 1):
+                    await self._complete_round(round_)
+                if self._background is not None:
+                    await self._background
+            finally:
+                self.finished = True
+                self.ctx.broker.retire(self.slot_id)
+        self.status.state = "done"
+        log.info("slot_finished", slot_id=self.slot_id, rounds=self.status.rounds_done,
+                 accuracy=self.status.last_accuracy)
+
+    async def _complete_round(self, round_: int) -> None:
+        failures = 0
+        while not await self._attempt(round_):
+            failures += 1
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise SlotFailed(f"slot {self.slot_id} round {round_} failed {failures} times")
+
+    async def _attempt(self, round_: int) -> bool:
+        self.status.state, self.status.round = "waiting", round_
+        waiting_since = time.monotonic()
+        clients = await self.ctx.broker.lease(self.slot_id, round_)
+        opened = await self._open_round(round_, clients, time.monotonic() - waiting_since)
+        closure = await self._collect(opened)
+        self._open = None
+        log.info("quorum_reached", slot_id=self.slot_id, round=round_, reason=closure.reason,
+                 received=closure.succeeded, failed=closure.failed, expected=closure.expected,
+                 wait_s=round(time.monotonic() - opened.quorum.started_at, 6))
+        if not closure.ok:
+            self._round_failed(opened, closure)
+            return False
+        await self._close_round(opened)
+        return True
+
+    async def _open_round(self, round_: int, clients: tuple[str, ...], wait_s: float) -> OpenRound:
+        ctx = self.ctx
+        self.status.state, self.status.clients = "training", clients
+        ref = await self._publish_model(round_)
+        records = [JobRecord(new_job_id(self.slot_id, round_, c), self.slot_id, round_, c)
+                   for c in clients]
+        aggregate = await asyncio.to_thread(self.strategy.begin_round, self.state)
+        quorum = RoundQuorum(ctx.quorum_rule, len(records), time.monotonic())
+        self._open = OpenRound(round_, {r.job_id: r for r in records}, aggregate, quorum)
+        log.info("round_started", slot_id=self.slot_id, round=round_, clients=list(clients),
+                 quorum_count=quorum.needed, deadline_s=ctx.settings.deadline_s,
+                 wait_s=round(wait_s, 6))
+        await self._publish_jobs(records, ref)
+        return self._open
+
+    async def _publish_model(self, round_: int) -> BlobRef:
+        if self.model_ref is not None and self._payload is not None:
+            return self.model_ref  # a retried round publishes the same model
+        start = time.perf_counter()
+        payload = self._payload
+        if payload is None:
+            payload = await asyncio.to_thread(encode, self.state)
+        encode_s = time.perf_counter() - start
+        ref = await self.ctx.blobs.put(payload)
+        self._payload, self.model_ref = payload, ref
+        self.ctx.status.counters["bytes_published"] += ref.nbytes
+        log.info("model_published", slot_id=self.slot_id, round=round_, digest=ref.digest,
+                 nbytes=ref.nbytes, encode_s=round(encode_s, 6),
+                 put_s=round(time.perf_counter() - start - encode_s, 6),
+                 duration_s=round(time.perf_counter() - start, 6))
+        return ref
+
+    async def _publish_jobs(self, records: list[JobRecord], ref: BlobRef) -> None:
+        ctx = self.ctx
+        deadline_ts = time.time() + ctx.settings.deadline_s
+        items = []
+        for record in records:
+            ctx.jobs.add(record)
+            job = Job(job_id=record.job_id, run_id=ctx.settings.run_id, slot_id=self.slot_id,
+                      round=record.round, client_id=record.client_id, model_digest=ref.digest,
+                      model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
+                      task_options=ctx.task_options, config=ctx.job_config(record),
+                      published_ts=time.time())
+            items.append((ctx.keys.jobs(record.client_id), job.to_bytes()))
+        await ctx.publish_many(items)
+        for record in records:
+            log.info("job_published", slot_id=self.slot_id, round=record.round,
+                     client_id=record.client_id, job_id=record.job_id,
+                     seed=ctx.job_config(record)["seed"])
+        ctx.status.counters["jobs_published"] += len(records)
+
+    async def _collect(self, opened: OpenRound) -> Closure:
+        """Handle deliveries until the quorum closes the round."""
+        while (closure := opened.quorum.closure(time.monotonic())) is None:
+            remaining = opened.quorum.deadline_at - time.monotonic()
+            try:
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    delivery = await self.inbox.get()
+            except TimeoutError:
+                continue
+            await self._handle(delivery, opened)
+        return closure
+
+    async def _handle(self, delivery: Delivery, opened: OpenRound) -> None:
+        try:
+            if delivery.record.job_id not in opened.jobs:
+                await self._handle_late(delivery, opened)
+            elif delivery.result.status != "ok":
+                self._job_failed(delivery)
+                opened.quorum.record(delivery.record.job_id, ok=False)
+            else:
+                ok = await self._fold(delivery, opened, scale=1.0)
+                opened.quorum.record(delivery.record.job_id, ok=ok)
+        finally:
+            await self.ctx.ack(delivery)
+
+    def _job_failed(self, delivery: Delivery) -> None:
+        record = delivery.record
+        log.warning("job_failed", slot_id=self.slot_id, round=record.round,
+                    client_id=record.client_id, job_id=record.job_id, error=delivery.result.error)
+        self.ctx.status.counters["jobs_failed"] += 1
+
+    async def _fold(self, delivery: Delivery, opened: OpenRound, scale: float) -> bool:
+        try:
+            stats = await fetch_and_fold(self.ctx, self.strategy, opened.aggregate,
+                                         delivery, scale)
+        except UpdateRejected as exc:
+            self.ctx.reject(delivery, exc.reason, exc.detail)
+            return False
+        opened.num_updates += 1
+        opened.num_examples += delivery.result.num_examples
+        opened.update_refs.append(BlobRef(delivery.result.update_digest,
+                                          delivery.result.update_nbytes))
+        log.info("update_folded", slot_id=self.slot_id, round=delivery.record.round,
+                 client_id=delivery.record.client_id, job_id=delivery.record.job_id, **stats)
+        return True
+
+    async def _handle_late(self, delivery: Delivery, opened: OpenRound | None) -> None:
+        """An update whose round has closed: it waited in the inbox for the next round."""
+        record = delivery.record
+        fold = (self.ctx.settings.late_policy == "fold" and delivery.result.status == "ok"
+                and opened is not None)
+        current = opened.round if opened is not None else None
+        staleness = (current or self.status.round) - record.round
+        action = "folded" if fold else "dropped"
+        log.info("update_late", slot_id=self.slot_id, round=record.round, current_round=current,
+                 client_id=record.client_id, job_id=record.job_id, action=action,
+                 staleness=staleness)
+        self.ctx.status.counters[f"late_{action}"] += 1
+        if fold and opened is not None:
+            scale = staleness_weight(staleness, self.ctx.settings.staleness)
+            await self._fold(delivery, opened, scale=scale)
+
+    def _round_failed(self, opened: OpenRound, closure: Closure) -> None:
+        self.ctx.status.counters["rounds_failed"] += 1
+        log.warning("round_failed", slot_id=self.slot_id, round=opened.round,
+                    reason="no_quorum", received=closure.succeeded, failed=closure.failed)
+
+    async def _close_round(self, opened: OpenRound) -> None:
+        self.status.state = "aggregating"
+        start = time.perf_counter()
+        new_state = await asyncio.to_thread(self.strategy.finalize, opened.aggregate, self.state)
+        strategy_state = self.strategy.state_dict()  # this round's, before the next one steps
+        payload = await asyncio.to_thread(encode, new_state)
+        log.info("aggregation_finished", slot_id=self.slot_id, round=opened.round,
+                 num_updates=opened.num_updates, num_examples=opened.num_examples,
+                 duration_s=round(time.perf_counter() - start, 6))
+        old_ref = self.model_ref
+        self.state, self._payload, self.model_ref = new_state, payload, None
+        await self._retire_blobs(opened, old_ref)
+        await self._after_round(opened, payload, strategy_state)
+
+    async def _retire_blobs(self, opened: OpenRound, old_model: BlobRef | None) -> None:
+        """Unlink the round's update blobs and its model, unless a straggler still needs it."""
+        stragglers = any(r.slot_id == self.slot_id for r in self.ctx.jobs.outstanding())
+        refs = {ref.digest: ref for ref in opened.update_refs}
+        if old_model is not None:
+            if stragglers:
+                refs.pop(old_model.digest, None)  # left to its TTL
+            else:
+                refs[old_model.digest] = old_model
+        for ref in refs.values():
+            await self.ctx.retire_blob(ref)
+
+    async def _after_round(self, opened: OpenRound, payload: bytes,
+                           strategy_state: dict[str, torch.Tensor]) -> None:
+        """Evaluate and checkpoint in the background; the next round need not wait."""
+        previous, self._background = self._background, None
+        if previous is not None:
+            await previous  # one evaluation per slot at a time keeps memory and cores bounded
+        self._background = asyncio.create_task(
+            self._evaluate_and_checkpoint(opened, self.state, payload, strategy_state),
+            name=f"slot{self.slot_id}-round{opened.round}-eval",
+        )
+        self.status.state = "waiting"
+
+    async def _evaluate_and_checkpoint(self, opened: OpenRound, state: dict[str, torch.Tensor],
+                                       payload: bytes,
+                                       strategy_state: dict[str, torch.Tensor]) -> None:
+        with structlog.contextvars.bound_contextvars(slot_id=self.slot_id):
+            metrics = await self._evaluate(opened.round, state)
+            await self.ctx.checkpoint(self.slot_id, opened.round, payload, strategy_state,
+                                      metrics)
+            accuracy = metrics.get("accuracy") if metrics else None
+            self.status.rounds_done = opened.round
+            if accuracy is not None:
+                self.status.accuracies.append((opened.round, accuracy, self.ctx.status.elapsed_s))
+            log.info("round_closed", slot_id=self.slot_id, round=opened.round,
+                     duration_s=round(time.monotonic() - opened.quorum.started_at, 6),
+                     accuracy=accuracy, num_updates=opened.num_updates)
+
+    async def _evaluate(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        every = self.ctx.settings.eval_every
+        if every <= 0 or (round_ % every and round_ != self.ctx.settings.rounds):
+            return {}
+        start = time.perf_counter()
+        metrics = await asyncio.to_thread(self.ctx.evaluator.evaluate, self.slot_id, state)
+        log.info("evaluation_finished", slot_id=self.slot_id, round=round_,
+                 accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
+                 num_examples=metrics.get("num_examples"),
+                 duration_s=round(time.perf_counter() - start, 6))
+        return metrics
+
+    async def drop_after_finish(self, delivery: Delivery) -> None:
+        """A late result for a slot that has finished all its rounds: dropped and acked."""
+        try:
+            await self._handle_late(delivery, None)
+        finally:
+            await self.ctx.ack(delivery)

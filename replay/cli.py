@@ -1,0 +1,197 @@
+"""`python -m replay RUN.jsonl [MORE.jsonl ...]`: the command line of the replay tool.
+
+Reads each log, prints a summary per run (or `--json`), compares several logs
+side by side, writes an HTML report (`--report DIR`) and predicts other
+schedules (`--simulate`). Any `ReplayError` is one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from replay.compare import compare
+from replay.errors import ReplayError, UsageError
+from replay.events import read_log
+from replay.model import Run
+from replay.summary import RunSummary, summarise
+from replay.terminal import render_comparison, render_run
+from replay.timeline import rebuild_runs
+
+EXIT_ERROR = 2
+
+_DESCRIPTION = """\
+Rebuild PWFL runs from their JSON event logs (runs/RUN_ID/events.jsonl) and show
+where the time went: per slot rounds (start, lease wait, quorum wait, aggregation,
+evaluation, checkpoint) and accuracy over wall time; per client busy/idle time and
+training time; the coordinator's busy time by kind of work (union of intervals)
+and the time it waited with nothing to do; bytes moved; rejected updates; lease
+violations. Several logs are also compared side by side (ratios to the first).
+The log is the only input: this runs on any machine, without Redis or torch."""
+
+_EPILOG = """\
+examples:
+  python -m replay runs/abc/events.jsonl
+  python -m replay slots1.jsonl slots3.jsonl --target 0.85      compare two runs
+  python -m replay run.jsonl --json | jq .slots                  machine-readable
+  python -m replay run.jsonl --report out/                       HTML page + PNGs
+  python -m replay run.jsonl --simulate slots=1,2,3,4 quorum=1.0,0.5
+
+Field meanings: docs/replay.md. Exit codes: 0 ok, 2 unreadable input or bad option."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the command line asked for."""
+
+    logs: list[Path]
+    target: float
+    as_json: bool
+    report_dir: Path | None
+    simulate: list[str]
+    sim_seed: int
+    sim_rounds: int | None
+    show_rounds: bool
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Settings:
+        args = _parser().parse_args(argv)
+        if not 0.0 < args.target <= 1.0:
+            raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
+        return cls(
+            logs=args.logs,
+            target=args.target,
+            as_json=args.json,
+            report_dir=args.report,
+            simulate=args.simulate or [],
+            sim_seed=args.seed,
+            sim_rounds=args.sim_rounds,
+            show_rounds=not args.no_rounds,
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m replay", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("logs", nargs="+", type=Path, metavar="RUN.jsonl",
+                        help="coordinator event log(s); with several, the first is the "
+                             "baseline of the comparison")
+    parser.add_argument("--target", type=float, default=0.85, metavar="ACC",
+                        help="accuracy whose first arrival is timed, per slot and per run "
+                             "(default: 0.85)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout instead of tables (fields: "
+                             "docs/replay.md); warnings still go to stderr")
+    parser.add_argument("--report", type=Path, metavar="DIR",
+                        help="write DIR/report.html (self-contained, figures embedded) and "
+                             "the figures as PNG: timeline, accuracy over time, idle fractions")
+    parser.add_argument("--simulate", nargs="+", metavar="KEY=V1,V2",
+                        help="what-if: replay the recorded client and server durations "
+                             "through coordinator.scheduling / coordinator.quorum for each "
+                             "setting of the grid; keys: slots, policy (partition, greedy), "
+                             "quorum (fraction of leased clients); several keys combine")
+    parser.add_argument("--sim-rounds", type=int, metavar="N",
+                        help="rounds per slot in the what-if (default: the run's --rounds)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for sampling recorded durations in the what-if (default: 0)")
+    parser.add_argument("--no-rounds", action="store_true",
+                        help="leave out the per-round tables of the terminal summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    try:
+        settings = Settings.from_args(argv)
+        return _run(settings)
+    except ReplayError as exc:
+        print(f"replay: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _load(settings: Settings) -> list[Run]:
+    runs: list[Run] = []
+    for path in settings.logs:
+        runs.extend(rebuild_runs(read_log(path)))
+    return runs
+
+
+def _run(settings: Settings) -> int:
+    runs = _load(settings)
+    summaries = [summarise(run, settings.target) for run in runs]
+    _print_warnings(summaries)
+    whatifs = _whatifs(settings, runs)
+    if settings.report_dir is not None:
+        _write_report(settings.report_dir, runs, summaries, whatifs)
+    if settings.as_json:
+        _print_json(summaries, whatifs)
+    else:
+        _print_tables(settings, summaries, whatifs)
+    return 0
+
+
+def _print_warnings(summaries: list[RunSummary]) -> None:
+    seen: set[str] = set()
+    for summary in summaries:
+        for message in summary.warnings:
+            if message not in seen:
+                seen.add(message)
+                print(f"replay: warning: {message}", file=sys.stderr)
+
+
+def _whatifs(settings: Settings, runs: list[Run]) -> list[Any]:
+    if not settings.simulate:
+        return []
+    from replay.whatif import predict_grid, parse_grid
+
+    grid = parse_grid(settings.simulate)
+    return [predict_grid(run, grid, seed=settings.sim_seed, rounds=settings.sim_rounds)
+            for run in runs]
+
+
+def _write_report(directory: Path, runs: list[Run], summaries: list[RunSummary],
+                  whatifs: list[Any]) -> None:
+    from replay.report import write_report
+
+    page = write_report(directory, runs, summaries, whatifs)
+    print(f"replay: report written to {page}", file=sys.stderr)
+
+
+def _print_json(summaries: list[RunSummary], whatifs: list[Any]) -> None:
+    objects = [s.to_json() for s in summaries]
+    for obj, whatif in zip(objects, whatifs, strict=False):
+        obj["whatif"] = whatif.to_json()
+    if len(objects) == 1:
+        document: dict[str, Any] = objects[0]
+    else:
+        document = {"runs": objects, "comparison": compare(summaries).to_json()}
+    json.dump(document, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _console() -> Console:
+    """Full width on a terminal; 120 columns into a file or pipe, where nothing wraps."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)
+    return console
+
+
+def _print_tables(settings: Settings, summaries: list[RunSummary], whatifs: list[Any]) -> None:
+    console = _console()
+    for index, summary in enumerate(summaries):
+        render_run(console, summary, show_rounds=settings.show_rounds)
+        if whatifs:
+            from replay.terminal_whatif import render_whatif
+
+            render_whatif(console, whatifs[index])
+    if len(summaries) > 1:
+        render_comparison(console, compare(summaries))

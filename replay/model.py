@@ -1,0 +1,214 @@
+"""The rebuilt run: slots and their rounds, clients and their leases, coordinator work.
+
+Plain records filled by `replay.timeline` from the events alone; every time is
+the coordinator's clock in unix seconds (durations measured on agents arrive as
+numbers, so clock skew between hosts does not matter).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replay.events import SlotId, slot_sort_key
+from replay.intervals import Span
+
+# Coordinator work categories, and the events whose intervals make them up.
+CATEGORY_OF_EVENT = {
+    "update_folded": "aggregation",
+    "aggregation_finished": "aggregation",
+    "evaluation_finished": "evaluation",
+    "checkpoint_written": "checkpoint",
+    "model_published": "io",
+}
+CATEGORIES = ("aggregation", "evaluation", "checkpoint", "io")
+
+
+@dataclass
+class RoundRecord:
+    """One attempt at one round of one slot."""
+
+    slot_id: SlotId
+    round: int
+    started_at: float | None = None
+    lease_wait_s: float | None = None
+    clients: list[str] = field(default_factory=list)
+    quorum_count: int | None = None
+    quorum_at: float | None = None
+    quorum_wait_s: float | None = None
+    quorum_reason: str = ""
+    received: int = 0
+    failed: int = 0
+    publish_s: float = 0.0
+    fold_s: float = 0.0
+    aggregation_s: float = 0.0
+    evaluation_s: float = 0.0
+    checkpoint_s: float = 0.0
+    closed_at: float | None = None
+    duration_s: float | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    num_updates: int = 0
+    status: str = "open"  # closed, failed, interrupted (the coordinator stopped), open
+    model_nbytes: int = 0
+    jobs_published: int = 0
+    bytes_up: int = 0
+
+    @property
+    def bytes_down(self) -> int:
+        """The model went to each leased client once."""
+        return self.model_nbytes * max(len(self.clients), self.jobs_published)
+
+    @property
+    def server_s(self) -> float:
+        """Coordinator time after the quorum: aggregate, evaluate, checkpoint."""
+        return self.aggregation_s + self.evaluation_s + self.checkpoint_s
+
+
+@dataclass
+class Lease:
+    """A client held by one slot for one round, `[start, end]`."""
+
+    client_id: str
+    slot_id: SlotId
+    round: int
+    start: float
+    end: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class JobTiming:
+    """What an agent measured for one job (`update_received.timings`)."""
+
+    slot_id: SlotId
+    round: int
+    received_at: float
+    ok: bool
+    queue_s: float
+    fetch_s: float
+    train_s: float
+    upload_s: float
+    total_s: float
+    nbytes: int
+
+    @property
+    def transfer_s(self) -> float:
+        return self.fetch_s + self.upload_s
+
+
+@dataclass
+class ClientRecord:
+    """Everything the coordinator saw of one client."""
+
+    client_id: str
+    agent_id: str = ""
+    presence: list[Span] = field(default_factory=list)
+    present_since: float | None = None
+    leases: list[Lease] = field(default_factory=list)
+    jobs: list[JobTiming] = field(default_factory=list)
+    failures: int = 0
+    lost: int = 0
+    rejected: int = 0
+    late: int = 0
+
+    @property
+    def jobs_done(self) -> int:
+        return sum(1 for job in self.jobs if job.ok)
+
+
+@dataclass
+class CoordinatorSpan:
+    """An interval of coordinator work, from a `*_finished`-style event."""
+
+    start: float
+    end: float
+    category: str
+    slot_id: SlotId
+
+
+@dataclass
+class LeaseViolation:
+    """A client leased while it already held a lease: the pool's invariant broke."""
+
+    client_id: str
+    at: float
+    held_slot: SlotId
+    held_round: int
+    new_slot: SlotId
+    new_round: int
+
+
+@dataclass
+class Segment:
+    """One life of the coordinator process: from its start to its last event."""
+
+    start: float
+    end: float
+    resumed: bool = False
+    status: str = "crashed"  # the run_finished status, or crashed when there is none
+    active: bool = False
+
+
+@dataclass
+class AgentInfo:
+    """An agent as it announced itself (only present when agents log to this file)."""
+
+    agent_id: str
+    client_ids: list[str]
+    devices: list[str]
+
+
+@dataclass
+class Run:
+    """A run rebuilt from its event log."""
+
+    path: Path
+    run_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
+    rounds: dict[SlotId, list[RoundRecord]] = field(default_factory=dict)
+    evaluations: dict[SlotId, list[tuple[float, int, float]]] = field(default_factory=dict)
+    clients: dict[str, ClientRecord] = field(default_factory=dict)
+    agents: dict[str, AgentInfo] = field(default_factory=dict)
+    coordinator_spans: list[CoordinatorSpan] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    late: Counter[str] = field(default_factory=Counter)
+    violations: list[LeaseViolation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def start(self) -> float:
+        return self.segments[0].start
+
+    @property
+    def end(self) -> float:
+        return self.segments[-1].end
+
+    @property
+    def wall_s(self) -> float:
+        return self.end - self.start
+
+    @property
+    def status(self) -> str:
+        return self.segments[-1].status
+
+    @property
+    def up_spans(self) -> list[Span]:
+        return [(seg.start, seg.end) for seg in self.segments]
+
+    @property
+    def label(self) -> str:
+        """A short name: the run directory for runs/RUN_ID/events.jsonl, else the file stem."""
+        if self.path.name == "events.jsonl" and self.path.parent.name:
+            return self.path.parent.name
+        return self.path.stem
+
+    def slot_ids(self) -> list[SlotId]:
+        return sorted(set(self.rounds) | set(self.evaluations), key=slot_sort_key)
+
+    def first_round_at(self) -> float | None:
+        starts = [r.started_at for rs in self.rounds.values() for r in rs if r.started_at]
+        return min(starts, default=None)

@@ -1,0 +1,366 @@
+"""Rebuilding runs from events: one handler per coordinator event name.
+
+The coordinator's own events carry everything the timeline needs (agents'
+durations travel inside `update_received`), so agent events are only used for
+what agents announce about themselves. A coordinator restart (`run_started` or
+`run_resumed` again, same run id) starts a new `Segment`: what was open when the
+previous process stopped (rounds, leases) is closed at its last event.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from replay.errors import NotAnEventLog
+from replay.events import Event, EventLog, SlotId, Warnings
+from replay.model import (
+    CATEGORY_OF_EVENT,
+    AgentInfo,
+    ClientRecord,
+    CoordinatorSpan,
+    JobTiming,
+    Lease,
+    LeaseViolation,
+    RoundRecord,
+    Run,
+    Segment,
+)
+
+# Fields every line carries; the rest of run_started is the run's configuration.
+_COMMON_FIELDS = frozenset({"ts", "event", "level", "proc", "pid", "run_id"})
+_OK_STATUSES = frozenset({"ok", "success", "succeeded", ""})
+
+
+def rebuild_runs(log: EventLog) -> list[Run]:
+    """Every run in the file (normally one), rebuilt from its events."""
+    runs = []
+    for run_id, events in _split_by_run_id(log):
+        builder = _Builder(log.path, run_id)
+        for event in events:
+            builder.feed(event)
+        run = builder.finish()
+        run.warnings = log.warnings.messages + builder.warnings.messages
+        runs.append(run)
+    return runs
+
+
+def _split_by_run_id(log: EventLog) -> list[tuple[str, list[Event]]]:
+    run_ids = list(dict.fromkeys(ev.run_id for ev in log.events if ev.is_coordinator))
+    if not run_ids:
+        raise NotAnEventLog(
+            f"{log.path}: no coordinator events (an agent's own log?); replay reads the "
+            "coordinator's log"
+        )
+    groups: dict[str, list[Event]] = {run_id: [] for run_id in run_ids}
+    for event in log.events:
+        groups.get(event.run_id, groups[run_ids[0]]).append(event)
+    return list(groups.items())
+
+
+class _Builder:
+    """Feeds events into a `Run`, in time order."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.run = Run(path=path, run_id=run_id)
+        self.warnings = Warnings()
+        self._current: dict[tuple[SlotId, int], RoundRecord] = {}
+        self._open_leases: dict[str, list[Lease]] = defaultdict(list)
+        self._finished = False
+        self._handlers: dict[str, Callable[[Event], None]] = {
+            "run_started": self._on_run_started,
+            "run_resumed": self._on_run_resumed,
+            "run_finished": self._on_run_finished,
+            "client_registered": self._on_client_registered,
+            "client_lost": self._on_client_lost,
+            "lease_taken": self._on_lease_taken,
+            "lease_returned": self._on_lease_returned,
+            "round_started": self._on_round_started,
+            "model_published": self._on_model_published,
+            "job_published": self._on_job_published,
+            "update_received": self._on_update_received,
+            "update_folded": self._on_update_folded,
+            "update_rejected": self._on_update_rejected,
+            "update_late": self._on_update_late,
+            "job_failed": self._on_job_failed,
+            "quorum_reached": self._on_quorum_reached,
+            "aggregation_finished": self._on_aggregation_finished,
+            "evaluation_finished": self._on_evaluation_finished,
+            "checkpoint_written": self._on_checkpoint_written,
+            "round_closed": self._on_round_closed,
+            "round_failed": self._on_round_failed,
+        }
+
+    # -- driving ---------------------------------------------------------------------------
+
+    def feed(self, event: Event) -> None:
+        if not event.is_coordinator:
+            if event.name == "agent_started":
+                self._on_agent_started(event)
+            return
+        if not self.run.segments and event.name not in ("run_started", "run_resumed"):
+            self.warnings.warn("no-start", f"{self.run.path}: no run_started before line "
+                               f"{event.line}; the run starts at its first event")
+            self._open_segment(event.ts, resumed=False)
+        handler = self._handlers.get(event.name)
+        if handler is not None:
+            handler(event)
+        if not self._finished:
+            self.run.segments[-1].end = max(self.run.segments[-1].end, event.ts)
+
+    def finish(self) -> Run:
+        self._close_segment()
+        for client in self.run.clients.values():
+            if client.present_since is not None:
+                client.presence.append((client.present_since, self.run.end))
+                client.present_since = None
+        for evaluations in self.run.evaluations.values():
+            evaluations.sort()
+        return self.run
+
+    # -- segments --------------------------------------------------------------------------
+
+    def _open_segment(self, ts: float, *, resumed: bool) -> None:
+        self.run.segments.append(Segment(start=ts, end=ts, resumed=resumed))
+        self._finished = False
+
+    def _close_segment(self) -> None:
+        end = self.run.segments[-1].end
+        for record in self._current.values():
+            if record.status == "open":
+                record.status = "interrupted"
+        for leases in self._open_leases.values():
+            for lease in leases:
+                lease.end, lease.reason = end, "coordinator_stopped"
+        self._open_leases.clear()
+
+    def _on_run_started(self, event: Event) -> None:
+        resumed = bool(self.run.segments)
+        if resumed:
+            self._close_segment()
+        else:
+            self.run.config = {k: v for k, v in event.fields.items() if k not in _COMMON_FIELDS}
+        self._open_segment(event.ts, resumed=resumed)
+
+    def _on_run_resumed(self, event: Event) -> None:
+        segment = self.run.segments[-1] if self.run.segments else None
+        if segment is None or segment.active or segment.status != "crashed":
+            if segment is not None:
+                self._close_segment()
+            self._open_segment(event.ts, resumed=True)
+        self.run.segments[-1].resumed = True
+
+    def _on_run_finished(self, event: Event) -> None:
+        segment = self.run.segments[-1]
+        segment.status = event.text("status", "finished")
+        segment.end = event.ts
+        self._finished = True
+
+    # -- clients and leases ----------------------------------------------------------------
+
+    def _client(self, client_id: str) -> ClientRecord:
+        client = self.run.clients.get(client_id)
+        if client is None:
+            client = self.run.clients[client_id] = ClientRecord(client_id=client_id)
+        return client
+
+    def _mark_present(self, client: ClientRecord, ts: float) -> None:
+        if client.present_since is None:
+            client.present_since = ts
+
+    def _on_agent_started(self, event: Event) -> None:
+        agent_id = event.text("agent_id")
+        self.run.agents[agent_id] = AgentInfo(
+            agent_id=agent_id,
+            client_ids=[str(c) for c in _as_list(event.fields.get("client_ids"))],
+            devices=[str(d) for d in _as_list(event.fields.get("devices"))],
+        )
+
+    def _on_client_registered(self, event: Event) -> None:
+        client = self._client(event.client_id)
+        client.agent_id = event.text("agent_id", client.agent_id)
+        self._mark_present(client, event.ts)
+
+    def _on_client_lost(self, event: Event) -> None:
+        client = self._client(event.client_id)
+        if client.present_since is not None:
+            client.presence.append((client.present_since, event.ts))
+            client.present_since = None
+
+    def _on_lease_taken(self, event: Event) -> None:
+        client = self._client(event.client_id)
+        self._mark_present(client, event.ts)
+        lease = Lease(event.client_id, event.slot_id, event.round, start=event.ts)
+        for held in self._open_leases[event.client_id]:
+            self.run.violations.append(
+                LeaseViolation(event.client_id, event.ts, held.slot_id, held.round,
+                               lease.slot_id, lease.round)
+            )
+        self._open_leases[event.client_id].append(lease)
+        client.leases.append(lease)
+
+    def _on_lease_returned(self, event: Event) -> None:
+        open_leases = self._open_leases[event.client_id]
+        match = _matching_lease(open_leases, event.slot_id, event.round)
+        if match is None:
+            self.warnings.warn(f"unmatched-return-{event.client_id}",
+                               f"lease_returned without lease_taken (client {event.client_id}, "
+                               f"line {event.line})")
+            return
+        open_leases.remove(match)
+        match.end, match.reason = event.ts, event.text("reason")
+        if match.reason == "lost":
+            self._client(event.client_id).lost += 1
+
+    def _on_update_received(self, event: Event) -> None:
+        job = _job_timing(event)
+        self._client(event.client_id).jobs.append(job)
+        self._round(event).bytes_up += job.nbytes
+
+    def _on_update_rejected(self, event: Event) -> None:
+        self.run.rejected[event.text("reason", "unknown")] += 1
+        self._client(event.client_id).rejected += 1
+
+    def _on_update_late(self, event: Event) -> None:
+        self.run.late[event.text("action", "unknown")] += 1
+        self._client(event.client_id).late += 1
+
+    def _on_job_failed(self, event: Event) -> None:
+        self._client(event.client_id).failures += 1
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    def _round(self, event: Event) -> RoundRecord:
+        key = (event.slot_id, event.round)
+        record = self._current.get(key)
+        if record is None:
+            self.warnings.warn(
+                "no-round-start",
+                f"{self.run.path}: events of slot {key[0]} round {key[1]} before its "
+                f"round_started (line {event.line}); the log may start mid-run",
+            )
+            record = self._new_round(event.slot_id, event.round)
+        return record
+
+    def _new_round(self, slot_id: SlotId, round_no: int) -> RoundRecord:
+        record = RoundRecord(slot_id=slot_id, round=round_no)
+        self._current[(slot_id, round_no)] = record
+        self.run.rounds.setdefault(slot_id, []).append(record)
+        return record
+
+    def _span(self, event: Event) -> None:
+        start, end = event.interval()
+        category = CATEGORY_OF_EVENT[event.name]
+        self.run.coordinator_spans.append(CoordinatorSpan(start, end, category, event.slot_id))
+
+    def _on_round_started(self, event: Event) -> None:
+        previous = self._current.get((event.slot_id, event.round))
+        if previous is not None and previous.status == "open":
+            previous.status = "interrupted"
+        record = self._new_round(event.slot_id, event.round)
+        record.started_at = event.ts
+        record.lease_wait_s = event.opt_num("wait_s")
+        record.clients = [str(c) for c in _as_list(event.fields.get("clients"))]
+        quorum_count = event.opt_num("quorum_count")
+        record.quorum_count = None if quorum_count is None else int(quorum_count)
+        self.run.segments[-1].active = True
+
+    def _on_model_published(self, event: Event) -> None:
+        record = self._round(event)
+        record.model_nbytes = int(event.num("nbytes"))
+        record.publish_s += event.num("duration_s")
+        self._span(event)
+
+    def _on_job_published(self, event: Event) -> None:
+        self._round(event).jobs_published += 1
+
+    def _on_update_folded(self, event: Event) -> None:
+        self._round(event).fold_s += event.num("duration_s")
+        self._span(event)
+
+    def _on_quorum_reached(self, event: Event) -> None:
+        record = self._round(event)
+        record.quorum_at = event.ts
+        started = record.started_at
+        fallback = None if started is None else event.ts - started
+        wait_s = event.opt_num("wait_s")
+        record.quorum_wait_s = fallback if wait_s is None else wait_s
+        record.quorum_reason = event.text("reason")
+        record.received = int(event.num("received"))
+        record.failed = int(event.num("failed"))
+
+    def _on_aggregation_finished(self, event: Event) -> None:
+        record = self._round(event)
+        record.aggregation_s += event.num("duration_s")
+        record.num_updates = int(event.num("num_updates", record.num_updates))
+        self._span(event)
+
+    def _on_evaluation_finished(self, event: Event) -> None:
+        record = self._round(event)
+        record.evaluation_s += event.num("duration_s")
+        record.loss = event.opt_num("loss")
+        self._span(event)
+        accuracy = event.opt_num("accuracy")
+        if accuracy is not None:
+            record.accuracy = accuracy
+            self.run.evaluations.setdefault(event.slot_id, []).append(
+                (event.ts, event.round, accuracy)
+            )
+
+    def _on_checkpoint_written(self, event: Event) -> None:
+        self._round(event).checkpoint_s += event.num("duration_s")
+        self._span(event)
+
+    def _on_round_closed(self, event: Event) -> None:
+        record = self._round(event)
+        record.status, record.closed_at = "closed", event.ts
+        record.duration_s = event.opt_num("duration_s")
+        record.num_updates = int(event.num("num_updates", record.num_updates))
+        accuracy = event.opt_num("accuracy")
+        if record.accuracy is None and accuracy is not None:
+            record.accuracy = accuracy
+            self.run.evaluations.setdefault(event.slot_id, []).append(
+                (event.ts, event.round, accuracy)
+            )
+
+    def _on_round_failed(self, event: Event) -> None:
+        record = self._round(event)
+        record.status, record.closed_at = "failed", event.ts
+        record.received = int(event.num("received", record.received))
+        record.failed = int(event.num("failed", record.failed))
+
+
+def _as_list(value: object) -> list[object]:
+    if isinstance(value, list | tuple):
+        return list(value)
+    return []
+
+
+def _matching_lease(leases: Iterable[Lease], slot_id: SlotId, round_no: int) -> Lease | None:
+    candidates = [lease for lease in leases if lease.slot_id == slot_id]
+    exact = [lease for lease in candidates if lease.round == round_no]
+    return (exact or candidates or [None])[0]
+
+
+def _job_timing(event: Event) -> JobTiming:
+    timings = event.fields.get("timings")
+    timing = timings if isinstance(timings, dict) else {}
+
+    def part(key: str) -> float:
+        value = timing.get(key)
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    parts = part("queue_s") + part("fetch_s") + part("train_s") + part("upload_s")
+    return JobTiming(
+        slot_id=event.slot_id,
+        round=event.round,
+        received_at=event.ts,
+        ok=event.text("status", "ok").lower() in _OK_STATUSES,
+        queue_s=part("queue_s"),
+        fetch_s=part("fetch_s"),
+        train_s=part("train_s"),
+        upload_s=part("upload_s"),
+        total_s=part("total_s") or parts,
+        nbytes=int(event.num("nbytes")),
+    )

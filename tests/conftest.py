@@ -1,0 +1,75 @@
+"""Shared fixtures: real redis-server processes and clients on them.
+
+    redis_server   one server for the whole session, on a free loopback TCP port
+    redis_url      its URL, after FLUSHALL (every test starts from an empty Redis)
+    redis_client   an async `bus.connect` client on it, closed after the test
+    redis_factory  start extra private servers (AOF, fixed port, ...); all stopped after
+    run_keys       `bus.keys.Keys` of a run id unique to the test
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from bus.connection import connect
+from bus.embedded import EmbeddedRedis
+from bus.keys import Keys
+
+RedisFactory = Callable[..., EmbeddedRedis]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A real redis-server for the session, on a free loopback TCP port."""
+    server = EmbeddedRedis(unix_socket=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The session server's URL, emptied (FLUSHALL) for this test."""
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An async client from `bus.connect` on the emptied session server."""
+    client = connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[RedisFactory]:
+    """Start private servers: ``redis_factory(appendonly=True, port=p, workdir=d)``.
+
+    Each started server is stopped at teardown (stopping twice is harmless).
+    """
+    started: list[EmbeddedRedis] = []
+
+    def start(**kwargs: Any) -> EmbeddedRedis:
+        kwargs.setdefault("unix_socket", False)
+        server = EmbeddedRedis(**kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def run_keys() -> Keys:
+    """Key names of a run id no other test uses."""
+    return Keys(run_id=f"test-{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,103 @@
+"""Helpers for end-to-end tests: run the real coordinator (with real agents and
+trainers) as a subprocess and read back its event log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    run_id: str
+    runs_dir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def events_path(self) -> Path:
+        return self.runs_dir / self.run_id / "events.jsonl"
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in read_events(self.events_path) if name is None or e["event"] == name]
+
+    def wait(self, timeout_s: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def output(self) -> str:
+        return (self.runs_dir / f"{self.run_id}.console.log").read_text(errors="replace")
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool],
+                 timeout_s: float = 60) -> None:
+        """Poll the event log until `predicate(events)` holds (or the process ends)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate(self.events()):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"coordinator exited early:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError("condition not reached in time")
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.wait(60)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return events
+
+
+def start_coordinator(redis_url: str, runs_dir: Path, run_id: str, *args: str) -> Run:
+    argv = [sys.executable, "-m", "coordinator", "--redis", redis_url, "--runs-dir",
+            str(runs_dir), "--no-progress", "--http-port", "0", *args]
+    if "--resume" not in args:
+        argv += ["--run-id", run_id]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    console = (runs_dir / f"{run_id}.console.log").open("ab")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console, stderr=console, env=env)
+    console.close()
+    return Run(run_id, runs_dir, proc)
+
+
+def lease_violations(events: list[dict[str, Any]]) -> list[str]:
+    """Replay lease_taken / lease_returned in log order; a client held twice is a violation."""
+    holder: dict[str, int] = {}
+    problems = []
+    for e in events:
+        if e["event"] == "lease_taken":
+            if e["client_id"] in holder:
+                problems.append(f"{e['client_id']} taken by {e['slot_id']} while held by "
+                                f"{holder[e['client_id']]}")
+            holder[e["client_id"]] = e["slot_id"]
+        elif e["event"] == "lease_returned":
+            holder.pop(e["client_id"], None)
+    return problems
+
+
+def by_slot_round(events: list[dict[str, Any]], name: str) -> Iterator[tuple[int, int]]:
+    for e in events:
+        if e["event"] == name:
+            yield e["slot_id"], e["round"]

@@ -1,0 +1,27 @@
+"""Task plugins used only by the end-to-end tests (imported by path in spawned trainers)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from trainer_worker.task import TrainConfig, TrainOutcome
+from trainer_worker.tasks.synthetic import SyntheticTask
+
+
+class SlowClientTask(SyntheticTask):
+    """The synthetic task where every job takes `base_s`, and the listed clients `slow_s`."""
+
+    def __init__(self, slow_clients: list[str] | None = None, slow_s: float = 0.0,
+                 base_s: float = 0.0, **options: Any) -> None:
+        super().__init__(**options)
+        self._slow = set(slow_clients or [])
+        self._slow_s = slow_s
+        self._base_s = base_s
+
+    def train(self, model: torch.nn.Module, client_id: str, config: TrainConfig,
+              device: torch.device) -> TrainOutcome:
+        time.sleep(self._slow_s if client_id in self._slow else self._base_s)
+        return super().train(model, client_id, config, device)

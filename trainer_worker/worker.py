@@ -1,0 +1,203 @@
+"""The trainer process: one per device, spawned by the agent's `TrainerPool`.
+
+`run` is the spawn target. It says "ready", then serves "train" messages one
+at a time (see `trainer_worker.protocol`) until "stop" or until the agent is
+gone. Per job the bytes move like this:
+
+1. The model payload sits in the agent's shared-memory segment; decoding makes
+   views over it (no copy).
+2. `load_state_dict` copies it into the cached model (copy 1). With
+   ``noop`` there is no model: the views go straight to step 3.
+3. `encode_into` writes the trained state into a new segment sized by
+   `encoded_size` (copy 2), which is handed to the agent with the "done" reply.
+
+A failing task is reported as a failed job and the process keeps serving. The
+model segment is only closed here (the agent owns it); the update segment
+belongs to the agent once the reply is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+
+from serialization import TensorSpec, decode, encode_into, encoded_size, schema_of
+from serialization.events import configure_events
+from trainer_worker import protocol, shm
+from trainer_worker.task import Task, TrainConfig, TrainOutcome, load_task
+
+log = structlog.get_logger()
+
+MAX_CACHED_TASKS = 2
+StateDict = dict[str, torch.Tensor]
+
+
+def run(conn: Connection, device: str, threads: int, log_file: str | None, run_id: str,
+        agent_id: str, shm_prefix: str = "pwfl") -> None:
+    """Trainer process entry point: serve jobs on `conn` until told to stop."""
+    configure_events("trainer", log_file=log_file)
+    structlog.contextvars.bind_contextvars(run_id=run_id, agent_id=agent_id, device=device)
+    torch.set_num_threads(threads)
+    trainer = Trainer(torch.device(device), shm_prefix=shm_prefix)
+    _exit_with_parent(trainer)
+    _warm_up()
+    conn.send_bytes(protocol.pack({"op": "ready", "device": device, "pid": os.getpid()}))
+    serve(conn, trainer)
+
+
+def serve(conn: Connection, trainer: Trainer) -> None:
+    """Answer "train" messages until "stop" or end of file on the pipe."""
+    while True:
+        try:
+            message = protocol.unpack(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the agent is gone
+        except ValueError as exc:
+            log.error("trainer_bad_message", error=str(exc))
+            continue
+        if message["op"] == "stop":
+            return
+        if message["op"] != "train":
+            log.error("trainer_bad_message", error=f"unknown op {message['op']!r}")
+            continue
+        reply = trainer.train(message)
+        try:
+            conn.send_bytes(protocol.pack(reply))
+        except OSError:
+            trainer.discard_pending()
+            return
+        trainer.handed_over()
+
+
+def _warm_up() -> None:
+    # The first optimizer imports torch._dynamo (about a second): pay it before "ready".
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
+def _exit_with_parent(trainer: Trainer) -> None:
+    """Leave at once if the agent dies, even in the middle of a long job."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        trainer.discard_pending()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@dataclass
+class _Loaded:
+    """A task built in this process, with its model on the trainer's device."""
+
+    task: Task
+    model: nn.Module
+    schema: dict[str, TensorSpec]
+
+
+class Trainer:
+    """Runs jobs: decode the model, train it, encode the update into a new segment."""
+
+    def __init__(self, device: torch.device, *, shm_prefix: str = "pwfl") -> None:
+        self.device = device
+        self.shm_prefix = shm_prefix
+        self._tasks: OrderedDict[str, _Loaded] = OrderedDict()
+        self._pending: str | None = None  # update segment made but not yet handed over
+        self._lock = threading.Lock()
+
+    def train(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The "done" reply for one "train" message; task failures become failed replies."""
+        job_id = str(message.get("job_id", ""))
+        try:
+            result = self._run(message)
+        except Exception as exc:  # any task failure is reported, never fatal
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("trainer_job_failed", job_id=job_id, error=error, exc_info=True)
+            return {"op": "done", "job_id": job_id, "status": "failed", "error": error}
+        return {"op": "done", "job_id": job_id, "status": "ok", **result}
+
+    def handed_over(self) -> None:
+        """The agent has the update segment now (it unlinks it)."""
+        self._set_pending(None)
+
+    def discard_pending(self) -> None:
+        """Remove an update segment that can no longer be handed over."""
+        with self._lock:
+            name, self._pending = self._pending, None
+        if name is not None:
+            shm.release(shm.attach(name), unlink=True)
+
+    def _run(self, message: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        segment = shm.attach(str(message["model_shm"]))
+        try:
+            return self._run_on(segment.buf[: int(message["model_nbytes"])], message, started)
+        finally:
+            shm.release(segment)
+
+    def _run_on(self, payload: memoryview, message: dict[str, Any],
+                started: float) -> dict[str, Any]:
+        config = TrainConfig.from_dict(message.get("config") or {})
+        if config.noop:
+            state, meta = decode(payload)
+            outcome, loaded_at = TrainOutcome(num_examples=1), time.perf_counter()
+            trained_at = loaded_at
+        else:
+            loaded = self._loaded(str(message["task"]), message.get("task_options") or {})
+            received, meta = decode(payload, schema=loaded.schema)
+            loaded.model.load_state_dict(received)
+            del received  # views over the agent's segment: drop them before it is closed
+            loaded_at = time.perf_counter()
+            outcome = loaded.task.train(loaded.model, str(message["client_id"]), config,
+                                        self.device)
+            trained_at = time.perf_counter()
+            state = loaded.model.state_dict()
+        name, nbytes = self._encode(state, meta)
+        timings = {"load_s": loaded_at - started, "train_s": trained_at - loaded_at,
+                   "encode_s": time.perf_counter() - trained_at}
+        return {"update_shm": name, "update_nbytes": nbytes, "num_examples": outcome.num_examples,
+                "metrics": dict(outcome.metrics), "timings": timings}
+
+    def _encode(self, state: StateDict, meta: dict[str, Any]) -> tuple[str, int]:
+        nbytes = encoded_size(state, meta)
+        segment = shm.create(nbytes, prefix=self.shm_prefix)
+        self._set_pending(segment.name)
+        try:
+            encode_into(state, segment.buf, meta)
+        except BaseException:
+            self._set_pending(None)
+            shm.release(segment, unlink=True)
+            raise
+        shm.release(segment)
+        return segment.name, nbytes
+
+    def _set_pending(self, name: str | None) -> None:
+        with self._lock:
+            self._pending = name
+
+    def _loaded(self, spec: str, options: dict[str, Any]) -> _Loaded:
+        key = spec + json.dumps(options, sort_keys=True, default=repr)
+        if key in self._tasks:
+            self._tasks.move_to_end(key)
+            return self._tasks[key]
+        task = load_task(spec, options)
+        model = task.build_model(seed=0).to(self.device)
+        self._tasks[key] = _Loaded(task, model, schema_of(model.state_dict()))
+        while len(self._tasks) > MAX_CACHED_TASKS:
+            self._tasks.popitem(last=False)
+        return self._tasks[key]
+
