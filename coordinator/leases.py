@@ -64,12 +64,12 @@ class LeaseBroker:
 
     def release(self, client_id: str, slot_id: int, round_: int, reason: str) -> int | None:
         """Return a client's lease held by `slot_id` (its result arrived or it failed)."""
-        slot_id = self._pool.release(client_id, time.monotonic(), slot_id=slot_id)
-        if slot_id is not None:
-            log.info("lease_returned", slot_id=slot_id, round=round_, client_id=client_id,
+        released = self._pool.release(client_id, time.monotonic(), slot_id=slot_id)
+        if released is not None:
+            log.info("lease_returned", slot_id=released, round=round_, client_id=client_id,
                      reason=reason)
         self._dispatch()
-        return slot_id
+        return released
 
     def _dispatch(self) -> None:
         if self._open:

@@ -39,7 +39,8 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     """torchvision's ResNet-18, untrained (11.7M params, 45 MB state dict)."""
     from torchvision.models import resnet18 as tv_resnet18  # slow import, rarely needed
 
-    return tv_resnet18(weights=None, num_classes=num_classes)
+    model: nn.Module = tv_resnet18(weights=None, num_classes=num_classes)
+    return model
 
 
 def input_shape(name: str, features: int) -> tuple[int, ...]:

@@ -27,7 +27,8 @@ import msgpack
 
 
 def pack(message: dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
 
 
 def unpack(raw: bytes) -> dict[str, Any]:

@@ -38,3 +38,10 @@ def release(shm: shared_memory.SharedMemory, *, unlink: bool = False) -> None:
     if unlink:
         with contextlib.suppress(FileNotFoundError):
             shm.unlink()
+
+
+def buffer(shm: shared_memory.SharedMemory) -> memoryview:
+    """The segment's bytes (typed: `SharedMemory.buf` is Optional in the stubs)."""
+    if shm.buf is None:
+        raise ValueError(f"shared memory segment {shm.name} is closed")
+    return shm.buf

@@ -145,7 +145,8 @@ class Trainer:
         started = time.perf_counter()
         segment = shm.attach(str(message["model_shm"]))
         try:
-            return self._run_on(segment.buf[: int(message["model_nbytes"])], message, started)
+            payload = shm.buffer(segment)[: int(message["model_nbytes"])]
+            return self._run_on(payload, message, started)
         finally:
             shm.release(segment)
 
@@ -177,7 +178,7 @@ class Trainer:
         segment = shm.create(nbytes, prefix=self.shm_prefix)
         self._set_pending(segment.name)
         try:
-            encode_into(state, segment.buf, meta)
+            encode_into(state, shm.buffer(segment), meta)
         except BaseException:
             self._set_pending(None)
             shm.release(segment, unlink=True)

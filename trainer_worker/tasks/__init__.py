@@ -89,7 +89,7 @@ def train_sgd(model: nn.Module, data: Examples, indices: torch.Tensor,
     model.train()
     for _ in range(config.epochs):
         perm = torch.randperm(len(indices), generator=order).to(indices.device)
-        for batch in indices[perm].split(config.batch_size):
+        for batch in torch.split(indices[perm], config.batch_size):
             if config.max_steps and step.steps >= config.max_steps:
                 return step.metrics()
             step(data.inputs[batch], data.labels[batch])
@@ -118,7 +118,7 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(inputs)
         loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
+        torch.autograd.backward(loss)
         if self.anchor:
             self._pull_to_anchor()
         self.optimizer.step()
@@ -156,8 +156,9 @@ def evaluate_batches(model: nn.Module, data: Examples, batch_size: int) -> dict[
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.inference_mode():
-        for inputs, labels in zip(data.inputs.split(batch_size), data.labels.split(batch_size),
-                                  strict=True):
+        batches = zip(torch.split(data.inputs, batch_size), torch.split(data.labels, batch_size),
+                      strict=True)
+        for inputs, labels in batches:
             logits = model(inputs)
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
