@@ -2,13 +2,18 @@
 
 A blob up to `chunk_bytes` is one string key, ``blob:{digest}``, written with one
 SET and read with one GET (redis-py sends large bytes / memoryview values
-without copying them). A bigger blob, which could otherwise pass Redis's 512 MB
-bulk limit, is stored as chunks ``blob:{digest}:{i}`` written and read on a few
-connections at once and joined into one bytearray; its base key then holds a
-16-byte manifest (magic + chunk size), so a reader needs only the `BlobRef` and
-never the writer's `chunk_bytes`: the base key's value is the blob itself when
-its length is `BlobRef.nbytes`, else the manifest. Every key carries the TTL;
-putting bytes that are already stored only refreshes it.
+without copying them). A bigger blob is stored as chunks ``blob:{digest}:{i}``,
+written and read on a few connections at once and joined into one bytearray;
+its base key then holds a 16-byte manifest (magic + chunk size), so a reader
+needs only the `BlobRef` and never the writer's `chunk_bytes`: the base key's
+value is the blob itself when its length is `BlobRef.nbytes`, else the
+manifest. Every key carries the TTL; putting stored bytes only refreshes it.
+
+Why the default chunk is small (4 MiB): measured on the 2-core machine kind,
+a 45 MB blob moves 1.2-1.6x faster as 4 MiB chunks on 2-4 connections than as
+one SET / GET (big single commands pay for buffer growth and cache misses in
+asyncio, hiredis and Redis), enough to hide the sha256 that `put` adds. It also
+keeps every command far below Redis's 512 MB bulk limit.
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ from bus.errors import BlobMissing
 from bus.keys import Keys
 
 DEFAULT_TTL_MS = 30 * 60 * 1000
-DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_PARALLEL = 4
 MIN_CHUNK_BYTES = 1024
-# Above this, hashing moves to a thread, and `put` asks whether the blob exists
-# before sending its bytes (one small round trip against a large upload).
+# Above this, hashing moves off the event loop (hashlib releases the GIL).
 THREAD_BYTES = 1024 * 1024
 
 _MANIFEST = struct.Struct("<8sQ")
@@ -97,9 +101,8 @@ class BlobStore:
         return ref
 
     async def _put_one(self, ref: BlobRef, data: bytes | memoryview) -> None:
+        # One command on the common path (new bytes); stored bytes cost one more.
         key = self._keys.blob(ref.digest)
-        if ref.nbytes > THREAD_BYTES and await self._r.pexpire(key, self._ttl_ms):
-            return
         if not await self._r.set(key, data, nx=True, px=self._ttl_ms):
             await self._r.pexpire(key, self._ttl_ms)
 

@@ -75,6 +75,9 @@ class RedisSettings:
 def _client_kwargs(settings: RedisSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "decode_responses": False,
+        # RESP2 pinned: the reply shapes the bus parses do not then depend on
+        # redis-py's RESP3 / legacy-shape defaults, and no HELLO is needed.
+        "protocol": 2,
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.connect_timeout_s,
         "retry": _Retry(

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import redis
 import structlog
+from redis import exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bus.errors import EmbeddedRedisError
 
@@ -94,6 +97,15 @@ class EmbeddedRedis:
         return self._workdir
 
     @property
+    def appendonly(self) -> bool:
+        return self._appendonly
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def port(self) -> int | None:
         """The TCP port, once started on one; None on a unix socket."""
         return None if self._unix_socket else self._port
@@ -144,8 +156,10 @@ class EmbeddedRedis:
         ]
 
     def _client(self, timeout_s: float) -> redis.Redis:
+        # No retries: _wait_ping polls on its own, and a refused SHUTDOWN must not wait.
         return redis.Redis.from_url(self.url, socket_timeout=timeout_s,
-                                    socket_connect_timeout=timeout_s)
+                                    socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+                                    protocol=2)
 
     def _wait_ping(self, timeout_s: float) -> None:
         assert self._proc is not None
@@ -156,11 +170,20 @@ class EmbeddedRedis:
                     raise EmbeddedRedisError(f"redis-server exited with {self._proc.returncode}: "
                                              f"{self._log_tail()}")
                 with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                    if client.ping():
+                    if self._is_ours(client):
                         return
                 if time.monotonic() > deadline:
                     raise EmbeddedRedisError(f"redis-server did not answer within {timeout_s} s")
                 time.sleep(0.01)
+
+    def _is_ours(self, client: redis.Redis) -> bool:
+        """PING answered by our process (not by another server already on the port)."""
+        assert self._proc is not None
+        info = client.info("server")
+        if int(info["process_id"]) != self._proc.pid:
+            self._proc.wait(_STOP_WAIT_S)  # it cannot bind; let it exit and report
+            return False
+        return True
 
     def _log_tail(self) -> str:
         assert self._workdir is not None
@@ -180,19 +203,27 @@ class EmbeddedRedis:
             self._workdir = None
 
     def _shutdown(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(redis.RedisError), self._client(1.0) as client:
-                client.shutdown(nosave=True)
+        if proc.poll() is None and not self._shutdown_command():
+            proc.terminate()  # redis-server shuts down cleanly on SIGTERM too
         try:
             proc.wait(_STOP_WAIT_S)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(_STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+            proc.wait()
         log.debug("embedded_redis_stopped", pid=proc.pid, returncode=proc.returncode)
+
+    def _shutdown_command(self) -> bool:
+        """SHUTDOWN NOSAVE; False when it was refused (a password set, say)."""
+        try:
+            with self._client(1.0) as client:
+                client.execute_command("SHUTDOWN", "NOSAVE")
+        except (rex.AuthenticationError, rex.AuthorizationError):
+            return False  # both subclass ConnectionError: test them first
+        except redis.ConnectionError:
+            return True  # the server closed the connection on its way out
+        except redis.RedisError:
+            return False
+        return False  # an answer means it is still running
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()

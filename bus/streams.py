@@ -80,6 +80,7 @@ async def consume(r: aioredis.Redis, streams: Sequence[str], group: str, consume
     A missing group (Redis restarted without persistence) is recreated.
     `block_ms` <= 0 reads without blocking; keep it below the socket timeout.
     """
+    _check_block(r, block_ms)
     with redis_errors():
         try:
             return await _read_group(r, streams, group, consumer, count, block_ms)
@@ -92,11 +93,18 @@ async def consume(r: aioredis.Redis, streams: Sequence[str], group: str, consume
         return await _read_group(r, streams, group, consumer, count, block_ms)
 
 
+def _check_block(r: aioredis.Redis, block_ms: int) -> None:
+    """A block longer than the socket timeout would time out, reconnect and block again."""
+    timeout_s = r.connection_pool.connection_kwargs.get("socket_timeout")
+    if timeout_s and block_ms >= timeout_s * 1000:
+        raise ValueError(f"block_ms={block_ms} must stay below the socket timeout ({timeout_s} s)")
+
+
 async def _read_group(r: aioredis.Redis, streams: Sequence[str], group: str, consumer: str,
                       count: int, block_ms: int) -> list[Entry]:
     # RESP2 shape (our clients never ask for RESP3): [[stream, [(id, fields), ...]], ...]
     reply: Any = await r.xreadgroup(group, consumer, dict.fromkeys(streams, ">"), count=count,
-                               block=block_ms if block_ms > 0 else None)
+                                    block=block_ms if block_ms > 0 else None)
     return [
         _entry(as_text(stream), entry_id, fields)
         for stream, entries in reply or []

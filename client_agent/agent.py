@@ -120,9 +120,13 @@ class Agent:
             await asyncio.sleep(interval_s)
 
     async def _watch_run(self, redis: object, keys: Keys) -> None:
-        """Poll the run's status (once a second): stop serving when it has ended."""
-        while not await self._run_over(redis, keys):  # noqa: ASYNC110 - polling Redis, not a local flag
-            await asyncio.sleep(1.0)
+        """Poll the run's status: stop serving when it has ended (or our parent has gone)."""
+        parent = os.getppid()
+        while not await self._run_over(redis, keys):
+            if self.settings.exit_with_parent and os.getppid() != parent:
+                self.request_stop("parent_exited")
+                return
+            await asyncio.sleep(0.5)
         self.request_stop("run_finished")
 
     async def _run_over(self, redis: object, keys: Keys) -> bool:

@@ -30,6 +30,16 @@ examples:
 """
 
 
+def _devices(text: str) -> tuple[str, ...]:
+    devices = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not devices:
+        raise argparse.ArgumentTypeError("give at least one device")
+    for device in devices:
+        if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise argparse.ArgumentTypeError(f"device {device!r} is not cpu or cuda:N")
+    return devices
+
+
 def _ids(text: str) -> tuple[str, ...]:
     ids = tuple(part.strip() for part in text.split(",") if part.strip())
     if not ids:
@@ -46,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redis://, rediss:// or unix:// URL of the run's Redis")
     p.add_argument("--clients", required=True, type=_ids, metavar="IDS",
                    help="comma-separated client ids hosted here, e.g. 0,1,2")
-    p.add_argument("--devices", type=_ids, default=("cpu",), metavar="DEVICES",
+    p.add_argument("--devices", type=_devices, default=("cpu",), metavar="DEVICES",
                    help="one trainer process per entry: cpu,cpu or cuda:0,cuda:1 (default cpu)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per trainer (default 1)")
@@ -55,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default HOSTNAME-PID)")
     p.add_argument("--exit-when-done", action="store_true",
                    help="exit when the run finishes instead of waiting for the next one")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when the process that started this agent exits (local agents)")
     p.add_argument("--log-file", help="JSON event log for this agent and its trainers")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
@@ -69,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     return AgentSettings(redis_url=args.redis, client_ids=args.clients, devices=args.devices,
                          run_id=args.run_id, agent_id=args.agent_id, threads=args.threads,
                          log_file=args.log_file, exit_when_done=args.exit_when_done,
+                         exit_with_parent=args.exit_with_parent,
                          heartbeat_ttl_ms=args.heartbeat_ttl_ms,
                          drain_timeout_s=args.drain_timeout)
 

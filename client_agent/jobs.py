@@ -59,9 +59,8 @@ class JobRunner:
             reply = await self._train(job, segment)
         finally:
             self.cache.release(segment.digest)
-        timings = {"queue_s": round(time.time() - received_at - fetch_s, 6),
-                   "fetch_s": round(fetch_s, 6), **reply.timings}
-        return await self._upload(job, reply, timings)
+        timings = {"fetch_s": round(fetch_s, 6), **reply.timings}
+        return await self._upload(job, reply, timings, received_at)
 
     async def _model(self, job: Job) -> ModelSegment:
         """The job's model in shared memory: fetched once per digest, however many ask."""
@@ -104,7 +103,8 @@ class JobRunner:
                  device=reply.device)
         return reply
 
-    async def _upload(self, job: Job, reply: TrainReply, timings: dict[str, Any]) -> Result:
+    async def _upload(self, job: Job, reply: TrainReply, timings: dict[str, Any],
+                      received_at: float) -> Result:
         if reply.status != "ok" or reply.update is None:
             reply.release()
             return self._failed(job, reply.error or "trainer returned no update", timings)
@@ -114,6 +114,7 @@ class JobRunner:
         finally:
             reply.release()
         timings["upload_s"] = round(time.perf_counter() - start, 6)
+        timings["total_s"] = round(time.time() - received_at, 6)
         log.info("update_uploaded", job_id=job.job_id, nbytes=ref.nbytes,
                  duration_s=timings["upload_s"])
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,

@@ -17,6 +17,7 @@ class AgentSettings:
     threads: int = 1
     log_file: str | None = None
     exit_when_done: bool = False
+    exit_with_parent: bool = False  # local agents: leave when the coordinator that started us dies
     heartbeat_ttl_ms: int = 5000
     cache_bytes: int = 2 * 1024**3
     reclaim_idle_ms: int = 60_000

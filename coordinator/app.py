@@ -63,6 +63,7 @@ class Coordinator:
         self._show_progress = show_progress
         self._http = StatusServer(self._status_json, settings.http_host, settings.http_port)
         self._agents: LocalAgents | None = None
+        self._run_open = asyncio.Event()
         self.ctx: RunContext | None = None
 
     def _status_json(self) -> dict[str, Any]:
@@ -173,7 +174,10 @@ class Coordinator:
                              services.create_task(ResultDispatcher(ctx).run(), name="results"),
                              services.create_task(progress.run(), name="progress")]
             try:
-                await self._start_local_agents()
+                if await self._start_local_agents():
+                    assert self._agents is not None
+                    service_tasks.append(services.create_task(
+                        self._agents.watch(self._run_open), name="local-agents"))
                 await self._wait_for_clients(tracker)
                 async with asyncio.TaskGroup() as slots:
                     for runner in ctx.runners.values():
@@ -182,15 +186,15 @@ class Coordinator:
                 for task in service_tasks:
                     task.cancel()
 
-    async def _start_local_agents(self) -> None:
+    async def _start_local_agents(self) -> bool:
         s = self.settings
         if s.local_agents <= 0:
-            return
-        assert self.ctx is not None
+            return False
         self._agents = LocalAgents(redis_url=s.redis_url or "", run_id=s.run_id,
                                    run_dir=s.run_dir, devices=s.local_devices,
                                    threads=s.local_threads)
         await self._agents.start([str(i) for i in range(s.expected_clients)], s.local_agents)
+        return True
 
     async def _wait_for_clients(self, tracker: ClientTracker) -> None:
         assert self.ctx is not None
@@ -202,6 +206,7 @@ class Coordinator:
         except TimeoutError:
             log.warning("clients_missing", expected=expected, alive=len(tracker.live))
         self.status.state = "running"
+        self._run_open.set()
         self.ctx.broker.open()
 
     # --- shutdown -------------------------------------------------------------------------

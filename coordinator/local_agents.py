@@ -30,6 +30,10 @@ def split_clients(client_ids: list[str], agents: int) -> list[list[str]]:
     return shares
 
 
+class LocalAgentFailed(Exception):
+    """A local agent exited before the run could start."""
+
+
 class LocalAgents:
     def __init__(self, *, redis_url: str, run_id: str, run_dir: Path, devices: str,
                  threads: int) -> None:
@@ -46,7 +50,7 @@ class LocalAgents:
         argv = [sys.executable, "-m", "client_agent", "--redis", self._redis_url,
                 "--run-id", self._run_id, "--clients", ",".join(clients),
                 "--devices", self._devices, "--threads", str(self._threads),
-                "--agent-id", agent_id, "--exit-when-done",
+                "--agent-id", agent_id, "--exit-when-done", "--exit-with-parent",
                 "--log-file", str(self._run_dir / f"agent-{index}.jsonl")]
         console = (self._run_dir / f"agent-{index}.console.log").open("ab")
         proc = await asyncio.create_subprocess_exec(*argv, stdout=console, stderr=console,
@@ -54,6 +58,24 @@ class LocalAgents:
         console.close()
         self._procs.append(proc)
         log.info("local_agent_started", agent_id=agent_id, client_ids=clients, agent_pid=proc.pid)
+
+    async def watch(self, run_started: asyncio.Event) -> None:
+        """Wait for any agent to exit; before the run starts that is fatal, after it a warning."""
+        waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(self._procs)}
+        while waits:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = waits.pop(task)
+                self._exited(index, task.result(), run_started.is_set())
+
+    def _exited(self, index: int, returncode: int, started: bool) -> None:
+        console = self._run_dir / f"agent-{index}.console.log"
+        tail = console.read_text(errors="replace").strip().splitlines()[-5:]
+        log.warning("local_agent_exited", agent_id=f"local-{index}", returncode=returncode,
+                    output=tail)
+        if not started and returncode != 0:
+            raise LocalAgentFailed(f"local agent {index} exited with code {returncode}:\n  "
+                                   + "\n  ".join(tail))
 
     async def stop(self, timeout_s: float = 15.0) -> None:
         """Wait for the agents to leave; terminate, then kill, those that do not."""

@@ -11,10 +11,14 @@ from typing import Any
 
 from rich.console import Console
 
+from bus.errors import BusError
 from coordinator.app import Coordinator, RunSummary
+from coordinator.evaluation import TaskLoadError
 from coordinator.http import HttpServerError
+from coordinator.local_agents import LocalAgentFailed
 from coordinator.progress import Progress
 from coordinator.settings import CoordinatorSettings
+from coordinator.strategies import StrategyError
 from serialization.events import configure_events
 
 
@@ -40,6 +44,20 @@ async def _run(coordinator: Coordinator) -> RunSummary:
     return await coordinator.run()
 
 
+USER_ERRORS = (HttpServerError, TaskLoadError, LocalAgentFailed, BusError, StrategyError)
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The message of an error the user can fix (maybe inside a task group), else None."""
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        messages = [_user_error(e) for e in exc.exceptions]
+        if messages and all(messages):
+            return "; ".join(m for m in messages if m)
+    return None
+
+
 def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
                     console_level: str = "warning", summary_json: bool = False) -> int:
     """Run to the end; exit code 0 when every slot finished, 1 otherwise, 130 on Ctrl-C."""
@@ -56,8 +74,14 @@ def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, An
     except KeyboardInterrupt:
         console.print(f"interrupted; resume with: python -m coordinator --resume {settings.run_id}")
         return 130
-    except HttpServerError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except asyncio.CancelledError:  # SIGTERM: the same graceful stop as Ctrl-C
+        console.print(f"terminated; resume with: python -m coordinator --resume {settings.run_id}")
+        return 143
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
+        console.print(f"[red]error:[/] {message}")
         return 2
     Progress(coordinator.status, live=False).final()
     console.print(f"wall time {summary.wall_s:.1f}s; events: {summary.events_path}")

@@ -20,9 +20,11 @@ from replay.compare import compare
 from replay.errors import ReplayError, UsageError
 from replay.events import read_log
 from replay.model import Run
+from replay.simulate import DRAWS
 from replay.summary import RunSummary, summarise
-from replay.terminal import render_comparison, render_run
+from replay.terminal import render_comparison, render_run, render_whatif
 from replay.timeline import rebuild_runs
+from replay.whatif import WhatIf, parse_grid, predict_grid
 
 EXIT_ERROR = 2
 
@@ -57,6 +59,7 @@ class Settings:
     simulate: list[str]
     sim_seed: int
     sim_rounds: int | None
+    sim_draw: str
     show_rounds: bool
 
     @classmethod
@@ -72,6 +75,7 @@ class Settings:
             simulate=args.simulate or [],
             sim_seed=args.seed,
             sim_rounds=args.sim_rounds,
+            sim_draw=args.sim_draw,
             show_rounds=not args.no_rounds,
         )
 
@@ -93,15 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="DIR",
                         help="write DIR/report.html (self-contained, figures embedded) and "
                              "the figures as PNG: timeline, accuracy over time, idle fractions")
-    parser.add_argument("--simulate", nargs="+", metavar="KEY=V1,V2",
+    parser.add_argument("--simulate", nargs="+", action="extend", metavar="KEY=V1,V2",
                         help="what-if: replay the recorded client and server durations "
                              "through coordinator.scheduling / coordinator.quorum for each "
-                             "setting of the grid; keys: slots, policy (partition, greedy), "
-                             "quorum (fraction of leased clients); several keys combine")
+                             "setting of the grid and predict wall time, idle fractions and "
+                             "slot-rounds per hour; keys: slots, policy (partition, greedy), "
+                             "quorum (fraction of leased clients), clients_per_round, rounds; "
+                             "several keys combine; the recorded setting is always simulated "
+                             "too and its prediction error printed")
     parser.add_argument("--sim-rounds", type=int, metavar="N",
                         help="rounds per slot in the what-if (default: the run's --rounds)")
+    parser.add_argument("--sim-draw", choices=DRAWS, default="ordered",
+                        help="how the what-if draws a client's job durations: ordered = its "
+                             "k-th job replays its k-th recorded one (jobs that ran side by "
+                             "side keep their shared slow-downs), random = seeded draws "
+                             "(default: ordered)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed for sampling recorded durations in the what-if (default: 0)")
+                        help="seed of the what-if's random draws (--sim-draw random, and "
+                             "jobs beyond the recorded ones) (default: 0)")
     parser.add_argument("--no-rounds", action="store_true",
                         help="leave out the per-round tables of the terminal summary")
     return parser
@@ -147,25 +160,23 @@ def _print_warnings(summaries: list[RunSummary]) -> None:
                 print(f"replay: warning: {message}", file=sys.stderr)
 
 
-def _whatifs(settings: Settings, runs: list[Run]) -> list[Any]:
+def _whatifs(settings: Settings, runs: list[Run]) -> list[WhatIf]:
     if not settings.simulate:
         return []
-    from replay.whatif import predict_grid, parse_grid
-
     grid = parse_grid(settings.simulate)
-    return [predict_grid(run, grid, seed=settings.sim_seed, rounds=settings.sim_rounds)
-            for run in runs]
+    return [predict_grid(run, grid, seed=settings.sim_seed, rounds=settings.sim_rounds,
+                         draw=settings.sim_draw) for run in runs]
 
 
 def _write_report(directory: Path, runs: list[Run], summaries: list[RunSummary],
-                  whatifs: list[Any]) -> None:
+                  whatifs: list[WhatIf]) -> None:
     from replay.report import write_report
 
     page = write_report(directory, runs, summaries, whatifs)
     print(f"replay: report written to {page}", file=sys.stderr)
 
 
-def _print_json(summaries: list[RunSummary], whatifs: list[Any]) -> None:
+def _print_json(summaries: list[RunSummary], whatifs: list[WhatIf]) -> None:
     objects = [s.to_json() for s in summaries]
     for obj, whatif in zip(objects, whatifs, strict=False):
         obj["whatif"] = whatif.to_json()
@@ -185,13 +196,11 @@ def _console() -> Console:
     return console
 
 
-def _print_tables(settings: Settings, summaries: list[RunSummary], whatifs: list[Any]) -> None:
+def _print_tables(settings: Settings, summaries: list[RunSummary], whatifs: list[WhatIf]) -> None:
     console = _console()
     for index, summary in enumerate(summaries):
         render_run(console, summary, show_rounds=settings.show_rounds)
         if whatifs:
-            from replay.terminal_whatif import render_whatif
-
             render_whatif(console, whatifs[index])
     if len(summaries) > 1:
         render_comparison(console, compare(summaries))

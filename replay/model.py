@@ -52,6 +52,7 @@ class RoundRecord:
     loss: float | None = None
     num_updates: int = 0
     status: str = "open"  # closed, failed, interrupted (the coordinator stopped), open
+    cut_at: float | None = None  # when the coordinator stopped, for an interrupted round
     model_nbytes: int = 0
     jobs_published: int = 0
     bytes_up: int = 0
@@ -86,17 +87,34 @@ class JobTiming:
     slot_id: SlotId
     round: int
     received_at: float
+    published_at: float | None  # the job_published time, when it is in the log
+    agent_id: str
     ok: bool
     queue_s: float
     fetch_s: float
+    load_s: float
     train_s: float
+    encode_s: float
     upload_s: float
-    total_s: float
+    total_s: float  # as the agent reported it; 0 when it did not
     nbytes: int
 
     @property
     def transfer_s(self) -> float:
         return self.fetch_s + self.upload_s
+
+    @property
+    def trainer_s(self) -> float:
+        """Time a trainer process was busy with the job: load, train, encode."""
+        return self.load_s + self.train_s + self.encode_s
+
+    @property
+    def turnaround_s(self) -> float:
+        """From job_published to update_received on the coordinator's clock (else the
+        agent's total, else the sum of its parts)."""
+        if self.published_at is not None:
+            return max(self.received_at - self.published_at, 0.0)
+        return self.total_s or (self.fetch_s + self.trainer_s + self.upload_s)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from replay import fmt
 from replay.compare import COMPARED, Comparison
 from replay.model import CATEGORIES
 from replay.summary import RunSummary, SlotSummary
+from replay.whatif import WhatIf
 
 _CATEGORY_LABELS = {
     "aggregation": "aggregation (folds + finalise)",
@@ -54,7 +55,7 @@ def _headline(summary: RunSummary) -> Text:
         f"{config.get('rounds', '?')} rounds each",
         f"policy {config.get('policy', '?')}",
         f"quorum {config.get('quorum', '?')}",
-        f"{config.get('strategy', '?')} on {config.get('task', '?')}",
+        f"{config.get('strategy', '?')} on {fmt.task(config.get('task', '?'))}",
         f"{len(summary.clients)} clients",
     ]
     lines = Text(" · ".join(parts) + "\n", style="dim")
@@ -193,16 +194,48 @@ def render_comparison(console: Console, comparison: Comparison) -> None:
     table = _table("Side by side (ratios against the first log)", *headers)
     for key, label, kind in COMPARED:
         values = comparison.values[key]
-        cells = [_cell(v, kind) for v in values]
+        cells = [fmt.cell(v, kind) for v in values]
         ratios = [fmt.ratio(v, values[0]) if kind != "text" else "" for v in values[1:]]
         table.add_row(label, *cells, *ratios)
     console.rule("[bold]Comparison")
     console.print(table)
 
 
-def _cell(value: float | str | None, kind: str) -> str:
-    if value is None or isinstance(value, str):
-        return "-" if value is None else value
-    formatters = {"s": fmt.seconds, "pct": fmt.percent, "acc": fmt.accuracy,
-                  "bytes": fmt.nbytes, "rate": lambda v: f"{v:.0f}", "int": lambda v: f"{v:.0f}"}
-    return formatters[kind](value)
+def render_whatif(console: Console, whatif: WhatIf) -> None:
+    """Predicted wall time, throughput and idle fractions for each simulated setting."""
+    table = _table(
+        f"What-if for {whatif.label} (* = recorded setting; mean of {whatif.repeats} replays)",
+        "slots", "policy", "quorum", "clients\n/round", "rounds", "wall", "wall\nrange",
+        "slot-\nrounds/h", "coord.\nbusy", "client\nidle", "mean\nround", "failed\nrounds",
+        left=2,
+    )
+    for p in whatif.predictions:
+        s = p.setting
+        table.add_row(
+            f"{s['slots']}{' *' if p.recorded_setting else ''}", s["policy"],
+            f"{s['quorum']:g}", str(s["clients_per_round"]), str(s["rounds"]),
+            fmt.seconds(p.wall_s) + ("" if p.finished else " stalled"),
+            fmt.span(p.wall_s_min, p.wall_s_max),
+            f"{p.slot_rounds_per_hour:.0f}", fmt.percent(p.coordinator_busy_fraction),
+            fmt.percent(p.client_idle_fraction), fmt.seconds(p.mean_round_s),
+            f"{p.failed_rounds:g}",
+            style="bold" if p.recorded_setting else None,
+        )
+    console.print(table)
+    console.print(_validation_line(whatif))
+
+
+def _validation_line(whatif: WhatIf) -> Text:
+    predicted = whatif.predictions[0].wall_s
+    line = Text(f"recorded setting: recorded wall {fmt.seconds(whatif.recorded_wall_s)}, "
+                f"predicted {fmt.seconds(predicted)}, prediction error ")
+    if whatif.recorded_error is None:
+        line.append(f"n/a ({whatif.recorded_note})", style="yellow")
+    else:
+        ok = abs(whatif.recorded_error) <= 0.10
+        line.append(f"{whatif.recorded_error * 100:+.1f}%", style="green" if ok else "bold red")
+    trainers = ", ".join(f"{agent} {n}" for agent, n in sorted(whatif.trainers.items()))
+    line.append(f"\ntrainers per agent: {trainers}; per-job latency "
+                f"{fmt.seconds(whatif.latency_s)}. Busy/idle fractions are over the simulated "
+                "rounds (first lease to last round).", style="dim")
+    return line

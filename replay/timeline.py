@@ -10,7 +10,7 @@ previous process stopped (rounds, leases) is closed at its last event.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from replay.errors import NotAnEventLog
@@ -48,6 +48,8 @@ def rebuild_runs(log: EventLog) -> list[Run]:
 
 def _split_by_run_id(log: EventLog) -> list[tuple[str, list[Event]]]:
     run_ids = list(dict.fromkeys(ev.run_id for ev in log.events if ev.is_coordinator))
+    if len(run_ids) > 1 and "" in run_ids:
+        run_ids.remove("")  # events logged outside the run's context belong to it
     if not run_ids:
         raise NotAnEventLog(
             f"{log.path}: no coordinator events (an agent's own log?); replay reads the "
@@ -68,6 +70,7 @@ class _Builder:
         self._current: dict[tuple[SlotId, int], RoundRecord] = {}
         self._open_leases: dict[str, list[Lease]] = defaultdict(list)
         self._finished = False
+        self._published_at: dict[str, float] = {}
         self._handlers: dict[str, Callable[[Event], None]] = {
             "run_started": self._on_run_started,
             "run_resumed": self._on_run_resumed,
@@ -129,7 +132,8 @@ class _Builder:
         end = self.run.segments[-1].end
         for record in self._current.values():
             if record.status == "open":
-                record.status = "interrupted"
+                record.status, record.cut_at = "interrupted", end
+        self._current.clear()  # a restarted coordinator starts its rounds afresh
         for leases in self._open_leases.values():
             for lease in leases:
                 lease.end, lease.reason = end, "coordinator_stopped"
@@ -144,12 +148,12 @@ class _Builder:
         self._open_segment(event.ts, resumed=resumed)
 
     def _on_run_resumed(self, event: Event) -> None:
-        segment = self.run.segments[-1] if self.run.segments else None
-        if segment is None or segment.active or segment.status != "crashed":
-            if segment is not None:
-                self._close_segment()
-            self._open_segment(event.ts, resumed=True)
-        self.run.segments[-1].resumed = True
+        """A coordinator restarted with --resume: always a new process, so a new segment."""
+        if self.run.segments:
+            self._close_segment()
+        if not self.run.config:
+            self.run.config = {k: v for k, v in event.fields.items() if k not in _COMMON_FIELDS}
+        self._open_segment(event.ts, resumed=True)
 
     def _on_run_finished(self, event: Event) -> None:
         segment = self.run.segments[-1]
@@ -214,13 +218,14 @@ class _Builder:
             self._client(event.client_id).lost += 1
 
     def _on_update_received(self, event: Event) -> None:
-        job = _job_timing(event)
+        job = _job_timing(event, self._published_at.get(event.text("job_id")))
         self._client(event.client_id).jobs.append(job)
         self._round(event).bytes_up += job.nbytes
 
     def _on_update_rejected(self, event: Event) -> None:
         self.run.rejected[event.text("reason", "unknown")] += 1
-        self._client(event.client_id).rejected += 1
+        if "client_id" in event.fields:  # a malformed message may name no client
+            self._client(event.client_id).rejected += 1
 
     def _on_update_late(self, event: Event) -> None:
         self.run.late[event.text("action", "unknown")] += 1
@@ -232,14 +237,11 @@ class _Builder:
     # -- rounds ----------------------------------------------------------------------------
 
     def _round(self, event: Event) -> RoundRecord:
+        """The round an event belongs to; the coordinator publishes the model before it
+        logs round_started, so a round may begin with its model_published."""
         key = (event.slot_id, event.round)
         record = self._current.get(key)
         if record is None:
-            self.warnings.warn(
-                "no-round-start",
-                f"{self.run.path}: events of slot {key[0]} round {key[1]} before its "
-                f"round_started (line {event.line}); the log may start mid-run",
-            )
             record = self._new_round(event.slot_id, event.round)
         return record
 
@@ -255,10 +257,11 @@ class _Builder:
         self.run.coordinator_spans.append(CoordinatorSpan(start, end, category, event.slot_id))
 
     def _on_round_started(self, event: Event) -> None:
-        previous = self._current.get((event.slot_id, event.round))
-        if previous is not None and previous.status == "open":
-            previous.status = "interrupted"
-        record = self._new_round(event.slot_id, event.round)
+        record = self._current.get((event.slot_id, event.round))
+        if record is None or record.started_at is not None or record.status != "open":
+            if record is not None and record.status == "open":
+                record.status, record.cut_at = "interrupted", event.ts  # started again
+            record = self._new_round(event.slot_id, event.round)
         record.started_at = event.ts
         record.lease_wait_s = event.opt_num("wait_s")
         record.clients = [str(c) for c in _as_list(event.fields.get("clients"))]
@@ -274,6 +277,7 @@ class _Builder:
 
     def _on_job_published(self, event: Event) -> None:
         self._round(event).jobs_published += 1
+        self._published_at[event.text("job_id")] = event.ts
 
     def _on_update_folded(self, event: Event) -> None:
         self._round(event).fold_s += event.num("duration_s")
@@ -337,13 +341,16 @@ def _as_list(value: object) -> list[object]:
     return []
 
 
-def _matching_lease(leases: Iterable[Lease], slot_id: SlotId, round_no: int) -> Lease | None:
-    candidates = [lease for lease in leases if lease.slot_id == slot_id]
-    exact = [lease for lease in candidates if lease.round == round_no]
-    return (exact or candidates or [None])[0]
+def _matching_lease(leases: list[Lease], slot_id: SlotId, round_no: int) -> Lease | None:
+    """The lease a return refers to: same slot and round, else same slot, else the oldest
+    (a lost client's return may not know its slot)."""
+    same_slot = [lease for lease in leases if lease.slot_id == slot_id]
+    exact = [lease for lease in same_slot if lease.round == round_no]
+    candidates = exact or same_slot or leases
+    return candidates[0] if candidates else None
 
 
-def _job_timing(event: Event) -> JobTiming:
+def _job_timing(event: Event, published_at: float | None) -> JobTiming:
     timings = event.fields.get("timings")
     timing = timings if isinstance(timings, dict) else {}
 
@@ -351,16 +358,19 @@ def _job_timing(event: Event) -> JobTiming:
         value = timing.get(key)
         return float(value) if isinstance(value, int | float) else 0.0
 
-    parts = part("queue_s") + part("fetch_s") + part("train_s") + part("upload_s")
     return JobTiming(
         slot_id=event.slot_id,
         round=event.round,
         received_at=event.ts,
+        published_at=published_at,
+        agent_id=event.text("agent_id"),
         ok=event.text("status", "ok").lower() in _OK_STATUSES,
         queue_s=part("queue_s"),
         fetch_s=part("fetch_s"),
+        load_s=part("load_s"),
         train_s=part("train_s"),
+        encode_s=part("encode_s"),
         upload_s=part("upload_s"),
-        total_s=part("total_s") or parts,
+        total_s=part("total_s"),
         nbytes=int(event.num("nbytes")),
     )

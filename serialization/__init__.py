@@ -4,6 +4,8 @@ Imports no other package of ours. Everything that reads untrusted bytes raises
 `PayloadError` (with a `reason` label) and nothing else.
 """
 
+import warnings
+
 from serialization.errors import PayloadError
 from serialization.messages import SCHEMA_VERSION, Job, Message, Registration, Result
 from serialization.tensors import (
@@ -35,3 +37,7 @@ __all__ = [
     "read_header",
     "schema_of",
 ]
+
+# Decoded tensors are read-only views over received bytes by contract (DESIGN.md:
+# zero-copy decode); torch can only warn that it cannot mark them read-only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

@@ -30,6 +30,18 @@ class Run:
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         return [e for e in read_events(self.events_path) if name is None or e["event"] == name]
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the coordinator if it is still running (its agents see the run end)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
     def wait(self, timeout_s: float = 120) -> int:
         try:
             return self.proc.wait(timeout=timeout_s)

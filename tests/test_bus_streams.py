@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bus.connection import RedisSettings, connect
 from bus.errors import BusError
 from bus.keys import JOBS_GROUP, RESULTS_GROUP, Keys
 from bus.streams import (
@@ -86,6 +87,33 @@ async def test_consume_over_several_streams(redis_client: aioredis.Redis,
     assert sorted((e.stream, e.entry_id) for e in entries) == sorted(
         [(streams[0], ids[0]), (streams[0], ids[1]), (streams[1], ids[3]), (streams[1], ids[4])]
     )
+
+
+async def test_ack_lands_even_if_the_caller_is_cancelled(redis_client: aioredis.Redis,
+                                                         run_keys: Keys) -> None:
+    """ack is shielded: cancelling the task that acks does not lose the ack."""
+    stream = run_keys.jobs("c1")
+    await ensure_group(redis_client, stream, GROUP)
+    entry_id = await publish(redis_client, stream, b"x")
+    await consume(redis_client, [stream], GROUP, "a", block_ms=0)
+    task = asyncio.create_task(ack(redis_client, stream, GROUP, [entry_id]))
+    await asyncio.sleep(0)  # the ack is under way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def acked() -> bool:
+        return await pending_count(redis_client, stream) == 0
+
+    await eventually(acked)
+
+
+async def test_block_must_stay_below_the_socket_timeout() -> None:
+    """A block_ms the socket timeout would cut short is refused up front."""
+    client = connect(RedisSettings(url="redis://127.0.0.1:1", socket_timeout_s=2.0))
+    with pytest.raises(ValueError, match="socket timeout"):
+        await consume(client, ["s"], GROUP, "a", block_ms=2000)
+    await client.aclose()
 
 
 async def test_publish_many_one_round_trip_keeps_order(redis_client: aioredis.Redis,

@@ -6,6 +6,7 @@ Each test reads what happened from the run's JSON event log, as the replay tool 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,35 @@ from tests.e2e import Run, by_slot_round, lease_violations, start_coordinator
 from trainer_worker.task import TrainConfig
 from trainer_worker.tasks.synthetic import SyntheticTask
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 SLOW_TASK = "tests.e2e_tasks:SlowClientTask"
 
 
 @pytest.fixture(scope="module")
-def basic_run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Run:
+def basic_run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Run]:
     """Three slots, four clients on two agents, three rounds of the synthetic task."""
     run = start_coordinator(redis_server.url, tmp_path_factory.mktemp("runs"), "e2e-basic",
                             "--task", "synthetic", "--slots", "3", "--clients", "4",
                             "--rounds", "3", "--local-agents", "2", "--keep-checkpoints", "10")
-    assert run.wait(180) == 0, run.output()[-4000:]
-    return run
+    with run:
+        assert run.wait(300) == 0, run.output()[-4000:]
+        yield run
+
+
+@pytest.fixture
+def launch(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Start coordinators on the session Redis; any still running at teardown is killed."""
+    runs: list[Run] = []
+
+    def start(run_id: str, *args: str) -> Run:
+        runs.append(start_coordinator(redis_server.url, tmp_path, run_id, *args))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.close()
 
 
 def test_every_slot_finishes_every_round(basic_run: Run) -> None:
@@ -101,16 +118,15 @@ def _quorums(run: Run) -> list[dict[str, Any]]:
     return run.events("quorum_reached")
 
 
-def test_deadline_closes_round_without_straggler(redis_server: EmbeddedRedis,
-                                                 tmp_path: Path) -> None:
+def test_deadline_closes_round_without_straggler(launch: Callable[..., Run]) -> None:
     """A client slower than the deadline does not hold its round; its late update folds later."""
-    run = start_coordinator(
-        redis_server.url, tmp_path, "e2e-deadline", "--task", SLOW_TASK,
+    run = launch(
+        "e2e-deadline", "--task", SLOW_TASK,
         "--task-option", 'slow_clients=["3"]', "--task-option", "slow_s=3",
         "--task-option", "base_s=0.3", "--slots", "1", "--clients", "4", "--rounds", "6",
         "--deadline", "1.5", "--min-clients", "2", "--late-policy", "fold",
         "--local-agents", "2", "--local-devices", "cpu,cpu")
-    assert run.wait(180) == 0, run.output()[-4000:]
+    assert run.wait(300) == 0, run.output()[-4000:]
     first = _quorums(run)[0]
     summary = (first["round"], first["reason"], first["received"], first["expected"])
     assert summary == (1, "deadline", 3, 4)
@@ -122,15 +138,14 @@ def test_deadline_closes_round_without_straggler(redis_server: EmbeddedRedis,
     assert lease_violations(run.events()) == []
 
 
-def test_quorum_fraction_closes_before_all_answer(redis_server: EmbeddedRedis,
-                                                  tmp_path: Path) -> None:
+def test_quorum_fraction_closes_before_all_answer(launch: Callable[..., Run]) -> None:
     """With --quorum 0.5 a round closes once half its clients answered, not waiting for the rest."""
-    run = start_coordinator(
-        redis_server.url, tmp_path, "e2e-quorum", "--task", SLOW_TASK,
+    run = launch(
+        "e2e-quorum", "--task", SLOW_TASK,
         "--task-option", 'slow_clients=["2","3"]', "--task-option", "slow_s=2",
         "--slots", "1", "--clients", "4", "--rounds", "2", "--quorum", "0.5",
         "--local-agents", "2", "--local-devices", "cpu,cpu")
-    assert run.wait(180) == 0, run.output()[-4000:]
+    assert run.wait(300) == 0, run.output()[-4000:]
     first = _quorums(run)[0]
     assert first["reason"] == "quorum"
     assert first["received"] == 2
@@ -138,20 +153,19 @@ def test_quorum_fraction_closes_before_all_answer(redis_server: EmbeddedRedis,
     assert first["wait_s"] < 2.0
 
 
-def test_resume_continues_from_checkpoints(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+def test_resume_continues_from_checkpoints(launch: Callable[..., Run], tmp_path: Path) -> None:
     """A coordinator stopped between rounds resumes from its checkpoints and finishes the run."""
     args = ("--task", SLOW_TASK, "--task-option", "base_s=0.2", "--slots", "2", "--clients",
             "4", "--rounds", "5", "--local-agents", "2")
-    first = start_coordinator(redis_server.url, tmp_path, "e2e-resume", *args)
+    first = launch("e2e-resume", *args)
     first.wait_for(lambda ev: {(s, r) for s, r in by_slot_round(ev, "round_closed") if r == 2}
                    == {(0, 2), (1, 2)}, timeout_s=120)
     assert first.interrupt() == 130
     state = json.loads((tmp_path / "e2e-resume" / "state.json").read_text())
     done = {int(k): v["round"] for k, v in state["slots"].items()}
     assert all(r >= 2 for r in done.values())
-    second = start_coordinator(redis_server.url, tmp_path, "e2e-resume", "--resume",
-                               "e2e-resume", "--local-agents", "2")
-    assert second.wait(180) == 0, second.output()[-4000:]
+    second = launch("e2e-resume", "--resume", "e2e-resume", "--local-agents", "2")
+    assert second.wait(300) == 0, second.output()[-4000:]
     events = second.events()
     resumed_at = max(i for i, e in enumerate(events) if e["event"] == "run_resumed")
     after = events[resumed_at:]

@@ -1,0 +1,343 @@
+"""The agent's trainer processes: one per device, fed jobs over msgpack pipes.
+
+`TrainerPool` spawns `trainer_worker.worker.run` once per device entry and
+hands each job to a free trainer (first come, first served). Only small msgpack
+maps cross the pipes; the model and the update travel in shared memory (see
+`trainer_worker.worker` for the copies). The event loop only waits: a pipe is
+watched with `loop.add_reader`, together with the process sentinel.
+
+A trainer that dies in the middle of a job (killed, crashed, out of memory) is
+logged (`trainer_exited`), replaced on the same device, and the job returns a
+failed `TrainReply`; task failures are failed replies too, so `train` does not
+raise for them. Every update segment a trainer makes is named after the pool
+and that trainer, so whatever a dead trainer leaves behind can be found and
+unlinked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from client_agent.model_cache import ModelSegment
+from trainer_worker import protocol, shm, worker
+
+log = structlog.get_logger()
+
+class TrainerStartError(RuntimeError):
+    """A trainer process exited before it said it was ready."""
+
+
+SHM_DIR = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory (only listed)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One job for a trainer: which client, which task, and the model to start from."""
+
+    job_id: str
+    client_id: str
+    task: str
+    task_options: dict[str, Any]
+    config: dict[str, Any]
+    model: ModelSegment
+
+
+@dataclass
+class TrainReply:
+    """A trainer's answer. `update` is a view over the update segment until `release()`."""
+
+    job_id: str
+    status: str  # "ok" or "failed"
+    device: str
+    update: memoryview | None = None
+    update_nbytes: int = 0
+    num_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    _memory: SharedMemory | None = field(default=None, repr=False)
+    _on_release: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Close and unlink the update segment (idempotent)."""
+        memory, self._memory = self._memory, None
+        if self.update is not None:
+            with contextlib.suppress(BufferError):  # a slice of it is still alive
+                self.update.release()
+            self.update = None
+        if memory is not None:
+            shm.release(memory, unlink=True)
+            if self._on_release is not None:
+                self._on_release(memory.name)
+
+
+@dataclass(eq=False)
+class _Trainer:
+    """One trainer process and the agent's end of its pipe."""
+
+    device: str
+    process: BaseProcess
+    conn: Connection
+    shm_prefix: str
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A device's place in the pool; its trainer is None while none is running."""
+
+    device: str
+    trainer: _Trainer | None = None
+
+
+class TrainerPool:
+    """Trainer processes, one per device entry, sharing jobs first come first served."""
+
+    def __init__(self, devices: list[str], *, threads_per_trainer: int = 1,
+                 log_file: str | None = None, run_id: str = "", agent_id: str = "") -> None:
+        self.devices = list(devices)
+        self.threads_per_trainer = threads_per_trainer
+        self.log_file = log_file
+        self.run_id = run_id
+        self.agent_id = agent_id
+        self.shm_prefix = f"pwfl-{secrets.token_hex(4)}"
+        self.start_timeout_s = 120.0
+        self._ctx = multiprocessing.get_context("spawn")
+        self._spawned = 0
+        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._live: set[_Trainer] = set()
+        self._outstanding: set[str] = set()  # update segments handed out, not yet released
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        """Trainers free right now."""
+        return self._idle.qsize()
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running trainers."""
+        return [t.process.pid for t in self._live if t.process.pid is not None]
+
+    async def start(self, timeout_s: float = 120) -> None:
+        """Spawn one trainer per device entry and wait until each says it is ready."""
+        self.start_timeout_s = timeout_s
+        try:
+            async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
+                spawns = [group.create_task(self._spawn(device)) for device in self.devices]
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                raise exc.exceptions[0] from None
+            raise
+        for device, spawn in zip(self.devices, spawns, strict=True):
+            self._idle.put_nowait(_Slot(device, spawn.result()))
+
+    async def train(self, request: TrainRequest) -> TrainReply:
+        """Run one job on the next free trainer; failures come back as failed replies."""
+        self._check_open()
+        queued_at = time.perf_counter()
+        slot = await self._idle.get()
+        wait_s = time.perf_counter() - queued_at
+        try:
+            self._check_open()
+            reply = await self._train_on(slot, request)
+        finally:
+            self._idle.put_nowait(slot)
+        reply.timings["wait_s"] = wait_s
+        return reply
+
+    async def close(self, timeout_s: float = 10) -> None:
+        """Stop every trainer (terminate, then kill, stragglers) and unlink leftovers."""
+        self._closed = True
+        trainers = list(self._live)
+        for trainer in trainers:
+            with contextlib.suppress(OSError):
+                trainer.conn.send_bytes(protocol.pack({"op": "stop"}))
+        await asyncio.gather(*(self._stop(t, timeout_s) for t in trainers))
+        for name in _segments(self.shm_prefix + "-") | self._outstanding:
+            shm.remove(name)
+        self._outstanding.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the trainer pool is closed")
+
+    async def _train_on(self, slot: _Slot, request: TrainRequest) -> TrainReply:
+        try:
+            trainer = await self._running(slot)
+        except (TimeoutError, TrainerStartError) as exc:
+            return _failed(request, slot.device, f"trainer could not start: {exc!r}")
+        try:
+            trainer.conn.send_bytes(protocol.pack(_train_message(request)))
+            message = await self._reply_for(trainer, request.job_id)
+        except (EOFError, OSError):
+            exitcode = await self._bury(trainer, request.job_id)
+            slot.trainer = None
+            with contextlib.suppress(TimeoutError, TrainerStartError):
+                slot.trainer = await self._restart(slot.device)
+            return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
+        return self._reply(message, slot.device, request)
+
+    async def _running(self, slot: _Slot) -> _Trainer:
+        """The slot's trainer, replaced first if it died while idle or failed to restart."""
+        if slot.trainer is not None and slot.trainer.process.exitcode is not None:
+            await self._bury(slot.trainer, "")
+            slot.trainer = None
+        if slot.trainer is None:
+            slot.trainer = await self._restart(slot.device)
+        return slot.trainer
+
+    async def _spawn(self, device: str) -> _Trainer:
+        self._spawned += 1
+        ours, theirs = self._ctx.Pipe()
+        prefix = f"{self.shm_prefix}-{self._spawned}"
+        process = self._ctx.Process(
+            target=worker.run, name=f"trainer-{device}", daemon=True,
+            args=(theirs, device, self.threads_per_trainer, self.log_file, self.run_id,
+                  self.agent_id, prefix))
+        process.start()
+        theirs.close()
+        trainer = _Trainer(device, process, ours, prefix)
+        self._live.add(trainer)
+        try:
+            ready = await _receive(trainer)
+        except BaseException as exc:
+            await self._stop(trainer, 0)
+            if isinstance(exc, EOFError | OSError):
+                raise TrainerStartError(f"the trainer on {device} exited during start-up "
+                                        f"(exit code {process.exitcode})") from exc
+            raise
+        log.info("trainer_started", agent_id=self.agent_id, device=device,
+                 trainer_pid=ready.get("pid", process.pid))
+        return trainer
+
+    async def _restart(self, device: str) -> _Trainer:
+        try:
+            async with asyncio.timeout(self.start_timeout_s):
+                return await self._spawn(device)
+        except (TimeoutError, TrainerStartError) as exc:
+            log.error("trainer_restart_failed", agent_id=self.agent_id, device=device,
+                      error=repr(exc))
+            raise
+
+    async def _reply_for(self, trainer: _Trainer, job_id: str) -> dict[str, Any]:
+        """The "done" for this job; replies to jobs whose waiter was cancelled are dropped."""
+        while True:
+            message = await _receive(trainer)
+            if message.get("op") == "done" and message.get("job_id") == job_id:
+                return message
+            if message.get("update_shm"):
+                shm.remove(str(message["update_shm"]))
+            log.info("trainer_reply_dropped", job_id=message.get("job_id"), expected=job_id)
+
+    async def _bury(self, trainer: _Trainer, job_id: str) -> int | None:
+        """Reap a trainer that died mid-job; unlink what it left. Returns its exit code."""
+        await self._stop(trainer, 5, job_id=job_id, level="warning")
+        for name in _segments(trainer.shm_prefix + "-") - self._outstanding:
+            shm.remove(name)
+        return trainer.process.exitcode
+
+    async def _stop(self, trainer: _Trainer, timeout_s: float, *, job_id: str = "",
+                    level: str = "info") -> None:
+        process = trainer.process
+        for stop in (None, process.terminate, process.kill):
+            if stop is not None:
+                stop()
+            if await _exited(process, timeout_s if stop is None else 2):
+                break
+        trainer.conn.close()
+        self._live.discard(trainer)
+        emit = log.warning if level == "warning" else log.info
+        emit("trainer_exited", agent_id=self.agent_id, device=trainer.device,
+             trainer_pid=process.pid, exitcode=process.exitcode, job_id=job_id)
+
+    def _reply(self, message: dict[str, Any], device: str, request: TrainRequest) -> TrainReply:
+        timings = dict(message.get("timings") or {})
+        if message.get("status") != "ok":
+            return _failed(request, device, str(message.get("error", "")), timings)
+        name, nbytes = str(message["update_shm"]), int(message["update_nbytes"])
+        try:
+            memory = shm.attach(name)
+        except FileNotFoundError:
+            return _failed(request, device, f"update segment {name} is gone", timings)
+        self._outstanding.add(name)
+        return TrainReply(
+            job_id=request.job_id, status="ok", device=device,
+            update=shm.buffer(memory)[:nbytes], update_nbytes=nbytes,
+            num_examples=int(message.get("num_examples", 0)),
+            metrics=dict(message.get("metrics") or {}), timings=timings,
+            _memory=memory, _on_release=self._outstanding.discard)
+
+
+def _train_message(request: TrainRequest) -> dict[str, Any]:
+    return {"op": "train", "job_id": request.job_id, "client_id": request.client_id,
+            "task": request.task, "task_options": request.task_options,
+            "config": request.config, "model_shm": request.model.name,
+            "model_nbytes": request.model.nbytes, "model_digest": request.model.digest}
+
+
+def _failed(request: TrainRequest, device: str, error: str,
+            timings: dict[str, Any] | None = None) -> TrainReply:
+    return TrainReply(job_id=request.job_id, status="failed", device=device, error=error,
+                      timings=timings or {})
+
+
+async def _receive(trainer: _Trainer) -> dict[str, Any]:
+    """The next message from a trainer; EOFError once it has exited."""
+    conn = trainer.conn
+    if not conn.poll():
+        await _readable(conn.fileno(), trainer.process.sentinel)
+    if conn.poll():
+        return protocol.unpack(conn.recv_bytes())  # EOFError at end of file
+    raise EOFError("trainer exited")
+
+
+async def _readable(*fds: int) -> None:
+    """Wait, without blocking the loop, until one of the descriptors is readable."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+async def _exited(process: BaseProcess, timeout_s: float) -> bool:
+    """Whether the process has exited within the timeout (it is reaped if so)."""
+    if process.exitcode is None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await _readable(process.sentinel)
+        except TimeoutError:
+            return False
+        # The sentinel closes a moment before the exit status can be collected.
+        await asyncio.to_thread(process.join, 5)
+    return process.exitcode is not None
+
+
+def _segments(prefix: str) -> set[str]:
+    """Names of the shared-memory segments starting with `prefix` (Linux: /dev/shm)."""
+    if not SHM_DIR.is_dir():
+        return set()
+    return {path.name for path in SHM_DIR.glob(f"{prefix}*")}

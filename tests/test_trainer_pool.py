@@ -1,0 +1,165 @@
+"""The agent's trainer pool with real spawned trainer processes and the synthetic task."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import torch
+from structlog.testing import capture_logs
+
+from client_agent.model_cache import ModelCache, ModelSegment
+from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
+from serialization import decode, encode
+from trainer_worker.task import load_task
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+SPEC = "trainer_worker.tasks.synthetic:SyntheticTask"
+OPTIONS = {"num_clients": 3, "examples_per_client": 32}
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(scope="module")
+def cache() -> Iterator[ModelCache]:
+    models = ModelCache()
+    yield models
+    models.close()
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return encode(load_task(SPEC, OPTIONS).build_model(seed=1).state_dict())
+
+
+@pytest.fixture(scope="module")
+def model(cache: ModelCache, blob: bytes) -> ModelSegment:
+    return cache.put("model-1", blob)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def pool() -> AsyncIterator[TrainerPool]:
+    trainers = TrainerPool(["cpu", "cpu"], run_id="test-run", agent_id="test-agent")
+    await trainers.start(timeout_s=60)
+    yield trainers
+    await trainers.close()
+
+
+def _request(model: ModelSegment, job_id: str, client_id: str = "0",
+             **config: Any) -> TrainRequest:
+    return TrainRequest(job_id=job_id, client_id=client_id, task=SPEC, task_options=OPTIONS,
+                        config=config or {"epochs": 1}, model=model)
+
+
+def _segments(prefix: str) -> list[str]:
+    return [p.name for p in SHM.glob(f"{prefix}*")]
+
+
+async def test_job_round_trip(pool: TrainerPool, model: ModelSegment, blob: bytes) -> None:
+    """A job comes back with an update that decodes to new weights of the same model."""
+    reply = await pool.train(_request(model, "round-trip"))
+    try:
+        assert (reply.status, reply.error, reply.device) == ("ok", "", "cpu")
+        assert reply.update is not None
+        assert reply.update_nbytes == len(reply.update)
+        assert reply.num_examples == 32
+        assert {"load_s", "train_s", "encode_s", "wait_s"} <= set(reply.timings)
+        update, _ = decode(reply.update)
+        received, _ = decode(blob)
+        assert update.keys() == received.keys()
+        assert any(not torch.equal(update[k], received[k]) for k in update)
+        del update
+    finally:
+        reply.release()
+    assert reply.update is None
+    reply.release()  # idempotent
+
+
+async def test_noop_returns_identical_bytes(pool: TrainerPool, model: ModelSegment,
+                                            blob: bytes) -> None:
+    """With noop the update is the received model, byte for byte."""
+    reply = await pool.train(_request(model, "noop", noop=True))
+    assert reply.update is not None
+    assert bytes(reply.update) == blob
+    reply.release()
+
+
+async def test_task_failure_is_a_reply_and_trainers_go_on(pool: TrainerPool,
+                                                          model: ModelSegment) -> None:
+    """A task raising inside train gives a failed reply; the same trainers serve the next job."""
+    pids = sorted(pool.pids)
+    failed = await pool.train(_request(model, "bad-client", client_id="7"))
+    assert failed.status == "failed"
+    assert failed.error == "TaskError: client id '7' is outside 0..2"
+    assert failed.update is None
+    ok = await pool.train(_request(model, "after-failure"))
+    ok.release()
+    assert ok.status == "ok"
+    assert sorted(pool.pids) == pids
+
+
+async def test_jobs_wait_for_a_free_trainer(pool: TrainerPool, model: ModelSegment) -> None:
+    """More jobs than trainers queue up and all finish; the trainers are idle again after."""
+    replies = await asyncio.gather(*(pool.train(_request(model, f"queued-{i}", str(i % 3)))
+                                     for i in range(5)))
+    for reply in replies:
+        reply.release()
+    assert [r.job_id for r in replies] == [f"queued-{i}" for i in range(5)]
+    assert all(r.status == "ok" for r in replies)
+    assert pool.idle == 2
+
+
+async def _killed_mid_job(pool: TrainerPool, model: ModelSegment) -> TrainReply:
+    long_job = asyncio.create_task(pool.train(_request(model, "doomed", epochs=100_000)))
+    # No event says "job handed out"; once no trainer is idle, it has been (a yield or two).
+    while pool.idle:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    os.kill(pool.pids[0], signal.SIGKILL)
+    return await long_job
+
+
+async def test_killed_trainer_is_replaced(model: ModelSegment) -> None:
+    """A trainer killed mid-job fails that job; a replacement serves the next; close cleans up."""
+    pool = TrainerPool(["cpu"], agent_id="test-agent")
+    await pool.start(timeout_s=60)
+    try:
+        first_pid = pool.pids[0]
+        with capture_logs() as events:
+            reply = await _killed_mid_job(pool, model)
+        assert (reply.status, reply.error) == ("failed", "trainer died (exit code -9)")
+        assert pool.pids != [first_pid]
+        assert pool.idle == 1
+        exited = [e for e in events if e["event"] == "trainer_exited"]
+        assert exited[0] | {"exitcode": -9, "job_id": "doomed", "trainer_pid": first_pid,
+                            "device": "cpu", "agent_id": "test-agent"} == exited[0]
+        assert [e["trainer_pid"] for e in events if e["event"] == "trainer_started"] == pool.pids
+        after = await pool.train(_request(model, "after-kill"))
+        after.release()
+        assert after.status == "ok"
+    finally:
+        await pool.close()
+    assert _segments(pool.shm_prefix) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        await pool.train(_request(model, "too-late"))
+
+
+async def test_trainer_dead_while_idle_is_replaced_before_the_job(
+    pool: TrainerPool, model: ModelSegment
+) -> None:
+    """A trainer that died between jobs is replaced, and the job runs on the new one."""
+    victim = pool.pids[0]
+    process = next(t.process for t in pool._live if t.process.pid == victim)
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.to_thread(process.join, 10)  # dead for sure before the jobs go out
+    replies = await asyncio.gather(*(pool.train(_request(model, f"idle-{i}")) for i in range(2)))
+    for reply in replies:
+        reply.release()
+    assert [r.status for r in replies] == ["ok", "ok"]
+    assert victim not in pool.pids
+    assert len(pool.pids) == 2

@@ -1,0 +1,142 @@
+"""The trainer's job handling, in this process: shared memory in, shared memory out."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from client_agent.model_cache import ModelCache, ModelSegment
+from serialization import decode, encode
+from trainer_worker import protocol, shm
+from trainer_worker.task import load_task
+from trainer_worker.worker import Trainer, serve
+
+SPEC = "trainer_worker.tasks.synthetic:SyntheticTask"
+OPTIONS = {"num_clients": 2, "examples_per_client": 32}
+
+
+@pytest.fixture
+def cache() -> Iterator[ModelCache]:
+    models = ModelCache()
+    yield models
+    models.close()
+
+
+@pytest.fixture
+def blob() -> bytes:
+    return encode(load_task(SPEC, OPTIONS).build_model(seed=1).state_dict(), {"round": 3})
+
+
+def _message(segment: ModelSegment, job_id: str = "job-1", **fields: Any) -> dict[str, Any]:
+    message = {"op": "train", "job_id": job_id, "client_id": "0", "task": SPEC,
+               "task_options": OPTIONS, "config": {"epochs": 1}, "model_shm": segment.name,
+               "model_nbytes": segment.nbytes, "model_digest": segment.digest}
+    return message | fields
+
+
+def _take_update(reply: dict[str, Any]) -> bytes:
+    """The update's bytes; the segment is unlinked, as the agent would."""
+    memory = shm.attach(reply["update_shm"])
+    try:
+        return bytes(shm.buffer(memory)[: reply["update_nbytes"]])
+    finally:
+        shm.release(memory, unlink=True)
+
+
+def test_train_job_round_trip(cache: ModelCache, blob: bytes) -> None:
+    """A job trains the received weights and returns a decodable, different update."""
+    reply = Trainer(torch.device("cpu")).train(_message(cache.put("m", blob)))
+    assert reply["status"] == "ok", reply
+    assert reply["num_examples"] == 32
+    assert set(reply["timings"]) == {"load_s", "train_s", "encode_s"}
+    assert reply["metrics"]["steps"] == 1
+    update, meta = decode(_take_update(reply))
+    received, _ = decode(blob)
+    assert meta == {"round": 3}
+    assert update.keys() == received.keys()
+    assert any(not torch.equal(update[k], received[k]) for k in update)
+
+
+def test_noop_returns_the_received_bytes(cache: ModelCache, blob: bytes) -> None:
+    """With noop the update is byte for byte the model it was given."""
+    message = _message(cache.put("m", blob), config={"noop": True}, task="no.such:Task")
+    reply = Trainer(torch.device("cpu")).train(message)
+    assert reply["status"] == "ok", reply
+    assert _take_update(reply) == blob
+
+
+def test_task_failure_is_a_reply_and_the_trainer_goes_on(cache: ModelCache, blob: bytes) -> None:
+    """An exception in task code becomes a failed reply; the next job still runs."""
+    trainer = Trainer(torch.device("cpu"))
+    segment = cache.put("m", blob)
+    failed = trainer.train(_message(segment, "bad", client_id="9"))
+    assert failed == {"op": "done", "job_id": "bad", "status": "failed",
+                      "error": "TaskError: client id '9' is outside 0..1"}
+    assert trainer.train(_message(segment, "good"))["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"task": "no_such_module:Task"}, "TaskError: cannot import task"),
+        ({"model_shm": "pwfl-missing-segment"}, "FileNotFoundError"),
+        ({"config": {"epochs": "two"}}, "TypeError"),
+    ],
+)
+def test_broken_jobs_fail_cleanly(cache: ModelCache, blob: bytes, fields: dict[str, Any],
+                                  error: str) -> None:
+    """A missing task, a missing segment or a bad config gives a failed reply."""
+    reply = Trainer(torch.device("cpu")).train(_message(cache.put("m", blob), **fields))
+    assert reply["status"] == "failed"
+    assert reply["error"].startswith(error)
+
+
+def test_model_of_another_shape_is_rejected(cache: ModelCache) -> None:
+    """Weights that do not fit the task's model fail with the payload's reason."""
+    other = encode(load_task(SPEC, {"features": 3}).build_model(seed=0).state_dict())
+    reply = Trainer(torch.device("cpu")).train(_message(cache.put("x", other)))
+    assert reply["status"] == "failed"
+    assert reply["error"].startswith("PayloadError: wrong_schema")
+
+
+def test_task_and_model_are_built_once_per_spec(cache: ModelCache, blob: bytes) -> None:
+    """Jobs of the same task and options share one task instance and one model."""
+    trainer = Trainer(torch.device("cpu"))
+    segment = cache.put("m", blob)
+    for job in ("a", "b"):
+        _take_update(trainer.train(_message(segment, job)))
+    assert len(trainer._tasks) == 1
+
+
+def _serve_in_thread(trainer: Trainer) -> tuple[Any, threading.Thread]:
+    ours, theirs = multiprocessing.Pipe()
+    thread = threading.Thread(target=serve, args=(theirs, trainer), daemon=True)
+    thread.start()
+    return ours, thread
+
+
+def test_serve_answers_until_stop(cache: ModelCache, blob: bytes) -> None:
+    """serve() answers train messages, skips unknown ones, and returns on "stop"."""
+    conn, thread = _serve_in_thread(Trainer(torch.device("cpu")))
+    conn.send_bytes(protocol.pack({"op": "dance"}))
+    conn.send_bytes(b"\xc1 not msgpack")
+    conn.send_bytes(protocol.pack(_message(cache.put("m", blob), config={"noop": True})))
+    reply = protocol.unpack(conn.recv_bytes())
+    assert reply["status"] == "ok"
+    _take_update(reply)
+    conn.send_bytes(protocol.pack({"op": "stop"}))
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_serve_returns_when_the_agent_is_gone() -> None:
+    """End of file on the pipe (the agent closed it or died) ends serve()."""
+    conn, thread = _serve_in_thread(Trainer(torch.device("cpu")))
+    conn.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
