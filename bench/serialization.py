@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import torchvision
 from torch import nn
 
 from bench._measure import Timing, ameasure_all, measure_all
-from bus.blobs import BlobStore, digest_of
+from bus.blobs import DEFAULT_CHUNK_BYTES, DEFAULT_PARALLEL, BlobStore, digest_of
 from bus.connection import connect
 from bus.embedded import EmbeddedRedis
 from bus.keys import Keys
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, extra in asyncio.run(measure_redis(payloads, redis_reps)).items():
             timings[name] |= extra
     print(f"PWFL serialization bench: torch {torch.__version__}, {platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; BlobStore chunks of "
+          f"{DEFAULT_CHUNK_BYTES >> 20} MiB on up to {DEFAULT_PARALLEL} connections")
     for name in states:
         print_table(name, len(payloads[name]), timings[name])
     figures = summary(len(payloads["resnet18"]), timings["resnet18"])

@@ -186,8 +186,9 @@ class TrainerPool:
         except (EOFError, OSError):
             exitcode = await self._bury(trainer, request.job_id)
             slot.trainer = None
-            with contextlib.suppress(TimeoutError, TrainerStartError):
-                slot.trainer = await self._restart(slot.device)
+            if not self._closed:  # a trainer stopped by close() is not replaced
+                with contextlib.suppress(TimeoutError, TrainerStartError):
+                    slot.trainer = await self._restart(slot.device)
             return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
         return self._reply(message, slot.device, request)
 

@@ -234,10 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         settings = settings_from_args(args)
     from coordinator.run import run_coordinator
+    from serialization.events import configure_events
 
+    configure_events("coordinator", log_file=settings.events_path, console_level=args.log_level)
     with redis_for(settings) as ready:
-        return run_coordinator(ready, resume_state=resume_state, console_level=args.log_level,
-                               summary_json=args.summary_json)
+        return run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json)
 
 
 if __name__ == "__main__":

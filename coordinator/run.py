@@ -19,7 +19,6 @@ from coordinator.local_agents import LocalAgentFailed
 from coordinator.progress import Progress
 from coordinator.settings import CoordinatorSettings
 from coordinator.strategies import StrategyError
-from serialization.events import configure_events
 
 
 def _loop_factory() -> Any:
@@ -59,9 +58,9 @@ def _user_error(exc: BaseException) -> str | None:
 
 
 def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
-                    console_level: str = "warning", summary_json: bool = False) -> int:
-    """Run to the end; exit code 0 when every slot finished, 1 otherwise, 130 on Ctrl-C."""
-    configure_events("coordinator", log_file=settings.events_path, console_level=console_level)
+                    summary_json: bool = False) -> int:
+    """Run to the end (events already configured); exit 0 when every slot finished, 1 if not,
+    130 on Ctrl-C, 143 on SIGTERM, 2 for an error the user can fix."""
     coordinator = Coordinator(settings, resume_state=resume_state,
                               show_progress=None if settings.progress else False)
     console = Console(stderr=True)

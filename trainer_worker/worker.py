@@ -51,6 +51,8 @@ def run(conn: Connection, device: str, threads: int, log_file: str | None, run_i
     configure_events("trainer", log_file=log_file)
     structlog.contextvars.bind_contextvars(run_id=run_id, agent_id=agent_id, device=device)
     torch.set_num_threads(threads)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)  # stray allocations go to our GPU, not cuda:0
     trainer = Trainer(torch.device(device), shm_prefix=shm_prefix)
     _exit_with_parent(trainer)
     _warm_up()
@@ -145,7 +147,7 @@ class Trainer:
         with self._lock:
             name, self._pending = self._pending, None
         if name is not None:
-            shm.release(shm.attach(name), unlink=True)
+            shm.remove(name)
 
     def _run(self, message: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
