@@ -2,7 +2,11 @@
 
 Several operations are timed round-robin (one repetition of each in turn), so
 that a burst of load from another process on a shared machine falls on all of
-them alike rather than on whichever ran at the time. The garbage collector is
+them alike rather than on whichever ran at the time. With `warm_each`, every
+timed call follows an untimed one of the same operation, so each finds its own
+data in cache as it would in a loop (and not its predecessor's): without it, a
+2 MB memcpy that re-reads the source the previous operation just read would
+race an encode whose tensors have gone cold. The garbage collector is
 off while a repetition runs (as in `timeit`), and an optional untimed `setup`
 runs before each one (deleting the key a SET is about to write, say).
 """
@@ -52,11 +56,14 @@ def measure_all(
     reps: int,
     warmup: int = 2,
     setup: Callable[[], Any] | None = None,
+    warm_each: bool = False,
 ) -> dict[str, Timing]:
     """Time each `fn()` round-robin: `warmup` untimed rounds, then `reps` timed ones."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + reps):
         for name, fn in fns.items():
+            if warm_each and i >= warmup:
+                fn()
             if setup is not None:
                 setup()
             elapsed = _timed(fn)

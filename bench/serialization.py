@@ -70,7 +70,7 @@ def models() -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def measure_codec(state: dict[str, torch.Tensor], reps: int) -> dict[str, Timing]:
+def measure_codec(state: dict[str, torch.Tensor], reps: int, warmup: int) -> dict[str, Timing]:
     """Encode, decode, finite check and the memcpy baselines, for one state dict."""
     payload = encode(state)
     src = np.frombuffer(payload, dtype=np.uint8)
@@ -90,22 +90,26 @@ def measure_codec(state: dict[str, torch.Tensor], reps: int) -> dict[str, Timing
         "decode_finite": lambda: decode(payload, schema=schema, finite=True),
         "sha256": lambda: digest_of(payload),
     }
-    return measure_all(runs, reps=reps)
+    return measure_all(runs, reps=reps, warmup=warmup, warm_each=True)
 
 
-async def measure_redis(payloads: dict[str, bytes], reps: int) -> dict[str, dict[str, Timing]]:
+async def measure_redis(
+    payloads: dict[str, bytes], reps: int, warmup: int
+) -> dict[str, dict[str, Timing]]:
     """Raw SET / GET and BlobStore.put / get of each payload, on one client."""
     with EmbeddedRedis(unix_socket=True) as server:
         client = connect(server.url)
         try:
             store = BlobStore(client, Keys(run_id="bench"))
-            return {name: await _redis_pair(client, store, data, reps)
+            return {name: await _redis_pair(client, store, data, reps, warmup)
                     for name, data in payloads.items()}
         finally:
             await client.aclose()
 
 
-async def _redis_pair(client: Any, store: BlobStore, data: bytes, reps: int) -> dict[str, Timing]:
+async def _redis_pair(
+    client: Any, store: BlobStore, data: bytes, reps: int, warmup: int
+) -> dict[str, Timing]:
     raw_key = "bench:raw"
     digest = digest_of(data)
     ref = await store.put(data, digest)
@@ -119,11 +123,11 @@ async def _redis_pair(client: Any, store: BlobStore, data: bytes, reps: int) -> 
         "blob_put": lambda: store.put(data, digest),
         "blob_put_hashing": lambda: store.put(data),
     }
-    timings = await ameasure_all(writes, reps=reps, setup=drop)
+    timings = await ameasure_all(writes, reps=reps, warmup=warmup, setup=drop)
     await client.set(raw_key, data)
     await store.put(data, digest)
     reads = {"redis_get": lambda: client.get(raw_key), "blob_get": lambda: store.get(ref)}
-    timings |= await ameasure_all(reads, reps=reps)
+    timings |= await ameasure_all(reads, reps=reps, warmup=warmup)
     await drop()
     return timings
 
@@ -205,7 +209,7 @@ def print_goals(figures: dict[str, float]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.serialization",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repetitions: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions: a smoke test")
     parser.add_argument("--reps", type=int, default=21, help="timed repetitions (codec)")
     parser.add_argument("--redis-reps", type=int, default=9, help="timed repetitions (Redis)")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis part")
@@ -218,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps, redis_reps = (3, 2) if args.quick else (args.reps, args.redis_reps)
+    reps, redis_reps, warmup = (2, 1, 0) if args.quick else (args.reps, args.redis_reps, 1)
     states = models()
     payloads = {name: encode(state) for name, state in states.items()}
-    timings = {name: measure_codec(state, reps) for name, state in states.items()}
+    timings = {name: measure_codec(state, reps, warmup) for name, state in states.items()}
     if not args.no_redis:
-        for name, extra in asyncio.run(measure_redis(payloads, redis_reps)).items():
+        for name, extra in asyncio.run(measure_redis(payloads, redis_reps, warmup)).items():
             timings[name] |= extra
     print(f"PWFL serialization bench: torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; BlobStore chunks of "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -61,7 +61,8 @@ class RedisSettings:
 
     url: str
     username: str | None = None
-    password: str | None = None  # read from a file or the environment by the entry point
+    # Read from a file or the environment by the entry point; never in a repr or a log.
+    password: str | None = field(default=None, repr=False)
     socket_timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
     retries: int = 20

@@ -4,7 +4,7 @@
 socket there (or on a loopback TCP port), with RDB snapshots off. It runs in its
 own session so that a Ctrl-C in the terminal reaches only the parent, which then
 stops it as part of its own shutdown; an atexit hook stops it if the parent
-forgets.
+forgets. Tests also start it with TLS, an ACL file and extra options.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -65,6 +67,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files of a TLS-only server: its certificate and key, and the CA clients trust.
+
+    With `require_client_cert` clients must present a certificate signed by
+    `ca_file`; the server's own client then presents the server certificate.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    require_client_cert: bool = False
+
+    def server_args(self) -> list[str]:
+        return ["--tls-cert-file", str(self.cert_file), "--tls-key-file", str(self.key_file),
+                "--tls-ca-cert-file", str(self.ca_file),
+                "--tls-auth-clients", "yes" if self.require_client_cert else "no"]
+
+    def client_kwargs(self) -> dict[str, str]:
+        """redis-py options of a client that trusts `ca_file` (and proves itself if asked)."""
+        kwargs = {"ssl_ca_certs": str(self.ca_file)}
+        if self.require_client_cert:
+            kwargs |= {"ssl_certfile": str(self.cert_file), "ssl_keyfile": str(self.key_file)}
+        return kwargs
+
+
 class EmbeddedRedis:
     """A redis-server in a temporary directory, on a unix socket (or a free loopback port).
 
@@ -72,15 +100,28 @@ class EmbeddedRedis:
     A `workdir` given by the caller is kept at `stop` (so a server restarted with
     the same `workdir`, `port` and `appendonly=True` finds its data again); a
     temporary one is removed.
+
+    Options for secured servers: `tls` serves TLS only, on a loopback port (the
+    URL is then rediss://); `aclfile` loads users from a file (see `bus.acl`);
+    `username` / `password` are what the server's own client logs in with for
+    PING, INFO and SHUTDOWN (an admin user when the ACL turns the default user
+    off); `extra_args` are more redis-server options, as on its command line.
     """
 
     def __init__(self, *, unix_socket: bool = True, appendonly: bool = False,
-                 workdir: Path | None = None, port: int | None = None) -> None:
-        self._unix_socket = unix_socket and port is None
+                 workdir: Path | None = None, port: int | None = None,
+                 tls: ServerTls | None = None, aclfile: Path | None = None,
+                 username: str | None = None, password: str | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self._unix_socket = unix_socket and port is None and tls is None
         self._appendonly = appendonly
         self._own_dir = workdir is None
         self._workdir = workdir
         self._port = port
+        self._tls = tls
+        self._aclfile = aclfile
+        self._auth = {"username": username, "password": password}
+        self._extra_args = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +130,8 @@ class EmbeddedRedis:
             raise EmbeddedRedisError("the embedded Redis has not been started")
         if self._unix_socket:
             return f"unix://{self._workdir / 'redis.sock'}"
-        return f"redis://127.0.0.1:{self._port}"
+        scheme = "redis" if self._tls is None else "rediss"
+        return f"{scheme}://127.0.0.1:{self._port}"
 
     @property
     def workdir(self) -> Path | None:
@@ -144,22 +186,29 @@ class EmbeddedRedis:
             if len(str(sock)) > _SOCKET_PATH_MAX:
                 raise EmbeddedRedisError(f"unix socket path too long: {sock}")
             listen = ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+        elif self._tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self._port), "--bind", "127.0.0.1",
+                      *self._tls.server_args()]
         else:
             listen = ["--port", str(self._port), "--bind", "127.0.0.1"]
+        acl = [] if self._aclfile is None else ["--aclfile", str(self._aclfile.resolve())]
         return [
             *listen,
+            *acl,
             "--save", "",
             "--appendonly", "yes" if self._appendonly else "no",
             "--dir", str(workdir),
             "--logfile", str(workdir / "redis.log"),
             "--daemonize", "no",
+            *self._extra_args,
         ]
 
     def _client(self, timeout_s: float) -> redis.Redis:
         # No retries: _wait_ping polls on its own, and a refused SHUTDOWN must not wait.
+        tls = {} if self._tls is None else self._tls.client_kwargs()
         return redis.Redis.from_url(self.url, socket_timeout=timeout_s,
                                     socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-                                    protocol=2)
+                                    protocol=2, **self._auth, **tls)
 
     def _wait_ping(self, timeout_s: float) -> None:
         assert self._proc is not None

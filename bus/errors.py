@@ -4,6 +4,7 @@
     +-- RedisUnavailable          Redis cannot be reached (after retries)
     +-- BlobMissing               a referenced blob is not (or no longer) stored
     +-- EmbeddedRedisError        no redis-server binary, or it would not start
+    +-- CredentialsError          a secret (password, key, token) is missing or unusable
 
 redis-py's exceptions are mapped to these in one place (`bus.connection`).
 """
@@ -25,3 +26,7 @@ class BlobMissing(BusError):
 
 class EmbeddedRedisError(BusError):
     """The embedded redis-server could not be found or started."""
+
+
+class CredentialsError(BusError):
+    """A secret file or signing key is missing, unreadable or unusable."""

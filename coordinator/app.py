@@ -98,7 +98,8 @@ class Coordinator:
         task = await asyncio.to_thread(load_task, s.task, s.full_task_options())
         evaluator = Evaluator(task)
         pool = ClientPool(s.policy, clients_per_round=s.round_size, min_clients=s.min_clients,
-                          rng=random.Random(s.seed))
+                          rng=random.Random(s.seed),
+                          prefer_unused=s.client_choice == "least-used")
         states = await asyncio.to_thread(self._initial_states, evaluator)
         self.ctx = RunContext(
             settings=s, redis=redis, keys=keys,
@@ -149,7 +150,8 @@ class Coordinator:
         model_nbytes = sum(t.numel() * t.element_size() for t in ctx.runners[0].state.values())
         event = "run_resumed" if self._resume else "run_started"
         log.info(event, slots=s.slots, rounds=s.rounds, expected_clients=s.expected_clients,
-                 policy=s.policy, quorum=s.quorum, min_clients=s.min_clients,
+                 policy=s.policy, client_choice=s.client_choice, quorum=s.quorum,
+                 min_clients=s.min_clients,
                  clients_per_round=s.round_size, deadline_s=s.deadline_s,
                  late_policy=s.late_policy, strategy=s.strategy, task=s.task,
                  model_nbytes=model_nbytes, seed=s.seed,

@@ -100,6 +100,11 @@ def _add_schedule_options(g: argparse._ArgumentGroup) -> None:
                    help="partition: random disjoint split of idle clients among waiting slots; "
                         "greedy: a freed client goes to the slot waiting longest "
                         "(default partition)")
+    g.add_argument("--client-choice", choices=("least-used", "policy-order"),
+                   default="least-used",
+                   help="when a slot can choose among idle clients, take those it trained with "
+                        "least (better coverage of non-IID data) or keep the policy's order "
+                        "(default least-used)")
     g.add_argument("--clients-per-round", type=int, default=0,
                    help="most clients one slot leases per round (default ceil(clients/slots))")
     g.add_argument("--min-clients", type=_positive(int), default=1,
@@ -168,7 +173,8 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
 TRAINING_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "proximal_mu",
                    "max_steps")
 SETTINGS_FIELDS = ("slots", "rounds", "expected_clients", "clients_per_round", "min_clients",
-                   "policy", "quorum", "deadline_s", "late_policy", "staleness", "strategy",
+                   "policy", "client_choice", "quorum", "deadline_s", "late_policy",
+                   "staleness", "strategy",
                    "seed", "redis_url", "runs_dir", "log_file", "http_host", "http_port",
                    "wait_clients_s", "eval_threads", "eval_every", "keep_checkpoints",
                    "local_agents", "local_devices", "local_threads")

@@ -9,6 +9,13 @@ for their next round wait; `assign` hands idle clients to waiting slots by a pol
   the waiting slots (longest-waiting slots first when not all can be served);
 - ``greedy``: the longest-waiting slot takes the longest-idle clients, then the next.
 
+With ``prefer_unused`` (the default), whenever a slot can choose among more idle
+clients than it takes, it takes those it has trained with least so far, keeping
+the policy's order among equals. When every client is leased all the time (slots
+x clients per round = clients) a slot otherwise tends to get its own clients
+back round after round and never sees the others' data; overlaps of rounds give
+it choices, and this spends them on coverage at no cost in idle time.
+
 The pool is bookkeeping only: time comes in as ``now`` and randomness from an
 injected ``random.Random``, so the coordinator's async loop and the replay tool's
 what-if simulator drive the same code and get the same decisions.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +61,7 @@ class ClientPool:
         clients_per_round: int,
         min_clients: int = 1,
         rng: random.Random | None = None,
+        prefer_unused: bool = True,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -73,6 +82,8 @@ class ClientPool:
         self._waiting_since: dict[int, tuple[float, int]] = {}
         self._retired: set[int] = set()
         self._arrivals = itertools.count()
+        self.prefer_unused = prefer_unused
+        self._uses: Counter[tuple[int, str]] = Counter()  # (slot, client) -> rounds together
 
     # -- clients -------------------------------------------------------------------
 
@@ -175,10 +186,10 @@ class ClientPool:
             return []
         clients = sorted(self._idle_since)  # a fixed order, so the seeded shuffle reproduces
         self._rng.shuffle(clients)
-        plan, start = [], 0
+        plan = []
         for slot_id, size in zip(slots, sizes, strict=False):
-            plan.append(Assignment(slot_id, tuple(clients[start : start + size])))
-            start += size
+            taken, clients = self._choose(slot_id, clients, size)
+            plan.append(Assignment(slot_id, taken))
         return plan
 
     def _plan_greedy(self, slots: Sequence[int]) -> list[Assignment]:
@@ -187,12 +198,24 @@ class ClientPool:
         for slot_id in slots:
             if len(queue) < self.min_clients:
                 break
-            taken, queue = queue[: self.clients_per_round], queue[self.clients_per_round :]
-            plan.append(Assignment(slot_id, tuple(taken)))
+            taken, queue = self._choose(slot_id, queue, self.clients_per_round)
+            plan.append(Assignment(slot_id, taken))
         return plan
+
+    def _choose(self, slot_id: int, ordered: list[str], size: int
+                ) -> tuple[tuple[str, ...], list[str]]:
+        """`size` clients for the slot from `ordered` (the policy's order) and the rest."""
+        if self.prefer_unused:
+            rank = {c: (self._uses[slot_id, c], i) for i, c in enumerate(ordered)}
+            chosen = sorted(ordered, key=rank.__getitem__)[:size]
+        else:
+            chosen = ordered[:size]
+        picked = set(chosen)
+        return tuple(chosen), [c for c in ordered if c not in picked]
 
     def _take(self, assignment: Assignment) -> None:
         for client_id in assignment.client_ids:
             del self._idle_since[client_id]
             self._leases[client_id] = assignment.slot_id
+            self._uses[assignment.slot_id, client_id] += 1
         del self._waiting_since[assignment.slot_id]

@@ -49,6 +49,7 @@ class CoordinatorSettings:
     clients_per_round: int = 0  # 0: ceil(expected_clients / slots)
     min_clients: int = 1
     policy: str = "partition"
+    client_choice: str = "least-used"  # or "policy-order"
     quorum: float = 1.0
     deadline_s: float = 600.0
     late_policy: str = "drop"

@@ -299,3 +299,29 @@ def test_lease_invariant_holds_under_random_operations(
     )
     for step, (op, arg) in enumerate(ops):
         model.apply(op, arg, now=float(step))
+
+
+
+def _pool_after_one_round(prefer_unused: bool) -> ClientPool:
+    """Slot 0 trained with a and b (the longest idle); they are back before c and d idle."""
+    pool = ClientPool("greedy", clients_per_round=2, prefer_unused=prefer_unused)
+    for client, since in (("a", 0.0), ("b", 1.0), ("c", 10.0), ("d", 11.0)):
+        pool.add_client(client, now=since)
+    pool.slot_waiting(0, now=0.0)
+    assert pool.assign(now=0.0) == [Assignment(0, ("a", "b"))]
+    pool.release("a", now=5.0)
+    pool.release("b", now=6.0)
+    pool.slot_waiting(0, now=12.0)
+    return pool
+
+
+def test_slot_prefers_clients_it_has_used_least() -> None:
+    """Given a choice, a slot takes clients it never trained with over its usual ones."""
+    pool = _pool_after_one_round(prefer_unused=True)
+    assert pool.assign(now=12.0) == [Assignment(0, ("c", "d"))]
+
+
+def test_policy_order_kept_without_the_preference() -> None:
+    """With prefer_unused off, greedy takes the longest-idle clients whatever the history."""
+    pool = _pool_after_one_round(prefer_unused=False)
+    assert pool.assign(now=12.0) == [Assignment(0, ("a", "b"))]
