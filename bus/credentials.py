@@ -28,12 +28,13 @@ from bus.errors import CredentialsError
 
 log = structlog.get_logger(__name__)
 
+# Names of environment variables, not secrets (hence the S105 exceptions).
 REDIS_USERNAME_ENV = "PWFL_REDIS_USERNAME"
-REDIS_PASSWORD_ENV = "PWFL_REDIS_PASSWORD"
-REDIS_PASSWORD_FILE_ENV = "PWFL_REDIS_PASSWORD_FILE"
+REDIS_PASSWORD_ENV = "PWFL_REDIS_PASSWORD"  # noqa: S105
+REDIS_PASSWORD_FILE_ENV = "PWFL_REDIS_PASSWORD_FILE"  # noqa: S105
 CLIENT_KEYS_ENV = "PWFL_CLIENT_KEYS"
-API_TOKEN_ENV = "PWFL_API_TOKEN"
-API_TOKEN_FILE_ENV = "PWFL_API_TOKEN_FILE"
+API_TOKEN_ENV = "PWFL_API_TOKEN"  # noqa: S105
+API_TOKEN_FILE_ENV = "PWFL_API_TOKEN_FILE"  # noqa: S105
 # What a child process must not inherit: it gets its own secrets as files.
 SECRET_ENV = (REDIS_PASSWORD_ENV, REDIS_PASSWORD_FILE_ENV, CLIENT_KEYS_ENV, API_TOKEN_ENV,
               API_TOKEN_FILE_ENV)

@@ -121,6 +121,16 @@ async def ack(r: aioredis.Redis, stream: str, group: str, entry_ids: Sequence[st
         return int(await asyncio.shield(r.xack(stream, group, *entry_ids)))
 
 
+async def touch(r: aioredis.Redis, stream: str, group: str, consumer: str,
+                entry_ids: Sequence[str]) -> None:
+    """Reset the idle time of entries this consumer is still working on (XCLAIM JUSTID,
+    which leaves the delivery count alone), so that no `reclaim` takes them over."""
+    if not entry_ids:
+        return
+    with redis_errors():
+        await r.xclaim(stream, group, consumer, 0, list(entry_ids), justid=True)
+
+
 async def reclaim(r: aioredis.Redis, stream: str, group: str, consumer: str, *,
                   min_idle_ms: int, max_deliveries: int, dead_letter: str) -> list[Entry]:
     """Take over entries idle longer than `min_idle_ms` (XAUTOCLAIM, following the cursor).

@@ -39,7 +39,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self._stopping = asyncio.Event()
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}  # (stream, id)
         self.rejected = 0
 
     def request_stop(self, reason: str = "signal") -> None:
@@ -50,7 +50,7 @@ class Agent:
 
     async def run(self) -> None:
         s = self.settings
-        redis = connect(s.redis_url)
+        redis = connect(s.redis_settings())
         try:
             await wait_ready(redis, timeout_s=60)
             while not self._stopping.is_set():
@@ -90,10 +90,11 @@ class Agent:
         try:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
-                               s.name)
+                               s.name, keyring=s.keyring)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
-                     devices=list(s.devices), hostname=registration.hostname)
+                     devices=list(s.devices), hostname=registration.hostname,
+                     signing=s.keyring is not None)
             await self._main(redis, keys, registry, runner)
         finally:
             await self._shutdown(registry, registration, pool, cache)
@@ -164,32 +165,53 @@ class Agent:
 
     async def _reclaim(self, redis: object, keys: Keys, job_streams: list[str],
                        runner: JobRunner) -> None:
-        """Jobs another consumer (a dead agent for the same clients) left pending."""
+        """Jobs another consumer (a dead agent for the same clients) left pending.
+
+        The jobs in hand are touched first: a job that trains longer than
+        `reclaim_idle_ms` is not taken over (by this agent or another), nor counted
+        as redelivered until it lands in the dead-letter stream while still training.
+        """
         s = self.settings
         for stream in job_streams:
+            mine = [entry_id for (where, entry_id) in self._in_flight if where == stream]
+            await streams.touch(redis, stream, JOBS_GROUP, s.name, mine)  # type: ignore[arg-type]
             entries = await streams.reclaim(
                 redis, stream, JOBS_GROUP, s.name, min_idle_ms=s.reclaim_idle_ms,  # type: ignore[arg-type]
                 max_deliveries=s.max_deliveries, dead_letter=keys.dead_letter(stream))
             for entry in entries:
-                if entry.entry_id not in self._in_flight:
+                if (entry.stream, entry.entry_id) not in self._in_flight:
                     log.info("job_reclaimed", stream=stream, entry_id=entry.entry_id,
                              deliveries=entry.deliveries)
                     await self._start_job(redis, entry, runner)
 
     async def _start_job(self, redis: object, entry: streams.Entry, runner: JobRunner) -> None:
-        try:
-            job = Job.from_bytes(entry.payload)
-        except PayloadError as exc:
-            self.rejected += 1
-            log.warning("job_rejected", stream=entry.stream, entry_id=entry.entry_id,
-                        reason=exc.reason, detail=exc.detail)
+        job = self._job_of(entry, runner.keys)
+        if job is None:
             await streams.ack(redis, entry.stream, JOBS_GROUP, [entry.entry_id])  # type: ignore[arg-type]
             return
         log.info("job_received", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
                  client_id=job.client_id)
         task = asyncio.create_task(runner.run(job, entry, time.time()), name=job.job_id)
-        self._in_flight[entry.entry_id] = task
-        task.add_done_callback(lambda _t: self._in_flight.pop(entry.entry_id, None))
+        # Entry ids are unique per stream only: jobs published together share them.
+        key = (entry.stream, entry.entry_id)
+        self._in_flight[key] = task
+        task.add_done_callback(lambda _t: self._in_flight.pop(key, None))
+
+    def _job_of(self, entry: streams.Entry, keys: Keys) -> Job | None:
+        """The entry's job, or None (logged and counted) when it is not a job for this stream."""
+        try:
+            job = Job.from_bytes(entry.payload)
+        except PayloadError as exc:
+            reason, detail = exc.reason, exc.detail
+        else:
+            if job.run_id == keys.run_id and entry.stream == keys.jobs(job.client_id):
+                return job
+            reason = "mismatch"
+            detail = f"job for run {job.run_id!r} client {job.client_id!r} on another stream"
+        self.rejected += 1
+        log.warning("job_rejected", stream=entry.stream, entry_id=entry.entry_id,
+                    reason=reason, detail=detail[:200])
+        return None
 
     async def _drain(self) -> None:
         """Finish the jobs in hand; after the timeout, leave them pending for a replacement."""

@@ -7,8 +7,19 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+from bus.credentials import (
+    CLIENT_KEYS_ENV,
+    REDIS_PASSWORD_ENV,
+    REDIS_PASSWORD_FILE_ENV,
+    REDIS_USERNAME_ENV,
+    Keyring,
+    secret_from,
+)
+from bus.errors import CredentialsError
 from client_agent.settings import AgentSettings
 from serialization.events import configure_events
 
@@ -27,7 +38,16 @@ EPILOG = """\
 examples:
   python -m client_agent --redis redis://coordinator:6379 --clients 0,1,2 --devices cpu
   python -m client_agent --redis rediss://redis.example:6380 --clients 7 --devices cuda:0,cuda:1
+  PWFL_REDIS_PASSWORD_FILE=silo-a.pw python -m client_agent --redis rediss://redis.example:6380 \\
+      --redis-user silo-a --redis-ca-file ca.crt --client-keys keys/ --clients 0,1,2
 """
+
+SECURITY = f"""\
+Secrets are read from files or the environment, never from the command line.
+Redis password: --redis-password-file, ${REDIS_PASSWORD_FILE_ENV} or ${REDIS_PASSWORD_ENV}.
+Signing keys: --client-keys DIR (or ${CLIENT_KEYS_ENV}) holding CLIENT_ID.key for each
+hosted client; without it results are not signed (the single-machine default), and
+a coordinator that checks signatures rejects them."""
 
 
 def _devices(text: str) -> tuple[str, ...]:
@@ -74,16 +94,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clients count as lost this long after the last heartbeat")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds to finish jobs in hand on shutdown (default 60)")
+    p.add_argument("--reclaim-idle-ms", type=int, default=60_000,
+                   help="take over jobs another agent for these clients left pending this "
+                        "long (a dead agent's jobs) (default 60000)")
+    _add_security_options(p.add_argument_group("security", SECURITY))
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> AgentSettings:
-    return AgentSettings(redis_url=args.redis, client_ids=args.clients, devices=args.devices,
+def _add_security_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--redis-user", metavar="NAME",
+                   help=f"Redis ACL user (default ${REDIS_USERNAME_ENV}; none: the default user)")
+    g.add_argument("--redis-password-file", type=Path, metavar="FILE",
+                   help="file holding the Redis password")
+    g.add_argument("--redis-ca-file", metavar="FILE",
+                   help="rediss://: CA certificate (PEM) that signed the server's certificate")
+    g.add_argument("--redis-cert-file", metavar="FILE",
+                   help="rediss://: client certificate, for servers that require one")
+    g.add_argument("--redis-key-file", metavar="FILE", help="rediss://: its private key")
+    g.add_argument("--client-keys", type=Path, metavar="DIR",
+                   help="directory with CLIENT_ID.key for each client hosted here")
+
+
+def _security_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Redis login and signing keys, read now (SystemExit when a secret cannot be used)."""
+    keys_dir = args.client_keys or (Path(environ[CLIENT_KEYS_ENV])
+                                    if environ.get(CLIENT_KEYS_ENV) else None)
+    try:
+        password = secret_from(args.redis_password_file, environ, REDIS_PASSWORD_ENV,
+                               REDIS_PASSWORD_FILE_ENV)
+        keyring = None if keys_dir is None else Keyring.from_dir(keys_dir, args.clients)
+    except CredentialsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return {"redis_username": args.redis_user or environ.get(REDIS_USERNAME_ENV) or None,
+            "redis_password": password, "redis_ca_file": args.redis_ca_file,
+            "redis_cert_file": args.redis_cert_file, "redis_key_file": args.redis_key_file,
+            "keyring": keyring}
+
+
+def settings_from_args(args: argparse.Namespace,
+                       environ: Mapping[str, str] | None = None) -> AgentSettings:
+    security = _security_fields(args, os.environ if environ is None else environ)
+    return AgentSettings(**security,
+                         redis_url=args.redis, client_ids=args.clients, devices=args.devices,
                          run_id=args.run_id, agent_id=args.agent_id, threads=args.threads,
                          log_file=args.log_file, exit_when_done=args.exit_when_done,
                          exit_with_parent=args.exit_with_parent,
                          heartbeat_ttl_ms=args.heartbeat_ttl_ms,
-                         drain_timeout_s=args.drain_timeout)
+                         drain_timeout_s=args.drain_timeout,
+                         reclaim_idle_ms=args.reclaim_idle_ms)
 
 
 async def _run(settings: AgentSettings) -> None:
@@ -109,8 +167,9 @@ async def _run(settings: AgentSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
-    configure_events("agent", log_file=settings.log_file, console_level=args.log_level)
+    configure_events("agent", log_file=args.log_file, console_level=args.log_level)
+    settings = settings_from_args(args)  # after the events: secret-file warnings are logged
+    factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop
 

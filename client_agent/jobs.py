@@ -2,7 +2,8 @@
 
 The result entry is added before the job is acked (at-least-once; the
 coordinator aggregates a job id at most once), and both writes are shielded
-from cancellation so a job in hand is never half-reported.
+from cancellation so a job in hand is never half-reported. With signing on,
+each result carries its client's HMAC signature (`serialization.signing`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import structlog
 
 from bus import streams
 from bus.blobs import BlobRef, BlobStore
+from bus.credentials import Keyring
 from bus.errors import BlobMissing
 from bus.keys import JOBS_GROUP, Keys
 from client_agent.model_cache import ModelCache, ModelSegment
 from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
 from serialization import Job, Result
+from serialization.signing import signed
 
 log = structlog.get_logger()
 
@@ -35,6 +38,7 @@ class JobRunner:
     pool: TrainerPool
     cache: ModelCache
     agent_id: str
+    keyring: Keyring | None = None  # signs each result with its client's key; None: unsigned
     _fetching: dict[str, asyncio.Future[ModelSegment]] = field(default_factory=dict)
 
     async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
@@ -81,7 +85,10 @@ class JobRunner:
         future: asyncio.Future[ModelSegment] = asyncio.get_running_loop().create_future()
         self._fetching[job.model_digest] = future
         try:
-            data = await self.blobs.get(BlobRef(job.model_digest, job.model_nbytes))
+            # Signing on means silos that do not trust each other share Redis: any of them
+            # could overwrite a blob, so the model is checked against its digest.
+            data = await self.blobs.get(BlobRef(job.model_digest, job.model_nbytes),
+                                        verify=self.keyring is not None)
             segment = await asyncio.to_thread(self.cache.put, job.model_digest, data)
             future.set_result(segment)
             return segment
@@ -128,6 +135,11 @@ class JobRunner:
                       round=job.round, client_id=job.client_id, status="failed",
                       agent_id=self.agent_id, error=error, timings=timings)
 
+    def _signed(self, result: Result) -> Result:
+        key = None if self.keyring is None else self.keyring.get(result.client_id)
+        return result if key is None else signed(result, key)
+
     async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
-        await streams.publish(self.redis, self.keys.results(job.slot_id), result.to_bytes())
+        payload = self._signed(result).to_bytes()
+        await streams.publish(self.redis, self.keys.results(job.slot_id), payload)
         await streams.ack(self.redis, entry.stream, JOBS_GROUP, [entry.entry_id])

@@ -1,10 +1,13 @@
-"""The agent's settings: one frozen dataclass, from the command line."""
+"""The agent's settings: one frozen dataclass, from the command line and the environment."""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from bus.connection import RedisSettings
+from bus.credentials import Keyring
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,18 @@ class AgentSettings:
     max_deliveries: int = 5
     drain_timeout_s: float = 60.0
     namespace: str = "pwfl"
+    redis_username: str | None = None
+    redis_password: str | None = field(default=None, repr=False)  # from a file or the env
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
+    keyring: Keyring | None = None  # this agent's clients' signing keys; None: no signing
 
     @property
     def name(self) -> str:
         return self.agent_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def redis_settings(self) -> RedisSettings:
+        return RedisSettings(url=self.redis_url, username=self.redis_username,
+                             password=self.redis_password, tls_ca_file=self.redis_ca_file,
+                             tls_cert_file=self.redis_cert_file, tls_key_file=self.redis_key_file)

@@ -30,11 +30,11 @@ from coordinator.context import RunContext
 from coordinator.evaluation import Evaluator, load_task
 from coordinator.http import StatusServer
 from coordinator.leases import LeaseBroker
-from coordinator.local_agents import LocalAgents
+from coordinator.local_agents import AgentAccess, LocalAgents
 from coordinator.progress import Progress
 from coordinator.results import ResultDispatcher
 from coordinator.scheduling import ClientPool
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.slot import SlotRunner
 from coordinator.status import RunStatus, SlotStatus
 from coordinator.strategies import make_strategy
@@ -56,22 +56,35 @@ class RunSummary:
 
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
-                 show_progress: bool | None = None) -> None:
+                 show_progress: bool | None = None,
+                 secrets: CoordinatorSecrets | None = None) -> None:
         self.settings = settings
         self._resume = resume_state
+        self._secrets = secrets or CoordinatorSecrets()
         self.status = RunStatus(settings.run_id)
         self._show_progress = show_progress
-        self._http = StatusServer(self._status_json, settings.http_host, settings.http_port)
+        self._http = StatusServer(self._status_json, settings.http_host, settings.http_port,
+                                  token=self._secrets.api_token, on_stop=self.request_stop)
         self._agents: LocalAgents | None = None
         self._run_open = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+        self.stop_requested = False
         self.ctx: RunContext | None = None
 
     def _status_json(self) -> dict[str, Any]:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
         return self.status.as_dict(leases)
 
+    def request_stop(self, source: str) -> None:
+        """Stop gracefully, as on SIGTERM: the run ends "interrupted" and can be resumed."""
+        log.warning("run_stop_requested", source=source)
+        self.stop_requested = True
+        if self._task is not None:
+            self._task.cancel()
+
     async def run(self) -> RunSummary:
         structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
+        self._task = asyncio.current_task()
         started = time.monotonic()
         try:
             await self._startup()
@@ -92,7 +105,7 @@ class Coordinator:
     async def _startup(self) -> None:
         s = self.settings
         torch.set_num_threads(max(1, s.eval_threads))
-        redis = connect(s.redis_url or "redis://127.0.0.1:6379")
+        redis = connect(s.redis_settings(self._secrets.redis_password))
         await wait_ready(redis)
         keys = Keys(s.run_id)
         task = await asyncio.to_thread(load_task, s.task, s.full_task_options())
@@ -105,7 +118,8 @@ class Coordinator:
             settings=s, redis=redis, keys=keys,
             blobs=BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms), broker=LeaseBroker(pool),
             evaluator=evaluator, checkpoints=CheckpointStore(s.run_dir, s.keep_checkpoints),
-            schema=evaluator.schema(states[0][0]), status=self.status)
+            schema=evaluator.schema(states[0][0]), status=self.status,
+            keyring=self._secrets.keyring)
         self._make_runners(states)
         await self._announce()
 
@@ -155,6 +169,7 @@ class Coordinator:
                  clients_per_round=s.round_size, deadline_s=s.deadline_s,
                  late_policy=s.late_policy, strategy=s.strategy, task=s.task,
                  model_nbytes=model_nbytes, seed=s.seed,
+                 signing=self._secrets.keyring is not None,
                  rounds_done={i: r.first_round - 1 for i, r in ctx.runners.items()})
         await self._http.start(fallback_to_any_port=s.http_port == 8765)
 
@@ -194,9 +209,18 @@ class Coordinator:
             return False
         self._agents = LocalAgents(redis_url=s.redis_url or "", run_id=s.run_id,
                                    run_dir=s.run_dir, devices=s.local_devices,
-                                   threads=s.local_threads)
+                                   threads=s.local_threads, access=self._agent_access())
         await self._agents.start([str(i) for i in range(s.expected_clients)], s.local_agents)
         return True
+
+    def _agent_access(self) -> AgentAccess:
+        """Local agents log in as the coordinator does and get their clients' keys."""
+        s = self.settings
+        options = {"--redis-user": s.redis_username, "--redis-ca-file": s.redis_ca_file,
+                   "--redis-cert-file": s.redis_cert_file, "--redis-key-file": s.redis_key_file}
+        return AgentAccess(redis_options=tuple(x for k, v in options.items() if v for x in (k, v)),
+                           redis_password=self._secrets.redis_password,
+                           keyring=self._secrets.keyring)
 
     async def _wait_for_clients(self, tracker: ClientTracker) -> None:
         assert self.ctx is not None

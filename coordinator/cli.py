@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator import security
 from coordinator.settings import (
     TASK_ALIASES,
     CoordinatorSettings,
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_options(p.add_argument_group("scheduling and quorum"))
     _add_training_options(p.add_argument_group("local training (sent with every job)"))
     _add_infra_options(p.add_argument_group("infrastructure"))
+    security.add_options(p.add_argument_group("security", security.GROUP_DESCRIPTION))
     return p
 
 
@@ -188,7 +191,8 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
         run_id=args.run_id or new_run_id(), training=training,
         task=TASK_ALIASES.get(args.task, args.task),
         task_options=dict(args.task_option), strategy_options=dict(args.strategy_option),
-        progress=not args.no_progress, **{f: getattr(args, f) for f in SETTINGS_FIELDS})
+        progress=not args.no_progress, **{f: getattr(args, f) for f in SETTINGS_FIELDS},
+        **{k: v for k, v in security.settings_fields(args, os.environ).items() if v is not None})
     _validate(settings)
     return settings
 
@@ -209,7 +213,9 @@ def resume_settings(args: argparse.Namespace) -> tuple[CoordinatorSettings, dict
         raise SystemExit(f"--resume {args.resume}: no {state_path} (is --runs-dir right?)")
     state = json.loads(state_path.read_text())
     overrides = {"redis_url": args.redis_url, "local_agents": args.local_agents,
-                 "progress": not args.no_progress, "http_port": args.http_port}
+                 "progress": not args.no_progress, "http_port": args.http_port,
+                 **{k: v for k, v in security.settings_fields(args, os.environ).items()
+                    if v is not None}}
     settings = CoordinatorSettings.from_json(json.dumps(state["settings"]), **overrides)
     return settings, state
 
@@ -243,8 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serialization.events import configure_events
 
     configure_events("coordinator", log_file=settings.events_path, console_level=args.log_level)
+    secrets = security.load_secrets(args, settings, os.environ)
     with redis_for(settings) as ready:
-        return run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json)
+        return run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json,
+                               secrets=secrets)
 
 
 if __name__ == "__main__":

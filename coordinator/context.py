@@ -18,6 +18,7 @@ import structlog
 
 from bus import streams
 from bus.blobs import BlobRef, BlobStore
+from bus.credentials import Keyring
 from bus.keys import RESULTS_GROUP, Keys
 from coordinator.checkpoints import CheckpointStore, json_safe
 from coordinator.evaluation import Evaluator
@@ -55,6 +56,7 @@ class RunContext:
     checkpoints: CheckpointStore
     schema: dict[str, TensorSpec]
     status: RunStatus
+    keyring: Keyring | None = None  # None: results are not signed
     jobs: JobTable = field(default_factory=JobTable)
     runners: dict[int, SlotRunner] = field(default_factory=dict)
     state_doc: dict[str, Any] = field(default_factory=dict)

@@ -4,18 +4,41 @@ Each is a `python -m client_agent` subprocess hosting a contiguous share of the
 client ids; its console output goes to a file in the run directory. They exit
 on their own when the run is marked finished; anything still running at the
 end is terminated, then killed.
+
+Secrets reach them as files, never as arguments or inherited environment
+variables: the Redis password and each agent's own clients' signing keys are
+written 0600 into a private (0700) temporary directory, removed at `stop`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from bus.credentials import SECRET_ENV, Keyring, write_secret
+
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class AgentAccess:
+    """How local agents reach Redis (options, password) and sign (keyring; None: no signing)."""
+
+    redis_options: tuple[str, ...] = ()  # --redis-user NAME, --redis-ca-file FILE, ...
+    redis_password: str | None = field(default=None, repr=False)
+    keyring: Keyring | None = None
+
+    @property
+    def has_secrets(self) -> bool:
+        return self.redis_password is not None or self.keyring is not None
 
 
 def split_clients(client_ids: list[str], agents: int) -> list[list[str]]:
@@ -36,14 +59,34 @@ class LocalAgentFailed(Exception):
 
 class LocalAgents:
     def __init__(self, *, redis_url: str, run_id: str, run_dir: Path, devices: str,
-                 threads: int) -> None:
+                 threads: int, access: AgentAccess | None = None) -> None:
         self._redis_url, self._run_id, self._run_dir = redis_url, run_id, run_dir
         self._devices, self._threads = devices, threads
+        self._access = access or AgentAccess()
+        self._secret_dir: Path | None = None
         self._procs: list[asyncio.subprocess.Process] = []
 
     async def start(self, client_ids: list[str], agents: int) -> None:
+        if self._access.has_secrets:
+            self._secret_dir = Path(tempfile.mkdtemp(prefix="pwfl-secrets-"))  # mode 0700
         for index, share in enumerate(split_clients(client_ids, agents)):
             await self._start_one(index, share)
+
+    def _secret_args(self, index: int, clients: list[str]) -> list[str]:
+        """Options naming this agent's secret files (written here, 0600)."""
+        access, folder = self._access, self._secret_dir
+        if folder is None:
+            return []
+        args = []
+        if access.redis_password is not None:
+            path = folder / "redis.password"
+            if not path.exists():
+                write_secret(path, access.redis_password)
+            args += ["--redis-password-file", str(path)]
+        if access.keyring is not None:
+            keys = access.keyring.subset(clients).write_dir(folder / f"agent-{index}")
+            args += ["--client-keys", str(keys)]
+        return args
 
     async def _start_one(self, index: int, clients: list[str]) -> None:
         agent_id = f"local-{index}"
@@ -51,10 +94,12 @@ class LocalAgents:
                 "--run-id", self._run_id, "--clients", ",".join(clients),
                 "--devices", self._devices, "--threads", str(self._threads),
                 "--agent-id", agent_id, "--exit-when-done", "--exit-with-parent",
-                "--log-file", str(self._run_dir / f"agent-{index}.jsonl")]
+                "--log-file", str(self._run_dir / f"agent-{index}.jsonl"),
+                *self._access.redis_options, *self._secret_args(index, clients)]
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         console = (self._run_dir / f"agent-{index}.console.log").open("ab")
         proc = await asyncio.create_subprocess_exec(*argv, stdout=console, stderr=console,
-                                                    stdin=asyncio.subprocess.DEVNULL)
+                                                    stdin=asyncio.subprocess.DEVNULL, env=env)
         console.close()
         self._procs.append(proc)
         log.info("local_agent_started", agent_id=agent_id, client_ids=clients, agent_pid=proc.pid)
@@ -82,6 +127,9 @@ class LocalAgents:
         for proc in self._procs:
             await self._stop_one(proc, timeout_s)
         self._procs.clear()
+        if self._secret_dir is not None:
+            shutil.rmtree(self._secret_dir, ignore_errors=True)
+            self._secret_dir = None
 
     async def _stop_one(self, proc: asyncio.subprocess.Process, timeout_s: float) -> None:
         for action in (None, proc.terminate, proc.kill):

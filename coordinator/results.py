@@ -3,8 +3,9 @@
 The dispatcher decodes the small result message, answers the job (at most once,
 whatever redelivery happens), returns the client's lease at once so another
 slot can take the client, and hands the result to the slot's inbox. Anything
-malformed, unknown, replayed or mismatched is rejected, logged, counted and
-acked; the dispatcher keeps serving.
+malformed, unknown, replayed, mismatched or (with signing on) not signed with
+its client's key is rejected, logged, counted and acked; the dispatcher keeps
+serving.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import structlog
 from bus import streams
 from bus.keys import RESULTS_GROUP
 from coordinator.context import Delivery, RunContext
+from coordinator.jobs import JobRecord
 from serialization import PayloadError, Result
+from serialization.signing import signature_problem
 
 log = structlog.get_logger()
 
@@ -83,5 +86,22 @@ class ResultDispatcher:
             ctx.reject(None, "mismatch", "result does not match its job", job_id=result.job_id,
                        client_id=result.client_id)
             return None
+        if not self._signed_by_client(result, record):
+            return None
         ctx.jobs.answer(result.job_id)
         return Delivery(record, result, entry.stream, entry.entry_id)
+
+    def _signed_by_client(self, result: Result, record: JobRecord) -> bool:
+        """With signing on: the result carries the signature of its job's client (else rejected).
+
+        Checked before the job counts as answered, so a forged result cannot use up
+        the job: the client's own result is still accepted when it comes.
+        """
+        keyring = self._ctx.keyring
+        if keyring is None:
+            return True
+        problem = signature_problem(result, keyring.get(record.client_id))
+        if problem is not None:
+            self._ctx.reject(None, "bad_signature", problem, job_id=result.job_id,
+                             client_id=record.client_id, agent_id=result.agent_id)
+        return problem is None

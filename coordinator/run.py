@@ -17,7 +17,7 @@ from coordinator.evaluation import TaskLoadError
 from coordinator.http import HttpServerError
 from coordinator.local_agents import LocalAgentFailed
 from coordinator.progress import Progress
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.strategies import StrategyError
 
 
@@ -58,11 +58,12 @@ def _user_error(exc: BaseException) -> str | None:
 
 
 def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
-                    summary_json: bool = False) -> int:
-    """Run to the end (events already configured); exit 0 when every slot finished, 1 if not,
-    130 on Ctrl-C, 143 on SIGTERM, 2 for an error the user can fix."""
+                    summary_json: bool = False, secrets: CoordinatorSecrets | None = None) -> int:
+    """Run to the end (events already configured); exit 0 when every slot finished, 1 if not
+    (POST /stop included), 130 on Ctrl-C, 143 on SIGTERM, 2 for an error the user can fix."""
     coordinator = Coordinator(settings, resume_state=resume_state,
-                              show_progress=None if settings.progress else False)
+                              show_progress=None if settings.progress else False,
+                              secrets=secrets)
     console = Console(stderr=True)
     console.print(f"PWFL run [bold]{settings.run_id}[/]: {settings.slots} slot(s) x "
                   f"{settings.rounds} rounds, {settings.expected_clients} clients; "
@@ -73,9 +74,10 @@ def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, An
     except KeyboardInterrupt:
         console.print(f"interrupted; resume with: python -m coordinator --resume {settings.run_id}")
         return 130
-    except asyncio.CancelledError:  # SIGTERM: the same graceful stop as Ctrl-C
-        console.print(f"terminated; resume with: python -m coordinator --resume {settings.run_id}")
-        return 143
+    except asyncio.CancelledError:  # SIGTERM or POST /stop: the same graceful stop as Ctrl-C
+        how = "stopped (POST /stop)" if coordinator.stop_requested else "terminated"
+        console.print(f"{how}; resume with: python -m coordinator --resume {settings.run_id}")
+        return 1 if coordinator.stop_requested else 143
     except Exception as exc:
         message = _user_error(exc)
         if message is None:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bus.connection import RedisSettings
+from bus.credentials import Keyring
+
 TASK_ALIASES = {
     "fashion_mnist": "trainer_worker.tasks.fashion_mnist:FashionMnistTask",
     "synthetic": "trainer_worker.tasks.synthetic:SyntheticTask",
@@ -61,6 +64,10 @@ class CoordinatorSettings:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     seed: int = 0
     redis_url: str | None = None
+    redis_username: str | None = None
+    redis_ca_file: str | None = None  # rediss://: the CA that signed the server's certificate
+    redis_cert_file: str | None = None  # rediss:// with client certificates
+    redis_key_file: str | None = None
     runs_dir: Path = Path("runs")
     log_file: Path | None = None
     http_host: str = "127.0.0.1"
@@ -76,6 +83,8 @@ class CoordinatorSettings:
     local_agents: int = 0
     local_devices: str = "cpu"
     local_threads: int = 1
+    sign_updates: bool = False  # every result must carry its client's HMAC signature
+    client_keys_dir: str | None = None  # DIR/CLIENT_ID.key; local agents' keys are generated
     progress: bool = True
 
     @property
@@ -92,6 +101,13 @@ class CoordinatorSettings:
         if self.clients_per_round:
             return self.clients_per_round
         return max(1, -(-self.expected_clients // self.slots))
+
+    def redis_settings(self, password: str | None = None) -> RedisSettings:
+        """How to reach Redis (the password comes from `CoordinatorSecrets`, never from here)."""
+        return RedisSettings(url=self.redis_url or "redis://127.0.0.1:6379",
+                             username=self.redis_username, password=password,
+                             tls_ca_file=self.redis_ca_file, tls_cert_file=self.redis_cert_file,
+                             tls_key_file=self.redis_key_file)
 
     def full_task_options(self) -> dict[str, Any]:
         """Task options as sent in every job; the partition follows the client count."""
@@ -111,3 +127,15 @@ class CoordinatorSettings:
         body.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in body.items() if k in names})
+
+
+@dataclass(frozen=True)
+class CoordinatorSecrets:
+    """What the entry point read from secret files or the environment; never saved or logged.
+
+    `keyring` None means updates are not signed (the single-machine default).
+    """
+
+    redis_password: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    keyring: Keyring | None = None

@@ -216,6 +216,8 @@ class SlotRunner:
                  client_id=record.client_id, job_id=record.job_id, action=action,
                  staleness=staleness)
         self.ctx.status.counters[f"late_{action}"] += 1
+        if not fold and delivery.result.status == "ok":
+            self.ctx.status.reject("closed_round")  # an update that will never be aggregated
         if fold and opened is not None:
             scale = staleness_weight(staleness, self.ctx.settings.staleness)
             await self._fold(delivery, opened, scale=scale)

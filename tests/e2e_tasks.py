@@ -25,3 +25,21 @@ class SlowClientTask(SyntheticTask):
               device: torch.device) -> TrainOutcome:
         time.sleep(self._slow_s if client_id in self._slow else self._base_s)
         return super().train(model, client_id, config, device)
+
+
+class FlakyTask(SlowClientTask):
+    """SlowClientTask whose user code raises for the listed clients, `raise_times` times per
+    trainer process (the count restarts with the process)."""
+
+    def __init__(self, raise_clients: list[str] | None = None, raise_times: int = 1,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        self._raise_clients = set(raise_clients or [])
+        self._raises_left = raise_times
+
+    def train(self, model: torch.nn.Module, client_id: str, config: TrainConfig,
+              device: torch.device) -> TrainOutcome:
+        if client_id in self._raise_clients and self._raises_left > 0:
+            self._raises_left -= 1
+            raise RuntimeError(f"injected failure in user code for client {client_id}")
+        return super().train(model, client_id, config, device)

@@ -1,0 +1,146 @@
+"""Helpers for the fault tests: agents a test starts and kills itself, and the ledger
+every fault test checks (the run finished, every slot reached its rounds, no update
+was aggregated twice, none that an agent handed over was lost)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.e2e import ROOT, read_events
+
+# An upload this close to its slot's last quorum may not have been read before the
+# slot finished (the dispatcher blocks up to 1 s per read); it is not counted as lost.
+READ_SLACK_S = 2.0
+
+
+@dataclass
+class AgentProc:
+    """A `python -m client_agent` process started by a test, and its JSON log."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_file: Path
+    console: Path
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in read_events(self.log_file) if name is None or e["event"] == name]
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool],
+                 timeout_s: float = 60) -> list[dict[str, Any]]:
+        """Poll the agent's log until `predicate(events)` holds; the events then."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            events = self.events()
+            if predicate(events):
+                return events
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent {self.name} exited early:\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"agent {self.name}: condition not reached in time")
+
+    def trainer_pids(self) -> list[int]:
+        return [e["trainer_pid"] for e in self.events("trainer_started")]
+
+    def output(self) -> str:
+        return self.console.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no unregister; its trainers leave when they see it gone."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def start_agent(redis_url: str, run_id: str, clients: str, log_dir: Path, name: str,
+                *args: str, netns: str | None = None) -> AgentProc:
+    """An agent serving `run_id` for `clients` (comma-separated), exiting when the run ends."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file, console = log_dir / f"{name}.jsonl", log_dir / f"{name}.console.log"
+    argv = [sys.executable, "-m", "client_agent", "--redis", redis_url, "--run-id", run_id,
+            "--clients", clients, "--agent-id", name, "--exit-when-done",
+            "--log-file", str(log_file), "--log-level", "warning", *args]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]  # ip execs the agent: same pid
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with console.open("ab") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out, env=env,
+                                stdin=subprocess.DEVNULL)
+    return AgentProc(name, proc, log_file, console)
+
+
+def stop_agents(agents: list[AgentProc]) -> None:
+    """Teardown: kill whatever agent a test left running."""
+    for agent in agents:
+        if agent.proc.poll() is None:
+            agent.kill()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in time: {what}")
+        time.sleep(0.05)
+
+
+def _of(events: list[dict[str, Any]], name: str) -> Iterator[dict[str, Any]]:
+    return (e for e in events if e["event"] == name)
+
+
+def ledger_problems(events: list[dict[str, Any]], agent_events: list[dict[str, Any]],
+                    slots: int, rounds: int) -> list[str]:
+    """What went wrong by the fault tests' common standard; [] when all is well.
+
+    `events` is the coordinator's log (every incarnation), `agent_events` every agent's.
+    """
+    problems = []
+    finished = [e["status"] for e in _of(events, "run_finished")]
+    if not finished or finished[-1] != "finished":
+        problems.append(f"run did not finish: {finished}")
+    closed = {(e["slot_id"], e["round"]) for e in _of(events, "round_closed")}
+    missing = {(s, r) for s in range(slots) for r in range(1, rounds + 1)} - closed
+    if missing:
+        problems.append(f"rounds never closed: {sorted(missing)}")
+    problems += doubled_updates(events)
+    problems += lost_updates(events, agent_events)
+    return problems
+
+
+def doubled_updates(events: list[dict[str, Any]]) -> list[str]:
+    """Job ids folded more than once."""
+    folded = Counter(e["job_id"] for e in _of(events, "update_folded"))
+    return [f"job {job} folded {n} times" for job, n in folded.items() if n > 1]
+
+
+def lost_updates(events: list[dict[str, Any]], agent_events: list[dict[str, Any]]) -> list[str]:
+    """Updates handed over but never accounted for.
+
+    Every ok result the coordinator received (and acked) must be folded, dropped as
+    late, or rejected with a logged reason; every update an agent uploaded while its
+    slot was still collecting must have reached the coordinator.
+    """
+    rejected = {e.get("job_id") for e in _of(events, "update_rejected")}
+    dropped = {e["job_id"] for e in _of(events, "update_late") if e["action"] == "dropped"}
+    fates = {e["job_id"] for e in _of(events, "update_folded")} | dropped | rejected
+    received = {e["job_id"]: e for e in _of(events, "update_received")}
+    problems = [f"job {job} received but neither folded, dropped nor rejected"
+                for job, e in received.items() if e["status"] == "ok" and job not in fates]
+    last_quorum: dict[int, float] = {}
+    for e in _of(events, "quorum_reached"):
+        last_quorum[e["slot_id"]] = max(e["ts"], last_quorum.get(e["slot_id"], 0.0))
+    slot_of = {e["job_id"]: e["slot_id"] for e in _of(events, "job_published")}
+    for e in _of(agent_events, "update_uploaded"):
+        slot = slot_of.get(e["job_id"])
+        collecting = slot is not None and e["ts"] < last_quorum.get(slot, 0.0) - READ_SLACK_S
+        if collecting and e["job_id"] not in set(received) | rejected:
+            problems.append(f"job {e['job_id']} uploaded but never reached the coordinator")
+    return problems
