@@ -171,6 +171,8 @@ class Coordinator:
                  model_nbytes=model_nbytes, seed=s.seed,
                  signing=self._secrets.keyring is not None,
                  rounds_done={i: r.first_round - 1 for i, r in ctx.runners.items()})
+        if self._secrets.api_token_file is not None:
+            log.info("api_token_generated", path=self._secrets.api_token_file)
         await self._http.start(fallback_to_any_port=s.http_port == 8765)
 
     def _state_doc(self) -> dict[str, Any]:
@@ -186,6 +188,7 @@ class Coordinator:
         registry = Registry(ctx.redis, ctx.keys, ttl_ms=self.settings.heartbeat_ttl_ms)
         tracker = ClientTracker(ctx, registry)
         progress = Progress(self.status, live=self._show_progress)
+        await tracker.poll()  # clients known before any result is judged (a resumed run's)
         async with asyncio.TaskGroup() as services:
             service_tasks = [services.create_task(tracker.run(), name="client-tracker"),
                              services.create_task(ResultDispatcher(ctx).run(), name="results"),

@@ -78,7 +78,7 @@ class ClientTracker:
                     reason=reason)
         slot_id = ctx.broker.remove_client(client_id)
         for record in ctx.jobs.of_client(client_id):
-            ctx.jobs.answer(record.job_id)
+            ctx.jobs.answer(record.job_id, lost=True)
             log.info("lease_returned", slot_id=slot_id, round=record.round, client_id=client_id,
                      reason="lost")
             failed = Result(job_id=record.job_id, run_id=ctx.settings.run_id,

@@ -43,6 +43,7 @@ class Delivery:
     result: Result
     stream: str | None = None  # None: made up by the coordinator (a lost client)
     entry_id: str | None = None
+    recovered: bool = False  # the real result of a job already answered as lost: late
 
 
 @dataclass
@@ -89,6 +90,8 @@ class RunContext:
     def reject(self, delivery: Delivery | None, reason: str, detail: str, **fields: Any) -> None:
         """Log and count a rejected update or message; the process goes on serving."""
         self.status.reject(reason)
+        # Claimed ids come from untrusted messages (up to 1 MiB): the log keeps a prefix.
+        fields = {k: v[:200] if isinstance(v, str) else v for k, v in fields.items()}
         if delivery is not None:
             record = delivery.record
             fields |= {"slot_id": record.slot_id, "round": record.round,

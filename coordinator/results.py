@@ -57,8 +57,9 @@ class ResultDispatcher:
                  status=result.status, nbytes=result.update_nbytes,
                  num_examples=result.num_examples, timings=result.timings,
                  metrics=result.metrics, error=result.error or None)
-        reason = "result" if result.status == "ok" else "failed"
-        self._ctx.broker.release(record.client_id, record.slot_id, record.round, reason)
+        if not delivery.recovered:  # a lost client's lease went back when it was lost
+            reason = "result" if result.status == "ok" else "failed"
+            self._ctx.broker.release(record.client_id, record.slot_id, record.round, reason)
         runner = self._ctx.runners[record.slot_id]
         if runner.finished:
             await runner.drop_after_finish(delivery)
@@ -72,13 +73,8 @@ class ResultDispatcher:
         except PayloadError as exc:
             ctx.reject(None, exc.reason, exc.detail, stream=entry.stream, entry_id=entry.entry_id)
             return None
-        if ctx.jobs.was_answered(result.job_id):
-            ctx.reject(None, "duplicate", "job already answered", job_id=result.job_id)
-            return None
-        record = ctx.jobs.get(result.job_id)
-        if record is None or result.run_id != ctx.settings.run_id:
-            ctx.reject(None, "unknown_job", "no such job in this run", job_id=result.job_id,
-                       client_id=result.client_id)
+        record, recovered = self._job_of(result)
+        if record is None:
             return None
         same = (record.client_id, record.slot_id, record.round) == (
             result.client_id, result.slot_id, result.round)
@@ -88,8 +84,32 @@ class ResultDispatcher:
             return None
         if not self._signed_by_client(result, record):
             return None
-        ctx.jobs.answer(result.job_id)
-        return Delivery(record, result, entry.stream, entry.entry_id)
+        if recovered:
+            ctx.jobs.recover(result.job_id)
+        else:
+            ctx.jobs.answer(result.job_id)
+        return Delivery(record, result, entry.stream, entry.entry_id, recovered=recovered)
+
+    def _job_of(self, result: Result) -> tuple[JobRecord | None, bool]:
+        """The result's outstanding job, or its job answered as lost (True); else rejected."""
+        ctx = self._ctx
+        if result.run_id == ctx.settings.run_id:
+            record = ctx.jobs.get(result.job_id)
+            if record is not None:
+                return record, False
+            record = ctx.jobs.lost(result.job_id)
+            if record is not None:
+                return record, True
+            if ctx.jobs.was_answered(result.job_id):
+                ctx.reject(None, "duplicate", "job already answered", job_id=result.job_id)
+                return None, False
+        if result.client_id not in ctx.status.clients:
+            ctx.reject(None, "unknown_client", "no such client in this run",
+                       job_id=result.job_id, client_id=result.client_id)
+        else:
+            ctx.reject(None, "unknown_job", "no such job in this run", job_id=result.job_id,
+                       client_id=result.client_id)
+        return None, False
 
     def _signed_by_client(self, result: Result, record: JobRecord) -> bool:
         """With signing on: the result carries the signature of its job's client (else rejected).

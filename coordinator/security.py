@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from bus.credentials import (
     API_TOKEN_ENV,
     API_TOKEN_FILE_ENV,
@@ -25,13 +23,12 @@ from bus.credentials import (
     REDIS_PASSWORD_FILE_ENV,
     REDIS_USERNAME_ENV,
     Keyring,
+    read_secret,
     secret_from,
     write_secret,
 )
 from bus.errors import CredentialsError
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
-
-log = structlog.get_logger()
 
 API_TOKEN_FILE = "api_token"  # noqa: S105 - a file name, not a token
 
@@ -82,8 +79,11 @@ def load_secrets(args: argparse.Namespace, settings: CoordinatorSettings,
         password = secret_from(args.redis_password_file, environ, REDIS_PASSWORD_ENV,
                                REDIS_PASSWORD_FILE_ENV)
         token = secret_from(args.api_token_file, environ, API_TOKEN_ENV, API_TOKEN_FILE_ENV)
-        return CoordinatorSecrets(redis_password=password,
-                                  api_token=token or _new_api_token(settings.run_dir),
+        token_file = None if token else _new_api_token(settings.run_dir)
+        if token_file is not None:
+            token = read_secret(token_file)
+        return CoordinatorSecrets(redis_password=password, api_token=token,
+                                  api_token_file=None if token_file is None else str(token_file),
                                   keyring=_keyring(settings))
     except CredentialsError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -101,12 +101,10 @@ def _keyring(settings: CoordinatorSettings) -> Keyring | None:
     return keyring
 
 
-def _new_api_token(run_dir: Path) -> str:
+def _new_api_token(run_dir: Path) -> Path:
     """A random token for this run, written to RUN_DIR/api_token (0600) for the operator."""
-    token = secrets.token_urlsafe(32)
     path = run_dir / API_TOKEN_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a resumed run gets a new one
-    write_secret(path, token)
-    log.info("api_token_generated", path=str(path))
-    return token
+    write_secret(path, secrets.token_urlsafe(32))
+    return path

@@ -28,9 +28,11 @@ def new_run_id() -> str:
 class TrainingSettings:
     """What every job asks of a client's local training."""
 
+    # Measured on the default job (Fashion-MNIST, Dirichlet 0.5, 3 slots x 2 clients,
+    # 5 rounds): lr 0.05/batch 32 ended slots at 77-84%; lr 0.01/batch 16 at 82-84%.
     epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
+    batch_size: int = 16
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
@@ -138,4 +140,5 @@ class CoordinatorSecrets:
 
     redis_password: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
+    api_token_file: str | None = None  # where a generated token was written for the operator
     keyring: Keyring | None = None

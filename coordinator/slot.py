@@ -172,7 +172,7 @@ class SlotRunner:
 
     async def _handle(self, delivery: Delivery, opened: OpenRound) -> None:
         try:
-            if delivery.record.job_id not in opened.jobs:
+            if delivery.recovered or delivery.record.job_id not in opened.jobs:
                 await self._handle_late(delivery, opened)
             elif delivery.result.status != "ok":
                 self._job_failed(delivery)
@@ -205,7 +205,8 @@ class SlotRunner:
         return True
 
     async def _handle_late(self, delivery: Delivery, opened: OpenRound | None) -> None:
-        """An update whose round has closed: it waited in the inbox for the next round."""
+        """An update whose round has closed (or whose job already counted as failed when its
+        client was lost): it waited in the inbox for the next round."""
         record = delivery.record
         fold = (self.ctx.settings.late_policy == "fold" and delivery.result.status == "ok"
                 and opened is not None)
@@ -242,8 +243,9 @@ class SlotRunner:
         await self._after_round(opened, payload, strategy_state)
 
     async def _retire_blobs(self, opened: OpenRound, old_model: BlobRef | None) -> None:
-        """Unlink the round's update blobs and its model, unless a straggler still needs it."""
-        stragglers = any(r.slot_id == self.slot_id for r in self.ctx.jobs.outstanding())
+        """Unlink the round's update blobs and its model, unless one of the round's jobs may
+        still train on it (a straggler, or a lost client's job a replacement agent reclaims)."""
+        stragglers = self.ctx.jobs.may_answer(self.slot_id, opened.round)
         refs = {ref.digest: ref for ref in opened.update_refs}
         if old_model is not None:
             if stragglers:

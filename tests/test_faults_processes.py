@@ -70,7 +70,8 @@ def _training(agent: AgentProc) -> bool:
 def test_killed_agents_leases_return_or_a_replacement_reclaims_their_jobs(
         redis_server: EmbeddedRedis, tmp_path: Path, agents: list[AgentProc]) -> None:
     """Two agents SIGKILLed mid-training: one's clients are lost when their heartbeats expire
-    (the job counts as failed, the round goes on); the other's replacement, started before
+    (the job counts as failed, the round goes on; when a replacement later finishes that job
+    its update is late, never a second answer); the other's replacement, started before
     expiry, reclaims the pending job and its update is folded once."""
     run_id = "fault-agent"
     run = start_coordinator(redis_server.url, tmp_path, run_id, "--task", SLOW,
@@ -106,8 +107,9 @@ def test_killed_agents_leases_return_or_a_replacement_reclaims_their_jobs(
     assert [e["job_id"] for e in run.events("update_folded")].count(reclaimed_job) == 1
     assert replacement.events("job_reclaimed")
     assert reclaimed_job in {e["job_id"] for e in replacement.events("job_received")}
-    late = [e for e in run.events("update_rejected") if e.get("job_id") == lost_job]
-    assert [e["reason"] for e in late] in ([], ["duplicate"])  # answered once, by its loss
+    # The lost job's real result, if it comes while its slot still runs, is a late update.
+    assert not [e for e in run.events("update_rejected") if e.get("job_id") == lost_job]
+    assert len([e for e in run.events("update_late") if e["job_id"] == lost_job]) <= 1
     assert late_replacement.events("job_reclaimed")
     assert healthy.events("job_reclaimed") == []  # never its own jobs, however long they train
     agent_events = [e for a in agents for e in a.events()]

@@ -26,8 +26,8 @@ class TrainConfig:
     """Local training settings for one job (from the job message's `config`)."""
 
     epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
+    batch_size: int = 16
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx; 0 is plain local SGD
