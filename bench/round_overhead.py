@@ -69,8 +69,10 @@ def _run_coordinator(case: Case, redis_url: str, runs_dir: Path) -> Path:
             f"model={case.model}", "--noop-training", "--eval-every", "0", "--slots",
             str(case.slots), "--rounds", str(case.rounds), "--clients", str(CLIENTS),
             "--local-agents", str(AGENTS), "--no-progress", "--http-port", "0"]
-    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"coordinator failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return runs_dir / run_id / "events.jsonl"
 
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bus.blobs import BlobRef
 from bus.errors import BlobMissing
 from coordinator.strategies import StrategyError
-from serialization import PayloadError, decode
+from serialization import DTYPES, PayloadError, TensorSpec, decode
+from serialization.tensors import ALIGN
 
 if TYPE_CHECKING:
     from coordinator.context import Delivery, RunContext
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_NUM_EXAMPLES = 10**9
+HEADER_ALLOWANCE = 1024 * 1024
 
 
 class UpdateRejected(Exception):
@@ -35,12 +39,22 @@ class UpdateRejected(Exception):
         self.detail = detail
 
 
+def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
+    """The most bytes an encoded state dict of this schema can take: its tensors, each
+    aligned, and a header allowance far above what names, shapes and meta need."""
+    tensors = sum(math.prod(spec.shape) * DTYPES[spec.dtype].itemsize + ALIGN
+                  for spec in schema.values())
+    return tensors + HEADER_ALLOWANCE + 512 * len(schema)
+
+
 def _check_result(ctx: RunContext, delivery: Delivery) -> BlobRef:
     result = delivery.result
     if not _DIGEST.match(result.update_digest):
         raise UpdateRejected("bad_digest", f"update digest {result.update_digest[:80]!r}")
-    if not 0 < result.update_nbytes <= ctx.settings.max_update_bytes:
-        raise UpdateRejected("too_large", f"update of {result.update_nbytes} bytes")
+    limit = min(ctx.settings.max_update_bytes, payload_bound(ctx.schema))
+    if not 0 < result.update_nbytes <= limit:  # checked before a byte is fetched
+        raise UpdateRejected("too_large", f"update of {result.update_nbytes} bytes, "
+                                          f"limit {limit}")
     if not 0 < result.num_examples <= MAX_NUM_EXAMPLES:
         raise UpdateRejected("bad_num_examples", f"num_examples={result.num_examples}")
     return BlobRef(result.update_digest, result.update_nbytes)

@@ -37,7 +37,8 @@ def test_a_job_answered_for_a_lost_client_is_recovered_once() -> None:
 
 def test_may_answer_covers_outstanding_and_lost_jobs_of_that_round_only() -> None:
     """A round's model is still needed while one of its jobs is outstanding or was lost."""
-    table = _table(JobRecord("a", 0, 1, "c1"), JobRecord("b", 0, 2, "c2"), JobRecord("c", 1, 2, "c3"))
+    table = _table(JobRecord("a", 0, 1, "c1"), JobRecord("b", 0, 2, "c2"),
+                   JobRecord("c", 1, 2, "c3"))
     assert table.may_answer(0, 1)
     table.answer("a")
     assert not table.may_answer(0, 1)
