@@ -122,9 +122,9 @@ def test_deadline_closes_round_without_straggler(launch: Callable[..., Run]) -> 
     """A client slower than the deadline does not hold its round; its late update folds later."""
     run = launch(
         "e2e-deadline", "--task", SLOW_TASK,
-        "--task-option", 'slow_clients=["3"]', "--task-option", "slow_s=3",
-        "--task-option", "base_s=0.3", "--slots", "1", "--clients", "4", "--rounds", "6",
-        "--deadline", "1.5", "--min-clients", "2", "--late-policy", "fold",
+        "--task-option", 'slow_clients=["3"]', "--task-option", "slow_s=6",
+        "--task-option", "base_s=0.2", "--slots", "1", "--clients", "4", "--rounds", "10",
+        "--deadline", "3", "--min-clients", "2", "--late-policy", "fold",
         "--local-agents", "2", "--local-devices", "cpu,cpu")
     assert run.wait(300) == 0, run.output()[-4000:]
     first = _quorums(run)[0]
@@ -142,7 +142,7 @@ def test_quorum_fraction_closes_before_all_answer(launch: Callable[..., Run]) ->
     """With --quorum 0.5 a round closes once half its clients answered, not waiting for the rest."""
     run = launch(
         "e2e-quorum", "--task", SLOW_TASK,
-        "--task-option", 'slow_clients=["2","3"]', "--task-option", "slow_s=2",
+        "--task-option", 'slow_clients=["2","3"]', "--task-option", "slow_s=4",
         "--slots", "1", "--clients", "4", "--rounds", "2", "--quorum", "0.5",
         "--local-agents", "2", "--local-devices", "cpu,cpu")
     assert run.wait(300) == 0, run.output()[-4000:]
@@ -150,7 +150,7 @@ def test_quorum_fraction_closes_before_all_answer(launch: Callable[..., Run]) ->
     assert first["reason"] == "quorum"
     assert first["received"] == 2
     assert first["expected"] == 4
-    assert first["wait_s"] < 2.0
+    assert first["wait_s"] < 4.0
 
 
 def test_resume_continues_from_checkpoints(launch: Callable[..., Run], tmp_path: Path) -> None:
