@@ -13,6 +13,9 @@ Fuzzers (a strategy of inputs and a target that must not crash on them):
 - ``decode_headers``: well-formed msgpack headers with random rows, into `decode`.
 - ``message_random`` / ``message_mutated`` / ``message_maps``: random bytes,
   mutated valid messages and random msgpack maps, into every `Message.from_bytes`.
+- ``protocol_random`` / ``protocol_mutated``: random bytes and mutated valid
+  agent <-> trainer pipe messages, into `trainer_worker.protocol.unpack` (whose
+  contract is ValueError, which both ends of the pipe catch).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from hypothesis import strategies as st
 
 from serialization import DTYPES, Job, Message, PayloadError, Registration, Result, decode, encode
 from serialization.tensors import ALIGN, MAGIC, TensorSpec, schema_of
+from trainer_worker import protocol
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (Job, Result, Registration)
 FUZZ_MAX_BYTES = 1 << 20  # decode's size limit in the fuzzers: inputs stay far below it
@@ -346,6 +350,33 @@ def check_messages(data: bytes) -> None:
             cls.from_bytes(data)
 
 
+# --- trainer protocol fuzzers ----------------------------------------------------
+
+_ops = st.sampled_from(["train", "stop", "ready", "done"]) | msgpack_values
+pipe_messages = st.builds(
+    lambda op, body: protocol.pack({**body, "op": op}),
+    _ops,
+    st.dictionaries(
+        st.sampled_from(["job_id", "client_id", "task", "task_options", "config", "model_shm",
+                         "model_nbytes", "model_digest", "status", "update_shm",
+                         "update_nbytes", "num_examples", "metrics", "timings", "error",
+                         "device", "pid"]) | st.text(max_size=4),
+        msgpack_values, max_size=10),
+)
+random_pipe_bytes = st.binary(max_size=300)
+mutated_pipe_messages = mutated(pipe_messages)
+
+
+def check_protocol(data: bytes) -> None:
+    """`protocol.unpack` returns a map with an "op" or raises ValueError, nothing else."""
+    try:
+        message = protocol.unpack(data)
+    except ValueError:
+        return
+    if not isinstance(message, dict) or "op" not in message:
+        raise AssertionError(f"unpack returned {message!r}")
+
+
 # --- the runner ----------------------------------------------------------------
 
 FUZZERS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
@@ -355,6 +386,8 @@ FUZZERS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
     "message_random": (random_messages, check_messages),
     "message_mutated": (mutated_messages, check_messages),
     "message_maps": (message_maps, check_messages),
+    "protocol_random": (random_pipe_bytes, check_protocol),
+    "protocol_mutated": (mutated_pipe_messages, check_protocol),
 }
 BATCH = 2_000  # examples per hypothesis run: keeps its example tree small and fast
 

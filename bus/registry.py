@@ -9,7 +9,8 @@ agent stops beating disappears from `Registry.alive` when the key expires.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
 import structlog
@@ -20,6 +21,10 @@ from bus.streams import FIELD
 from serialization import PayloadError, Registration
 
 DEFAULT_HEARTBEAT_TTL_MS = 5000
+MAX_REPORTED = 10_000
+# The registrations stream is an announcement log nobody consumes in a group (the
+# coordinator polls the clients hash), so a length cap is safe and keeps it bounded.
+REGISTRATIONS_MAXLEN = 1000
 
 log = structlog.get_logger(__name__)
 
@@ -28,10 +33,13 @@ class Registry:
     """Which agent hosts which client, and which clients are alive."""
 
     def __init__(self, r: aioredis.Redis, keys: Keys, *,
-                 ttl_ms: int = DEFAULT_HEARTBEAT_TTL_MS) -> None:
+                 ttl_ms: int = DEFAULT_HEARTBEAT_TTL_MS,
+                 on_undecodable: Callable[[str, PayloadError], None] | None = None) -> None:
         self._r = r
         self._keys = keys
         self._ttl_ms = ttl_ms
+        self._on_undecodable = on_undecodable
+        self._reported: set[tuple[str, bytes]] = set()  # undecodable entries already logged
 
     async def register(self, registration: Registration) -> None:
         """Record the agent's clients, mark them alive, announce on the registrations stream."""
@@ -43,7 +51,8 @@ class Registry:
                               mapping=dict.fromkeys(registration.client_ids, raw))
                 for client_id in registration.client_ids:
                     pipe.set(self._keys.alive(client_id), b"1", px=self._ttl_ms)
-                pipe.xadd(self._keys.registrations(), {FIELD: raw})
+                pipe.xadd(self._keys.registrations(), {FIELD: raw},
+                          maxlen=REGISTRATIONS_MAXLEN, approximate=True)
                 await pipe.execute()
 
     async def unregister(self, registration: Registration) -> None:
@@ -53,7 +62,8 @@ class Registry:
             async with self._r.pipeline(transaction=True) as pipe:
                 if registration.client_ids:
                     pipe.unlink(*(self._keys.alive(c) for c in registration.client_ids))
-                pipe.xadd(self._keys.registrations(), {FIELD: farewell.to_bytes()})
+                pipe.xadd(self._keys.registrations(), {FIELD: farewell.to_bytes()},
+                          maxlen=REGISTRATIONS_MAXLEN, approximate=True)
                 await pipe.execute()
 
     async def heartbeat(self, client_ids: Iterable[str]) -> None:
@@ -83,9 +93,21 @@ class Registry:
             try:
                 out[client_id] = Registration.from_bytes(as_bytes(value))
             except PayloadError as exc:
-                log.warning("registration_undecodable", client_id=client_id, reason=exc.reason,
-                            detail=exc.detail)
+                self._undecodable(client_id, as_bytes(value), exc)
         return out
+
+    def _undecodable(self, client_id: str, value: bytes, exc: PayloadError) -> None:
+        """Log (and report) a bad entry once, not on every poll while it stays there."""
+        seen = (client_id, hashlib.sha256(value).digest())
+        if seen in self._reported:
+            return
+        if len(self._reported) >= MAX_REPORTED:
+            self._reported.clear()
+        self._reported.add(seen)
+        log.warning("registration_undecodable", client_id=client_id[:200], reason=exc.reason,
+                    detail=exc.detail)
+        if self._on_undecodable is not None:
+            self._on_undecodable(client_id, exc)
 
 
 async def set_active_run(r: aioredis.Redis, run_id: str,

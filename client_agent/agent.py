@@ -207,7 +207,7 @@ class Agent:
             if job.run_id == keys.run_id and entry.stream == keys.jobs(job.client_id):
                 return job
             reason = "mismatch"
-            detail = f"job for run {job.run_id!r} client {job.client_id!r} on another stream"
+            detail = f"job of run {job.run_id!r} for client {job.client_id!r} on {entry.stream}"
         self.rejected += 1
         log.warning("job_rejected", stream=entry.stream, entry_id=entry.entry_id,
                     reason=reason, detail=detail[:200])

@@ -185,7 +185,8 @@ class Coordinator:
     async def _main(self) -> None:
         assert self.ctx is not None
         ctx = self.ctx
-        registry = Registry(ctx.redis, ctx.keys, ttl_ms=self.settings.heartbeat_ttl_ms)
+        registry = Registry(ctx.redis, ctx.keys, ttl_ms=self.settings.heartbeat_ttl_ms,
+                            on_undecodable=lambda _c, _e: self.status.reject("bad_registration"))
         tracker = ClientTracker(ctx, registry)
         progress = Progress(self.status, live=self._show_progress)
         await tracker.poll()  # clients known before any result is judged (a resumed run's)

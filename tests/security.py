@@ -27,8 +27,9 @@ _DAYS = "2"
 def _redis_version() -> tuple[int, int]:
     out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True,
                          timeout=30, check=True).stdout
-    major, minor = re.search(r"v=(\d+)\.(\d+)", out).groups()  # type: ignore[union-attr]
-    return int(major), int(minor)
+    found = re.search(r"v=(\d+)\.(\d+)", out)
+    assert found is not None, out
+    return int(found[1]), int(found[2])
 
 
 @functools.cache

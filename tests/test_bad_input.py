@@ -149,6 +149,7 @@ async def _answer_round_one_wrongly(agent: FakeAgent) -> None:
     """Shallow garbage first (no job used up), then one wrong update per job, one good one."""
     payload, state = await agent.model()
     job0 = agent.jobs["0"]
+    await agent.r.hset(agent.keys.clients(), "ghost", b"\xc1 not a registration")
     await agent.raw({b"m": b"\xc1 not msgpack"})
     await agent.raw({b"other": b"no m field"})
     await agent.raw({b"m": bytes(MAX_MESSAGE_BYTES + 1)})
@@ -165,7 +166,7 @@ async def _answer_round_one_wrongly(agent: FakeAgent) -> None:
     await agent.answer("6", update_digest="0" * 64, update_nbytes=10**9)
     await agent.answer("7", update_digest=hashlib.sha256(b"never put").hexdigest(),
                        update_nbytes=len(payload))
-    forged = _edited(state, "0.5")  # same size as the model: stored under the model's digest
+    forged = _edited(state, "0.5")  # a good update, stored under a digest not its own
     await agent.r.set(agent.keys.blob(hashlib.sha256(b"forged").hexdigest()), forged)
     await agent.answer("8", update_digest=hashlib.sha256(b"forged").hexdigest(),
                        update_nbytes=len(forged))
@@ -177,6 +178,7 @@ EXPECTED_REJECTIONS = {
     "malformed": 2, "too_large": 2, "unknown_job": 1, "unknown_client": 1, "mismatch": 1,
     "missing_field": 1, "truncated": 1, "wrong_schema": 2, "wrong_names": 1, "not_finite": 2,
     "missing_blob": 1, "digest_mismatch": 1, "duplicate": 1, "closed_round": 1,
+    "bad_registration": 1,  # logged once as registration_undecodable, however many polls
 }
 
 
@@ -201,17 +203,21 @@ async def test_every_bad_result_is_rejected_counted_and_the_run_goes_on(
         await agent.answer(client, payload)
     await wait_for(run, _closed(2))
     late_job = agent.jobs["9"]
-    jobs = await agent.take_jobs(9)  # client 9 is still leased: round 3 has nine
+    jobs = dict(await agent.take_jobs(9))  # client 9 is still leased: round 3 has nine
     agent.jobs["9"] = late_job
     await agent.answer("9", payload)
-    events = await wait_for(run, lambda ev: any(e["event"] == "update_late" for e in ev))
+    events = await wait_for(run, lambda ev: {"update_late", "registration_undecodable"} <= {
+        e["event"] for e in ev})
     status = _status(run)
     assert status["rejected"] == EXPECTED_REJECTIONS
     logged: dict[str, int] = {}
     for e in events:
         if e["event"] == "update_rejected":
             logged[e["reason"]] = logged.get(e["reason"], 0) + 1
-    assert logged == {k: v for k, v in EXPECTED_REJECTIONS.items() if k != "closed_round"}
+    assert logged == {k: v for k, v in EXPECTED_REJECTIONS.items()
+                      if k not in {"closed_round", "bad_registration"}}
+    assert [e["client_id"] for e in events if e["event"] == "registration_undecodable"] == [
+        "ghost"]
     assert [e["action"] for e in events if e["event"] == "update_late"] == ["dropped"]
     assert [e["round"] for e in events if e["event"] == "quorum_reached"] == [1, 2]
     for client in jobs:

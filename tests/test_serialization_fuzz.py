@@ -1,4 +1,5 @@
-"""Fuzzing in CI: random, mutated and edited inputs raise nothing but PayloadError.
+"""Fuzzing in CI: random, mutated and edited inputs raise nothing but PayloadError
+(ValueError for the trainer pipe protocol).
 
 The same fuzzers run with ``python -m bench.fuzz --cases 100000`` for the big count.
 """
@@ -17,6 +18,8 @@ CASES = {
     "message_random": 500,
     "message_mutated": 250,
     "message_maps": 250,
+    "protocol_random": 300,
+    "protocol_mutated": 250,
 }
 
 
@@ -27,7 +30,7 @@ def test_every_fuzzer_has_a_ci_budget() -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fuzzer_raises_nothing_but_payload_error(name: str) -> None:
-    """Every generated input is accepted or rejected with PayloadError (no other exception)."""
+    """Every generated input is accepted or rejected with the decoder's one error type."""
     assert run_batch(name, CASES[name]) >= CASES[name] // 2
 
 
