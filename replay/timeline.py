@@ -61,9 +61,6 @@ def _split_by_run_id(log: EventLog) -> list[tuple[str, list[Event]]]:
     return list(groups.items())
 
 
-# Bus events a coordinator may log before `run_started` (they carry no run state).
-PRE_RUN_EVENTS = frozenset({"embedded_redis_started", "embedded_redis_stopped"})
-
 class _Builder:
     """Feeds events into a `Run`, in time order."""
 
@@ -105,8 +102,8 @@ class _Builder:
             if event.name == "agent_started":
                 self._on_agent_started(event)
             return
-        if not self.run.segments and event.name in PRE_RUN_EVENTS:
-            return  # logged before the run is announced (the embedded Redis starting)
+        if not self.run.segments and not event.run_id:
+            return  # logged before the run was announced (embedded Redis, API token)
         if not self.run.segments and event.name not in ("run_started", "run_resumed"):
             self.warnings.warn("no-start", f"{self.run.path}: no run_started before line "
                                f"{event.line}; the run starts at its first event")
