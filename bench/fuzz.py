@@ -215,11 +215,18 @@ def repack(header: Any, data_start: int, data: bytes) -> bytes:
     return head + data
 
 
+def _packable(value: int) -> int:
+    """`value` clamped to what msgpack can carry (an earlier edit may sit at a limit)."""
+    return min(max(value, -(2**63)), 2**64 - 1)
+
+
 def _near(value: Any) -> st.SearchStrategy[Any]:
     """Values next to a header field's: off by one, by ALIGN, negative, huge, or a bool."""
     if isinstance(value, int):
-        deltas = st.sampled_from([-ALIGN, -1, 1, ALIGN, 2**62, 2**63, 2**64 - 1 - value])
-        return deltas.map(lambda d: value + d) | st.sampled_from([True, False, -value, 0])
+        deltas = st.sampled_from(
+            [-ALIGN, -1, 1, ALIGN, 2**62, 2**63, 2**64 - 1 - value, -2 * value]
+        )
+        return deltas.map(lambda d: _packable(value + d)) | st.sampled_from([True, False, 0])
     if isinstance(value, list):  # a shape: insert or replace one dimension, or a new list
         dims = st.sampled_from([0, 1, True, -1, 2**31, 2**62, 2**63, 2**64 - 1])
         at = st.integers(0, len(value))

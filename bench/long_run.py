@@ -12,9 +12,10 @@ agents, evaluation and checkpoints every round) on a private Redis for
 It prints the samples, then the figures and a verdict for each criterion (exit
 status 1 if one fails): RSS growth after warm-up under `--max-rss-growth` percent
 (the mean of the last tenth of the samples against the mean of the first tenth
-after warm-up, per process), and Redis bounded (the keys and memory of the last
-third of the run no higher than those of the first third after warm-up, with a
-small allowance for stream entries written between two trims).
+after warm-up, per process; open file descriptors are shown too), and Redis
+bounded (the keys and memory of the last third of the run no higher than those
+of the first third after warm-up, with a small allowance for stream entries
+written between two trims).
 """
 
 from __future__ import annotations
@@ -64,11 +65,20 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def open_fds(pid: int) -> int | None:
+    """How many file descriptors a process holds (Linux), or None."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 @dataclass
 class Sample:
     t_s: float
     rounds: int  # the fewest rounds any slot has closed
     rss: dict[str, int]  # process label -> bytes
+    fds: dict[str, int]  # process label -> open file descriptors
     redis_keys: int
     redis_used: int
 
@@ -144,8 +154,9 @@ def sample(watch: Watch, client: redis.Redis, started: float) -> Sample | None:
         return None
     pids = {watch.coordinator_pid: "coordinator", **watch.labels}
     rss = {label: value for pid, label in pids.items() if (value := rss_bytes(pid)) is not None}
+    fds = {label: value for pid, label in pids.items() if (value := open_fds(pid)) is not None}
     info = client.info("memory")
-    return Sample(time.monotonic() - started, rounds, rss, int(client.dbsize()),
+    return Sample(time.monotonic() - started, rounds, rss, fds, int(client.dbsize()),
                   int(info["used_memory"]))
 
 
@@ -173,9 +184,10 @@ def _mb(n: float) -> str:
 
 
 def _row(s: Sample) -> str:
-    procs = " ".join(f"{k}={_mb(v).strip()}" for k, v in sorted(s.rss.items()))
+    procs = " ".join(f"{k}={_mb(v).strip()}/{s.fds.get(k, '?')}"
+                     for k, v in sorted(s.rss.items()))
     return (f"t={s.t_s:7.1f}s rounds={s.rounds:4d} keys={s.redis_keys:4d} "
-            f"redis_used={_mb(s.redis_used).strip()}MB rss_MB: {procs}")
+            f"redis_used={_mb(s.redis_used).strip()}MB rss_MB/fds: {procs}")
 
 
 @dataclass(frozen=True)
@@ -198,9 +210,10 @@ def rss_verdicts(after: list[Sample], max_growth_pct: float) -> list[Verdict]:
         base, end = statistics.mean(first), statistics.mean(last)
         growth = (end - base) / base * 100
         peak = max(s.rss.get(label, 0) for s in after)
+        fds = [s.fds[label] for s in after if label in s.fds]
         verdicts.append(Verdict(f"rss {label}", growth < max_growth_pct,
                                 f"{_mb(base)} MB -> {_mb(end)} MB ({growth:+.2f}%), "
-                                f"peak {_mb(peak).strip()} MB"))
+                                f"peak {_mb(peak).strip()} MB; fds {min(fds)}..{max(fds)}"))
     return verdicts
 
 
@@ -222,7 +235,8 @@ def redis_verdicts(after: list[Sample]) -> list[Verdict]:
 
 def report(samples: list[Sample], args: argparse.Namespace, returncode: int) -> int:
     warmup_rounds = max(1, int(args.rounds * args.warmup))
-    after = [s for s in samples if s.rounds >= warmup_rounds and len(s.rss) > 1]
+    # Measured: after warm-up and before the last round (agents then leave one by one).
+    after = [s for s in samples if warmup_rounds <= s.rounds < args.rounds]
     verdicts = [Verdict("run finished", returncode == 0, f"coordinator exit status {returncode}")]
     if len(after) < 6:
         verdicts.append(Verdict("enough samples", False,

@@ -100,17 +100,17 @@ async def measure_redis(
     with EmbeddedRedis(unix_socket=True) as server:
         client = connect(server.url)
         try:
-            store = BlobStore(client, Keys(run_id="bench"))
-            return {name: await _redis_pair(client, store, data, reps, warmup)
+            keys = Keys(run_id="bench")
+            store = BlobStore(client, keys)
+            return {name: await _redis_pair(client, store, keys.blob("raw"), data, reps, warmup)
                     for name, data in payloads.items()}
         finally:
             await client.aclose()
 
 
 async def _redis_pair(
-    client: Any, store: BlobStore, data: bytes, reps: int, warmup: int
+    client: Any, store: BlobStore, raw_key: str, data: bytes, reps: int, warmup: int
 ) -> dict[str, Timing]:
-    raw_key = "bench:raw"
     digest = digest_of(data)
     ref = await store.put(data, digest)
 

@@ -223,7 +223,8 @@ async def _oldest_needed(r: aioredis.Redis, stream: str, groups: Sequence[str]) 
         first = _successor(as_text(info["last-delivered-id"]))
         if int(info["pending"]) > 0:
             summary = await r.xpending(stream, name)
-            first = _older(first, as_text(summary["min"]))
+            if summary["min"] is not None:  # None: all acked since XINFO (a race, and fine)
+                first = _older(first, as_text(summary["min"]))
         needed = first if needed is None else _older(needed, first)
     return needed
 

@@ -3,8 +3,11 @@
 A model blob is copied once into its own segment (`put`); trainers attach to
 it by name and decode views over it. A job pins its model (`acquire` /
 `release`) for as long as a trainer may read it, so a pinned segment is never
-unlinked. Beyond `max_bytes`, the least recently used unpinned segments go; the
-cache may stay over budget while everything in it is pinned.
+unlinked. Beyond `max_bytes` or `max_entries`, the least recently used unpinned
+segments go; the cache may stay over budget while everything in it is pinned.
+The entry cap matters for small models: each segment holds a file descriptor and
+a mapping, and a run publishes a new model every round, so a byte budget alone
+would let a long run of a small model exhaust the descriptors.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from multiprocessing import shared_memory
 from trainer_worker import shm
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
+# A model is fetched for the rounds in progress (one per slot) and, rarely, by a
+# straggler of an earlier round: a few dozen entries are plenty.
+DEFAULT_MAX_ENTRIES = 32
 Data = bytes | bytearray | memoryview
 
 
@@ -39,8 +45,10 @@ class _Entry:
 class ModelCache:
     """Digest -> shared-memory segment holding the blob; LRU over unpinned entries."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.max_bytes = max_bytes
+        self.max_entries = max(1, max_entries)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()  # `put` may run in a worker thread
 
@@ -113,7 +121,7 @@ class ModelCache:
     def _evict(self, keep: str | None = None) -> None:
         total = sum(e.segment.nbytes for e in self._entries.values())
         for digest in list(self._entries):
-            if total <= self.max_bytes:
+            if total <= self.max_bytes and len(self._entries) <= self.max_entries:
                 return
             entry = self._entries[digest]
             if entry.pins or digest == keep:

@@ -30,5 +30,6 @@ debootstrap --variant=minbase bookworm "$ROOTFS" "$MIRROR" >"$ROOTFS.log" 2>&1 \
   || { tail -n 20 "$ROOTFS.log" >&2; rm -f "$ROOTFS.log"; exit 1; }
 rm -f "$ROOTFS.log"
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
+chmod 0755 "$ROOTFS"  # mktemp made it 0700, and it becomes the image's /
 tar -C "$ROOTFS" -c . | docker import --change 'CMD ["bash"]' - "$NAME" >/dev/null
 echo "base image $NAME: $(docker image inspect -f '{{.Size}}' "$NAME" | numfmt --to=iec)"

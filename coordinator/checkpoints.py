@@ -38,12 +38,22 @@ class CheckpointStore:
 
     def write_model(self, slot_id: int, round_: int, payload: bytes | memoryview,
                     kind: str = "model") -> Path:
-        """Write one payload (blocking: call from a thread) and prune old rounds."""
+        """Write one payload (blocking: call from a thread); `prune` once the state points at it.
+
+        Pruning here would delete the round the state file still names, and a crash
+        before the state is rewritten would leave `--resume` nothing to read.
+        """
         path = self.model_path(slot_id, round_, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, payload)
-        self._prune(path.parent, kind)
         return path
+
+    def prune(self, slot_id: int) -> None:
+        """Remove all but the newest `keep` rounds of the slot (blocking)."""
+        folder = self.model_path(slot_id, 0).parent
+        if folder.is_dir():
+            for kind in ("model", "strategy"):
+                self._prune(folder, kind)
 
     def read_model(self, slot_id: int, round_: int, kind: str = "model") -> bytes:
         return self.model_path(slot_id, round_, kind).read_bytes()

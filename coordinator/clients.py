@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from bus import streams
+from bus.errors import BusError
 from bus.keys import JOBS_GROUP, RESULTS_GROUP
 from bus.registry import Registry
 from coordinator.context import Delivery, RunContext
@@ -90,9 +91,16 @@ class ClientTracker:
         self.live_changed.set()
 
     async def _trim(self) -> None:
-        """Keep streams short: drop what every group has read and acked."""
+        """Keep streams short: drop what every group has read and acked.
+
+        Housekeeping: a trim that fails is logged and tried again next time; it never
+        stops the tracker (and with it the run).
+        """
         ctx = self._ctx
-        for client_id in self._live:
-            await streams.trim(ctx.redis, ctx.keys.jobs(client_id), [JOBS_GROUP])
-        for slot_id in range(ctx.settings.slots):
-            await streams.trim(ctx.redis, ctx.keys.results(slot_id), [RESULTS_GROUP])
+        targets = [(ctx.keys.jobs(c), JOBS_GROUP) for c in sorted(self._live)]
+        targets += [(ctx.keys.results(s), RESULTS_GROUP) for s in range(ctx.settings.slots)]
+        for stream, group in targets:
+            try:
+                await streams.trim(ctx.redis, stream, [group])
+            except BusError as exc:
+                log.warning("stream_trim_failed", stream=stream, error=str(exc))

@@ -122,6 +122,7 @@ class RunContext:
             await asyncio.to_thread(write, slot_id, round_, extra, "strategy")
         slot_state = {"round": round_, "metrics": metrics, "path": str(path)}
         await self._save_state(slot_id, round_, slot_state)
+        await asyncio.to_thread(self.checkpoints.prune, slot_id)
         log.info("checkpoint_written", slot_id=slot_id, round=round_, path=str(path),
                  nbytes=len(payload), duration_s=round(time.perf_counter() - start, 6))
 

@@ -14,7 +14,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-_ANSWERED_MEMORY = 200_000
+# Answered ids are remembered only to tell a replay ("duplicate") from a made-up id
+# ("unknown_job"): a forgotten one is still rejected, since only outstanding jobs are
+# accepted. So the memory can stay small (a few MB) however long the run.
+_ANSWERED_MEMORY = 20_000
 
 
 @dataclass(frozen=True)

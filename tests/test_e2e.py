@@ -16,7 +16,8 @@ import torch
 from bus.embedded import EmbeddedRedis
 from coordinator.settings import TrainingSettings
 from serialization import decode
-from tests.e2e import Run, by_slot_round, lease_violations, start_coordinator
+from tests.e2e import Run, by_slot_round, lease_violations, read_events, start_coordinator
+from tests.faults import ledger_problems
 from trainer_worker.task import TrainConfig
 from trainer_worker.tasks.synthetic import SyntheticTask
 
@@ -120,10 +121,12 @@ def _quorums(run: Run) -> list[dict[str, Any]]:
 
 def test_deadline_closes_round_without_straggler(launch: Callable[..., Run]) -> None:
     """A client slower than the deadline does not hold its round; its late update folds later."""
+    # The straggler's update (6 s) must land while the run still goes: round 1 closes
+    # at its 3 s deadline, then nine rounds of at least 0.4 s each follow.
     run = launch(
         "e2e-deadline", "--task", SLOW_TASK,
         "--task-option", 'slow_clients=["3"]', "--task-option", "slow_s=6",
-        "--task-option", "base_s=0.2", "--slots", "1", "--clients", "4", "--rounds", "10",
+        "--task-option", "base_s=0.4", "--slots", "1", "--clients", "4", "--rounds", "10",
         "--deadline", "3", "--min-clients", "2", "--late-policy", "fold",
         "--local-agents", "2", "--local-devices", "cpu,cpu")
     assert run.wait(300) == 0, run.output()[-4000:]
@@ -136,6 +139,9 @@ def test_deadline_closes_round_without_straggler(launch: Callable[..., Run]) -> 
     folded_late = {e["job_id"] for e in run.events("update_folded")} & {e["job_id"] for e in late}
     assert folded_late == {e["job_id"] for e in late}
     assert lease_violations(run.events()) == []
+    agent_logs = sorted((run.runs_dir / run.run_id).glob("agent-*.jsonl"))
+    agent_events = [e for path in agent_logs for e in read_events(path)]
+    assert ledger_problems(run.events(), agent_events, slots=1, rounds=10) == []
 
 
 def test_quorum_fraction_closes_before_all_answer(launch: Callable[..., Run]) -> None:

@@ -6,6 +6,13 @@ with it. Whatever the old round left in the results stream (entries the dead
 process had read but not acked, entries nobody read) is rejected as results of
 unknown jobs. Because every job's training seed is fixed by (run seed, slot, round,
 client), the redone round trains exactly what the lost one trained.
+
+Why one slot and two clients make the comparison exact: with several slots the
+pool's random split of the clients restarts from the run seed on resume (its
+draws so far are not saved) and which slots wait together depends on timing, so
+the clients of a round may differ; and with more than two updates racing, the
+order of the float32 additions (hence the last bit) can differ between any two
+runs, killed or not.
 """
 
 from __future__ import annotations

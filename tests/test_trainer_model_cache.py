@@ -57,6 +57,20 @@ def test_least_recently_used_goes_first(cache: ModelCache) -> None:
     assert cache.nbytes == 300
 
 
+def test_entry_count_is_bounded_whatever_the_bytes() -> None:
+    """Beyond max_entries the least recently used unpinned segments go, however small."""
+    cache = ModelCache(max_bytes=10**9, max_entries=2)
+    try:
+        first = cache.put("a", b"x")
+        cache.acquire("a")
+        for digest in "bcd":
+            cache.put(digest, b"y")
+        assert [d for d in "abcd" if d in cache] == ["a", "d"]
+        assert _exists(first.name)
+    finally:
+        cache.close()
+
+
 def test_pinned_segments_are_never_evicted(cache: ModelCache) -> None:
     """A pinned segment survives any pressure and can be evicted once fully released."""
     a = cache.put("a", bytes(200))

@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# The compose cluster, tested for real: build the image, bring up Redis, the coordinator
+# and three agents on the synthetic task, `docker kill` one agent mid-run, check that
+# every slot still finishes its rounds, then tear everything down.
+#
+#   compose/cluster-test.sh            # exit 0 pass, 1 fail, 77 cannot run here (says why)
+#
+# Where no Docker daemon answers, one is started (compose/dockerd-local.sh, root only) and
+# stopped at the end. Where no base image can be pulled, one is debootstrapped
+# (compose/base-image.sh). The image is built offline from a wheelhouse that this host's
+# pip fills (compose/wheelhouse.sh), so the build needs no package index of its own.
+#
+# Settings (environment):
+#   PWFL_TEST_OUT        folder for results, logs and events (default: a new temp folder)
+#   PWFL_TEST_ROUNDS     rounds per slot (default 8)
+#   PWFL_TEST_TASK_ARGS  coordinator options that size the jobs (default: the synthetic
+#                        MLP with 4000 examples per client, about half a second a job)
+#   PWFL_TORCH_SPEC      torch for the image (default torch==2.13.0, the CPU build where
+#                        this host's pip has it; elsewhere e.g. "torch torchvision" with
+#                        PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)
+#   PWFL_BASE            base image (default: python:3.11-slim-bookworm if present or
+#                        pullable, else pwfl-bookworm-base, debootstrapped)
+#   PWFL_IMAGE           image tag (default pwfl:test)
+#   PWFL_TEST_KEEP_IMAGE 0 removes the image at the end (default 1: later runs reuse layers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+COMPOSE_FILE=$ROOT/compose/docker-compose.yml
+
+OUT=${PWFL_TEST_OUT:-$(mktemp -d /tmp/pwfl-cluster-test.XXXXXX)}
+mkdir -p "$OUT"
+ROUNDS=${PWFL_TEST_ROUNDS:-8}
+TASK_ARGS=${PWFL_TEST_TASK_ARGS:---task-option examples_per_client=4000}
+TORCH_SPEC=${PWFL_TORCH_SPEC:-torch==2.13.0}
+IMAGE=${PWFL_IMAGE:-pwfl:test}
+WHEELS=${PWFL_WHEELHOUSE:-/var/tmp/pwfl-wheels}
+PROJECT=pwfltest$$
+KILLED=agent-b
+
+STARTED_DAEMON=0
+WHEEL_SERVER=
+COMPOSE=()
+T0=$(date +%s.%N)
+declare -A TIMES
+
+since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
+log() { printf '[cluster-test %6ss] %s\n' "$(since "$T0")" "$*"; }
+skip() { echo "SKIP: $*" | tee "$OUT/skip.txt" >&2; exit 77; }
+fail() { echo "FAIL: $*" | tee "$OUT/fail.txt" >&2; exit 1; }
+timed() {  # timed NAME CMD...: run CMD, remember its wall time under NAME
+  local name=$1 start; shift
+  start=$(date +%s.%N)
+  "$@"
+  TIMES[$name]=$(since "$start")
+}
+pyjson() { python3 -c "import json, sys; d = json.load(sys.stdin); $1"; }
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# --- 1. a Docker daemon ------------------------------------------------------------------
+
+ensure_daemon() {
+  command -v docker >/dev/null || skip "no docker client (apt-get install docker.io)"
+  if timeout 10 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
+    log "using the Docker daemon at ${DOCKER_HOST:-the default socket}"
+    return
+  fi
+  local line rc=0
+  line=$(compose/dockerd-local.sh start 2>"$OUT/dockerd-start.err") || rc=$?
+  if [[ $rc == 77 ]]; then skip "no Docker daemon answers and none can be started: $(cat "$OUT/dockerd-start.err")"; fi
+  [[ $rc == 0 ]] || fail "starting dockerd: $(cat "$OUT/dockerd-start.err")"
+  export "${line?}"
+  STARTED_DAEMON=1
+  log "started a private Docker daemon ($line)"
+}
+
+# --- 2. the image ------------------------------------------------------------------------
+
+pick_base() {
+  if [[ -n ${PWFL_BASE:-} ]]; then echo "$PWFL_BASE"; return; fi
+  local official=python:3.11-slim-bookworm
+  if docker image inspect "$official" >/dev/null 2>&1 \
+      || timeout 120 docker pull -q "$official" >/dev/null 2>&1; then
+    echo "$official"; return
+  fi
+  local rc=0
+  compose/base-image.sh pwfl-bookworm-base >&2 || rc=$?
+  [[ $rc == 77 ]] && skip "no base image can be pulled or debootstrapped"
+  [[ $rc == 0 ]] || fail "debootstrapping the base image"
+  echo pwfl-bookworm-base
+}
+
+# BuildKit when this client has it (buildx, or a client older than 23 with it built in):
+# the classic builder runs a container per step, which vfs makes slow.
+docker_build() {
+  local client
+  if docker buildx version >/dev/null 2>&1; then DOCKER_BUILDKIT=1 docker build "$@"; return; fi
+  for client in $(type -ap docker); do
+    if [[ $("$client" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1) -lt 23 ]]; then
+      DOCKER_BUILDKIT=1 "$client" build "$@"; return
+    fi
+  done
+  log "no BuildKit here: the classic builder is much slower under vfs"
+  DOCKER_BUILDKIT=0 docker build "$@"
+}
+
+serve_wheels() {
+  compose/wheelhouse.sh "$WHEELS" "$TORCH_SPEC" >"$OUT/wheelhouse.log" 2>&1 \
+    || fail "filling the wheelhouse: $(grep -v 'neither a file' "$OUT/wheelhouse.log" | tail -5)"
+  # A fixed port: the URL is a build argument, and a new value would miss the layer cache.
+  WHEEL_PORT=${PWFL_WHEEL_PORT:-38741}
+  if ! python3 -c "import socket; socket.socket().bind(('127.0.0.1', $WHEEL_PORT))" 2>/dev/null; then
+    WHEEL_PORT=$(free_port)
+    log "port ${PWFL_WHEEL_PORT:-38741} is taken: serving wheels on $WHEEL_PORT (no layer cache)"
+  fi
+  python3 -m http.server "$WHEEL_PORT" --bind 127.0.0.1 --directory "$WHEELS" \
+    >"$OUT/wheel-server.log" 2>&1 &
+  WHEEL_SERVER=$!
+  for _ in $(seq 50); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$WHEEL_PORT/', timeout=1)" \
+      2>/dev/null && return
+    sleep 0.1
+  done
+  fail "the wheelhouse server did not answer"
+}
+
+build_image() {
+  local base=$1
+  docker_build --network host -f compose/Dockerfile -t "$IMAGE" \
+    --build-arg BASE="$base" --build-arg TORCH_SPEC="$TORCH_SPEC" \
+    --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS="http://127.0.0.1:$WHEEL_PORT/" \
+    . >"$OUT/build.log" 2>&1 || fail "docker build (see $OUT/build.log): $(tail -5 "$OUT/build.log")"
+}
+
+# --- 3. the cluster ----------------------------------------------------------------------
+
+pick_compose() {
+  if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
+  elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
+  else skip "neither docker compose nor docker-compose is installed"; fi
+  COMPOSE+=(-f "$COMPOSE_FILE" -p "$PROJECT")
+}
+
+cluster_env() {
+  export PWFL_IMAGE=$IMAGE PWFL_TASK=synthetic PWFL_ROUNDS=$ROUNDS
+  export PWFL_HTTP_PORT=${PWFL_HTTP_PORT:-$(free_port)} PWFL_HTTP_BIND=127.0.0.1
+  export PWFL_COORDINATOR_ARGS="--summary-json $TASK_ARGS"
+  PWFL_REDIS_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+  export PWFL_REDIS_PASSWORD
+}
+
+status_json() {
+  python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$PWFL_HTTP_PORT/status', timeout=2).read().decode())" 2>/dev/null
+}
+
+# Wait until every client has registered and some slot has closed a round, so the kill
+# lands in the middle of the run.
+wait_mid_run() {
+  local deadline=$((SECONDS + 300)) status
+  while ((SECONDS < deadline)); do
+    status=$(status_json) || { sleep 0.5; continue; }
+    if echo "$status" | pyjson "
+alive = [c for c in d['clients'] if c.get('alive')]
+done = [s['rounds_done'] for s in d['slots']]
+sys.exit(0 if len(alive) >= 6 and 1 <= max(done) <= d['slots'][0]['rounds'] - 3 else 1)"
+    then echo "$status" >"$OUT/status-before-kill.json"; return; fi
+    sleep 0.3
+  done
+  fail "the run did not get going within 300 s (see $OUT/compose.log)"
+}
+
+kill_agent() {
+  local id
+  id=$("${COMPOSE[@]}" ps -q "$KILLED")
+  docker kill "$id" >/dev/null
+  KILLED_ID=$id
+  log "killed $KILLED ($id) mid-run: $(pyjson "print([s['rounds_done'] for s in d['slots']], 'rounds done')" <"$OUT/status-before-kill.json")"
+}
+
+wait_coordinator() {
+  local id code
+  id=$("${COMPOSE[@]}" ps -q coordinator)
+  code=$(timeout 600 docker wait "$id") || fail "the coordinator did not exit within 600 s"
+  COORDINATOR_EXIT=$code
+}
+
+collect() {
+  "${COMPOSE[@]}" ps >"$OUT/ps.txt" 2>&1 || true
+  "${COMPOSE[@]}" logs --no-color >"$OUT/compose.log" 2>&1 || true
+  local id
+  id=$("${COMPOSE[@]}" ps -q coordinator 2>/dev/null) || return 0
+  docker logs "$id" 2>/dev/null | grep '^{"run_id"' | tail -n 1 >"$OUT/summary.json" || true
+  docker cp "$id:/data/runs" "$OUT/runs" >/dev/null 2>&1 || true
+  find "$OUT/runs" -name events.jsonl -exec cp {} "$OUT/events.jsonl" \; 2>/dev/null || true
+}
+
+teardown() {
+  local rc=$?
+  set +e
+  if ((${#COMPOSE[@]})); then
+    collect
+    timed down "${COMPOSE[@]}" down -v --remove-orphans >>"$OUT/down.log" 2>&1
+  fi
+  [[ -n $WHEEL_SERVER ]] && kill "$WHEEL_SERVER" 2>/dev/null
+  if [[ ${PWFL_TEST_KEEP_IMAGE:-1} == 0 ]]; then docker rmi "$IMAGE" >/dev/null 2>&1; fi
+  if [[ $STARTED_DAEMON == 1 ]]; then compose/dockerd-local.sh stop >/dev/null; fi
+  write_times
+  log "done (exit $rc); results in $OUT"
+  exit "$rc"
+}
+
+write_times() {
+  local args=()
+  for k in "${!TIMES[@]}"; do args+=("$k=${TIMES[$k]}"); done
+  python3 - "$OUT/timings.json" "${args[@]}" <<'EOF'
+import json, sys
+pairs = dict(a.split("=", 1) for a in sys.argv[2:])
+json.dump({k: round(float(v), 1) for k, v in sorted(pairs.items())}, open(sys.argv[1], "w"), indent=1)
+EOF
+}
+
+# --- 4. the verdict ----------------------------------------------------------------------
+
+verdict() {
+  local restarts
+  restarts=$(docker inspect -f '{{.RestartCount}}' "$KILLED_ID" 2>/dev/null || echo "?")
+  python3 - "$OUT" "$COORDINATOR_EXIT" "$KILLED" "$restarts" "$ROUNDS" \
+    "$(docker image inspect -f '{{.Size}}' "$IMAGE")" <<'EOF'
+import json, pathlib, sys
+out, exit_code, killed, restarts, rounds, image_bytes = sys.argv[1:]
+out = pathlib.Path(out)
+summary = json.loads((out / "summary.json").read_text() or "{}")
+events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+lost = sorted({e["client_id"] for e in events if e.get("event") == "client_lost"})
+result = {
+    "coordinator_exit": int(exit_code), "status": summary.get("status"),
+    "wall_s": summary.get("wall_s"), "rounds": int(rounds),
+    "slots": [{"slot_id": s["slot_id"], "rounds_done": s["rounds_done"],
+               "last_accuracy": s["last_accuracy"]} for s in summary.get("slots", [])],
+    "killed": killed, "killed_restarts": restarts, "clients_lost": lost,
+    "image_bytes": int(image_bytes),
+}
+(out / "result.json").write_text(json.dumps(result, indent=1))
+print(json.dumps(result))
+ok = (result["coordinator_exit"] == 0 and result["status"] == "finished" and result["slots"]
+      and all(s["rounds_done"] == int(rounds) for s in result["slots"]))
+sys.exit(0 if ok else 1)
+EOF
+}
+
+main() {
+  trap teardown EXIT
+  command -v python3 >/dev/null || skip "python3 is needed to read the coordinator's JSON"
+  timed daemon ensure_daemon
+  pick_compose
+  local base base_start run_start
+  base_start=$(date +%s.%N)
+  base=$(pick_base)
+  TIMES[base]=$(since "$base_start")
+  log "base image $base"
+  timed wheelhouse serve_wheels
+  timed build build_image "$base"
+  log "built $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec)"
+  cluster_env
+  timed up "${COMPOSE[@]}" up -d --no-build >"$OUT/up.log" 2>&1 \
+    || fail "compose up: $(tail -5 "$OUT/up.log")"
+  log "cluster up (project $PROJECT, status on 127.0.0.1:$PWFL_HTTP_PORT)"
+  run_start=$(date +%s.%N)
+  wait_mid_run
+  kill_agent
+  wait_coordinator
+  TIMES[run]=$(since "$run_start")
+  log "coordinator exited with $COORDINATOR_EXIT"
+  collect
+  verdict || fail "not every slot finished its rounds (see $OUT/result.json)"
+  log "PASS: every slot finished its $ROUNDS rounds with $KILLED killed mid-run"
+}
+
+main "$@"
