@@ -73,6 +73,16 @@ ensure_daemon() {
   log "started a private Docker daemon ($line)"
 }
 
+# vfs keeps a full copy per layer and per container: about 14 GB at the peak.
+check_disk() {
+  local root free_gb need_gb=${PWFL_TEST_MIN_FREE_GB:-15}
+  root=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null) || return 0
+  free_gb=$(df --output=avail -B1G "$root" 2>/dev/null | tail -n 1 | tr -d ' ') || return 0
+  if [[ -n $free_gb ]] && ((free_gb < need_gb)); then
+    skip "only ${free_gb} GB free under $root; the cluster test needs about ${need_gb} GB"
+  fi
+}
+
 # --- 2. the image ------------------------------------------------------------------------
 
 pick_base() {
@@ -83,7 +93,7 @@ pick_base() {
     echo "$official"; return
   fi
   local rc=0
-  compose/base-image.sh pwfl-bookworm-base >&2 || rc=$?
+  timeout 900 compose/base-image.sh pwfl-bookworm-base >&2 || rc=$?
   [[ $rc == 77 ]] && skip "no base image can be pulled or debootstrapped"
   [[ $rc == 0 ]] || fail "debootstrapping the base image"
   echo pwfl-bookworm-base
@@ -93,14 +103,17 @@ pick_base() {
 # the classic builder runs a container per step, which vfs makes slow.
 docker_build() {
   local client
-  if docker buildx version >/dev/null 2>&1; then DOCKER_BUILDKIT=1 docker build "$@"; return; fi
+  local limit=${PWFL_BUILD_TIMEOUT:-1200}
+  if docker buildx version >/dev/null 2>&1; then
+    DOCKER_BUILDKIT=1 timeout "$limit" docker build "$@"; return
+  fi
   for client in $(type -ap docker); do
     if [[ $("$client" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1) -lt 23 ]]; then
-      DOCKER_BUILDKIT=1 "$client" build "$@"; return
+      DOCKER_BUILDKIT=1 timeout "$limit" "$client" build "$@"; return
     fi
   done
   log "no BuildKit here: the classic builder is much slower under vfs"
-  DOCKER_BUILDKIT=0 docker build "$@"
+  DOCKER_BUILDKIT=0 timeout "$limit" docker build "$@"
 }
 
 serve_wheels() {
@@ -198,7 +211,7 @@ teardown() {
   set +e
   if ((${#COMPOSE[@]})); then
     collect
-    timed down "${COMPOSE[@]}" down -v --remove-orphans >>"$OUT/down.log" 2>&1
+    timed down timeout 600 "${COMPOSE[@]}" down -v --remove-orphans >>"$OUT/down.log" 2>&1
   fi
   [[ -n $WHEEL_SERVER ]] && kill "$WHEEL_SERVER" 2>/dev/null
   if [[ ${PWFL_TEST_KEEP_IMAGE:-1} == 0 ]]; then docker rmi "$IMAGE" >/dev/null 2>&1; fi
@@ -251,6 +264,7 @@ main() {
   trap teardown EXIT
   command -v python3 >/dev/null || skip "python3 is needed to read the coordinator's JSON"
   timed daemon ensure_daemon
+  check_disk
   pick_compose
   local base base_start run_start
   base_start=$(date +%s.%N)
@@ -261,7 +275,7 @@ main() {
   timed build build_image "$base"
   log "built $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec)"
   cluster_env
-  timed up "${COMPOSE[@]}" up -d --no-build >"$OUT/up.log" 2>&1 \
+  timed up timeout 600 "${COMPOSE[@]}" up -d --no-build >"$OUT/up.log" 2>&1 \
     || fail "compose up: $(tail -5 "$OUT/up.log")"
   log "cluster up (project $PROJECT, status on 127.0.0.1:$PWFL_HTTP_PORT)"
   run_start=$(date +%s.%N)

@@ -24,6 +24,7 @@ COMPOSE = ROOT / "compose"
 COMPOSE_FILE = COMPOSE / "docker-compose.yml"
 SERVICES = {"redis", "coordinator", "agent-a", "agent-b", "agent-c"}
 AGENTS = sorted(s for s in SERVICES if s.startswith("agent-"))
+FAKE_PASSWORD = "not-a-real-password"
 
 
 def compose_command() -> list[str] | None:
@@ -36,7 +37,7 @@ def compose_command() -> list[str] | None:
     return [v1] if v1 else None
 
 
-def run_config(env_file: Path, *args: str, password: str | None = "not-a-real-password"
+def run_config(env_file: Path, *args: str, password: str | None = FAKE_PASSWORD
                ) -> subprocess.CompletedProcess[str]:
     command = compose_command()
     if command is None:
@@ -100,7 +101,7 @@ def test_agents_start_after_redis_is_healthy_and_restart(compose_text: str) -> N
     assert "restart: on-failure" in anchor
     assert re.search(r"shm_size: \$\{PWFL_AGENT_SHM:-1g\}", anchor)
     blocks = service_blocks(compose_text)
-    clients = []
+    clients: list[str] = []
     for agent in AGENTS:
         assert "<<: *agent" in blocks[agent]
         ids = re.search(r"--clients ([0-9,]+)", blocks[agent])
@@ -160,7 +161,8 @@ def test_dockerfile_installs_torch_before_the_code_and_runs_as_a_user() -> None:
     code_at = text.index("COPY . /opt/pwfl-src/")
     assert torch_at < deps_at < code_at
     assert lines[-1] == "USER pwfl"
-    assert "dataset-fashion-mnist" in text and "redis-server" in text
+    assert "dataset-fashion-mnist" in text
+    assert "redis-server" in text
 
 
 def test_dockerignore_sends_only_the_code() -> None:
@@ -181,7 +183,8 @@ def test_dockerignore_sends_only_the_code() -> None:
 def load_requirements_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("compose_requirements",
                                                   COMPOSE / "requirements.py")
-    assert spec and spec.loader
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

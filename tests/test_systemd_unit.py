@@ -55,7 +55,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
 
 def test_unit_runs_the_agent_as_its_own_user() -> None:
     """The agent runs as the dedicated user pwfl, from the image's or pip's venv."""
-    assert [s for s, _, _ in directives(UNIT.read_text())][0] == "Unit"
+    assert next(s for s, _, _ in directives(UNIT.read_text())) == "Unit"
     assert values("Service", "User") == ["pwfl"]
     (exec_start,) = values("Service", "ExecStart")
     assert exec_start.startswith("/opt/pwfl/bin/python -m client_agent ")
