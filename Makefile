@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 RUN_ARGS ?= --slots 3 --local-agents 2
 
-.PHONY: setup system run test lint bench clean
+.PHONY: setup system run test test-docker lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+test-docker: setup
+	$(BIN)/python -m pytest -m docker -v
 
 bench: setup
 	$(BIN)/python -m bench.serialization

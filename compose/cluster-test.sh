@@ -22,6 +22,9 @@
 #                        pullable, else pwfl-bookworm-base, debootstrapped)
 #   PWFL_IMAGE           image tag (default pwfl:test)
 #   PWFL_TEST_KEEP_IMAGE 0 removes the image at the end (default 1: later runs reuse layers)
+#
+# Runs on one machine take turns (a lock in /run/lock): they share the private daemon,
+# which the run that started it stops at its end, and the wheelhouse port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -65,7 +68,8 @@ ensure_daemon() {
     return
   fi
   local line rc=0
-  line=$(compose/dockerd-local.sh start 2>"$OUT/dockerd-start.err") || rc=$?
+  # 9>&-: the daemon outlives this script and must not hold its turn (lock) open.
+  line=$(compose/dockerd-local.sh start 2>"$OUT/dockerd-start.err" 9>&-) || rc=$?
   if [[ $rc == 77 ]]; then skip "no Docker daemon answers and none can be started: $(cat "$OUT/dockerd-start.err")"; fi
   [[ $rc == 0 ]] || fail "starting dockerd: $(cat "$OUT/dockerd-start.err")"
   export "${line?}"
@@ -126,7 +130,7 @@ serve_wheels() {
     log "port ${PWFL_WHEEL_PORT:-38741} is taken: serving wheels on $WHEEL_PORT (no layer cache)"
   fi
   python3 -m http.server "$WHEEL_PORT" --bind 127.0.0.1 --directory "$WHEELS" \
-    >"$OUT/wheel-server.log" 2>&1 &
+    >"$OUT/wheel-server.log" 2>&1 9>&- &
   WHEEL_SERVER=$!
   for _ in $(seq 50); do
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$WHEEL_PORT/', timeout=1)" \
@@ -237,9 +241,9 @@ verdict() {
   local restarts
   restarts=$(docker inspect -f '{{.RestartCount}}' "$KILLED_ID" 2>/dev/null || echo "?")
   python3 - "$OUT" "$COORDINATOR_EXIT" "$KILLED" "$restarts" "$ROUNDS" \
-    "$(docker image inspect -f '{{.Size}}' "$IMAGE")" <<'EOF'
+    "$(docker image inspect -f '{{.Size}}' "$IMAGE")" "$REDIS_NOAUTH" <<'EOF'
 import json, pathlib, sys
-out, exit_code, killed, restarts, rounds, image_bytes = sys.argv[1:]
+out, exit_code, killed, restarts, rounds, image_bytes, noauth = sys.argv[1:]
 out = pathlib.Path(out)
 summary = json.loads((out / "summary.json").read_text() or "{}")
 events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
@@ -250,7 +254,7 @@ result = {
     "slots": [{"slot_id": s["slot_id"], "rounds_done": s["rounds_done"],
                "last_accuracy": s["last_accuracy"]} for s in summary.get("slots", [])],
     "killed": killed, "killed_restarts": restarts, "clients_lost": lost,
-    "image_bytes": int(image_bytes),
+    "image_bytes": int(image_bytes), "redis_ping_without_password": noauth.strip(),
 }
 (out / "result.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result))
@@ -260,9 +264,19 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
+take_turn() {
+  local lock=${PWFL_TEST_LOCK:-/run/lock/pwfl-cluster-test.lock}
+  exec 9>>"$lock" || skip "cannot open the lock file $lock"
+  if ! flock -n 9; then
+    log "another cluster test is running; waiting for it (up to 20 min)"
+    flock -w 1200 9 || fail "another cluster test held $lock for 20 min"
+  fi
+}
+
 main() {
-  trap teardown EXIT
   command -v python3 >/dev/null || skip "python3 is needed to read the coordinator's JSON"
+  take_turn
+  trap teardown EXIT
   timed daemon ensure_daemon
   check_disk
   pick_compose
@@ -278,6 +292,8 @@ main() {
   timed up timeout 600 "${COMPOSE[@]}" up -d --no-build >"$OUT/up.log" 2>&1 \
     || fail "compose up: $(tail -5 "$OUT/up.log")"
   log "cluster up (project $PROJECT, status on 127.0.0.1:$PWFL_HTTP_PORT)"
+  # Redis must refuse a client without the password.
+  REDIS_NOAUTH=$(docker exec "$("${COMPOSE[@]}" ps -q redis)" redis-cli ping 2>&1 || true)
   run_start=$(date +%s.%N)
   wait_mid_run
   kill_agent

@@ -25,6 +25,7 @@ from bus.streams import (
     publish,
     publish_many,
     reclaim,
+    touch,
     trim,
 )
 
@@ -171,6 +172,31 @@ async def test_dead_consumer_entries_are_reclaimed(redis_client: aioredis.Redis,
     ]
     owners = await redis_client.xpending_range(stream, GROUP, "-", "+", 10)
     assert {row["consumer"] for row in owners} == {b"rescuer"}
+
+
+async def test_touched_entries_stay_with_their_consumer(redis_client: aioredis.Redis,
+                                                        run_keys: Keys) -> None:
+    """An entry its consumer still works on and touches is not reclaimed, and its delivery
+    count does not grow."""
+    stream = run_keys.jobs("c1")
+    await ensure_group(redis_client, stream, GROUP)
+    entry_id = await publish(redis_client, stream, b"long job")
+    await consume(redis_client, [stream], GROUP, "busy", block_ms=100)
+
+    async def idle_ms() -> int:
+        rows = await redis_client.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+        return int(rows[0]["time_since_delivered"])
+
+    async def idle_enough() -> bool:
+        return await idle_ms() >= 200
+
+    await eventually(idle_enough)
+    await touch(redis_client, stream, GROUP, "busy", [entry_id])
+    claimed = await reclaim(redis_client, stream, GROUP, "rescuer", min_idle_ms=200,
+                            max_deliveries=5, dead_letter=run_keys.dead_letter(stream))
+    assert claimed == []
+    rows = await redis_client.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+    assert (rows[0]["consumer"], rows[0]["times_delivered"]) == (b"busy", 1)
 
 
 async def test_reclaim_follows_the_cursor(redis_client: aioredis.Redis, run_keys: Keys) -> None:

@@ -74,3 +74,8 @@ def test_the_slots_learned(cluster_run: dict[str, object]) -> None:
     slots = cluster_run["slots"]
     assert isinstance(slots, list)
     assert all(s["last_accuracy"] > 0.5 for s in slots)
+
+
+def test_redis_refuses_clients_without_the_password(cluster_run: dict[str, object]) -> None:
+    """The cluster's Redis answers an unauthenticated PING with NOAUTH."""
+    assert str(cluster_run["redis_ping_without_password"]).startswith("NOAUTH")

@@ -34,7 +34,8 @@ def blob() -> bytes:
 
 def _message(segment: ModelSegment, job_id: str = "job-1", **fields: Any) -> dict[str, Any]:
     message = {"op": "train", "job_id": job_id, "client_id": "0", "task": SPEC,
-               "task_options": OPTIONS, "config": {"epochs": 1}, "model_shm": segment.name,
+               "task_options": OPTIONS, "config": {"epochs": 1, "batch_size": 32},
+               "model_shm": segment.name,
                "model_nbytes": segment.nbytes, "model_digest": segment.digest}
     return message | fields
 
