@@ -14,6 +14,7 @@ Files this module writes (generated keys, tokens) are created 0600 in place.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import secrets
@@ -145,3 +146,16 @@ class Keyring:
         for client_id, key in self.keys.items():
             write_secret(path / key_file_name(client_id), key.decode())
         return path
+
+
+def add_redis_options(g: argparse._ArgumentGroup) -> None:
+    """The Redis login and TLS options every PWFL command line shares."""
+    g.add_argument("--redis-user", metavar="NAME",
+                   help=f"Redis ACL user (default ${REDIS_USERNAME_ENV}; none: the default user)")
+    g.add_argument("--redis-password-file", type=Path, metavar="FILE",
+                   help="file holding the Redis password")
+    g.add_argument("--redis-ca-file", metavar="FILE",
+                   help="rediss://: CA certificate (PEM) that signed the server's certificate")
+    g.add_argument("--redis-cert-file", metavar="FILE",
+                   help="rediss://: client certificate, for servers that require one")
+    g.add_argument("--redis-key-file", metavar="FILE", help="rediss://: its private key")

@@ -17,6 +17,7 @@ from bus.credentials import (
     REDIS_PASSWORD_FILE_ENV,
     REDIS_USERNAME_ENV,
     Keyring,
+    add_redis_options,
     secret_from,
 )
 from bus.errors import CredentialsError
@@ -102,15 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_security_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--redis-user", metavar="NAME",
-                   help=f"Redis ACL user (default ${REDIS_USERNAME_ENV}; none: the default user)")
-    g.add_argument("--redis-password-file", type=Path, metavar="FILE",
-                   help="file holding the Redis password")
-    g.add_argument("--redis-ca-file", metavar="FILE",
-                   help="rediss://: CA certificate (PEM) that signed the server's certificate")
-    g.add_argument("--redis-cert-file", metavar="FILE",
-                   help="rediss://: client certificate, for servers that require one")
-    g.add_argument("--redis-key-file", metavar="FILE", help="rediss://: its private key")
+    add_redis_options(g)
     g.add_argument("--client-keys", type=Path, metavar="DIR",
                    help="directory with CLIENT_ID.key for each client hosted here")
 

@@ -23,6 +23,7 @@ from bus.credentials import (
     REDIS_PASSWORD_FILE_ENV,
     REDIS_USERNAME_ENV,
     Keyring,
+    add_redis_options,
     read_secret,
     secret_from,
     write_secret,
@@ -42,15 +43,7 @@ which is fine for the single-machine default. The API token guards POST routes
 
 
 def add_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--redis-user", metavar="NAME",
-                   help=f"Redis ACL user (default ${REDIS_USERNAME_ENV}; none: the default user)")
-    g.add_argument("--redis-password-file", type=Path, metavar="FILE",
-                   help="file holding the Redis password")
-    g.add_argument("--redis-ca-file", metavar="FILE",
-                   help="rediss://: CA certificate (PEM) that signed the server's certificate")
-    g.add_argument("--redis-cert-file", metavar="FILE",
-                   help="rediss://: client certificate, for servers that require one")
-    g.add_argument("--redis-key-file", metavar="FILE", help="rediss://: its private key")
+    add_redis_options(g)
     g.add_argument("--client-keys", metavar="DIR",
                    help="per-client HMAC keys, one file DIR/CLIENT_ID.key each: every update "
                         "must carry its client's signature (bad or missing: rejected as "
