@@ -86,14 +86,14 @@ def test_killed_agents_leases_return_or_a_replacement_reclaims_their_jobs(
 
     with run:
         healthy = agent("a", "0,1", 5000)
-        expiring, outliving = agent("b", "2", 1500), agent("c", "3", 30_000)
+        expiring, outliving = agent("b", "2", 1500), agent("c", "3", 120_000)
         expiring.wait_for(lambda ev: any(e["event"] == "job_started" for e in ev), 90)
         outliving.wait_for(lambda ev: any(e["event"] == "job_started" for e in ev), 90)
         lost_job = expiring.events("job_started")[0]["job_id"]
         reclaimed_job = outliving.events("job_started")[0]["job_id"]
         expiring.kill()
         outliving.kill()
-        replacement = agent("c2", "3", 30_000)
+        replacement = agent("c2", "3", 120_000)
         run.wait_for(lambda ev: any(e["event"] == "client_lost" for e in ev), 30)
         late_replacement = agent("b2", "2", 1500)
         assert run.wait(150) == 0, run.output()[-3000:]
