@@ -39,6 +39,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self._stopping = asyncio.Event()
+        self._stop_reason = ""
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}  # (stream, id)
         self.rejected = 0
 
@@ -46,6 +47,7 @@ class Agent:
         """Stop taking jobs; finish the ones in hand."""
         if not self._stopping.is_set():
             log.info("agent_stopping", agent_id=self.settings.name, reason=reason)
+            self._stop_reason = reason
         self._stopping.set()
 
     async def run(self) -> None:
@@ -58,8 +60,10 @@ class Agent:
                 if run_id is None:
                     break
                 await self._serve(redis, run_id)
-                if s.exit_when_done or s.run_id:
+                if s.exit_when_done or s.run_id or self._stop_reason != "run_finished":
                     break
+                self._stopping.clear()  # the run ended, not the agent: wait for the next one
+                self._stop_reason = ""
         finally:
             await redis.aclose()
 

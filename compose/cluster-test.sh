@@ -218,11 +218,22 @@ teardown() {
     timed down timeout 600 "${COMPOSE[@]}" down -v --remove-orphans >>"$OUT/down.log" 2>&1
   fi
   [[ -n $WHEEL_SERVER ]] && kill "$WHEEL_SERVER" 2>/dev/null
-  if [[ ${PWFL_TEST_KEEP_IMAGE:-1} == 0 ]]; then docker rmi "$IMAGE" >/dev/null 2>&1; fi
+  tidy_images >/dev/null 2>&1
   if [[ $STARTED_DAEMON == 1 ]]; then compose/dockerd-local.sh stop >/dev/null; fi
   write_times
   log "done (exit $rc); results in $OUT"
   exit "$rc"
+}
+
+# Under vfs every build leaves GBs behind: drop earlier builds of this tag and the build
+# cache this run did not use, so that repeated runs do not fill the disk.
+tidy_images() {
+  if [[ ${PWFL_TEST_KEEP_IMAGE:-1} == 0 ]]; then
+    docker rmi "$IMAGE"
+    docker builder prune -af
+  fi
+  docker image prune -f
+  docker builder prune -f --filter until=30m
 }
 
 write_times() {
