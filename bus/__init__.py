@@ -4,7 +4,7 @@ Uses `serialization`; nothing else of ours.
 """
 
 from bus.blobs import BlobRef, BlobStore, digest_of
-from bus.connection import RedisSettings, connect, redis_errors, wait_ready
+from bus.connection import RedisSettings, connect, raise_if_cancelled, redis_errors, wait_ready
 from bus.embedded import EmbeddedRedis, find_redis_server
 from bus.errors import BlobMissing, BusError, EmbeddedRedisError, RedisUnavailable
 from bus.keys import Keys
@@ -32,6 +32,7 @@ __all__ = [
     "get_active_run",
     "publish",
     "publish_many",
+    "raise_if_cancelled",
     "reclaim",
     "redis_errors",
     "set_active_run",

@@ -7,6 +7,11 @@ connection whose command was cancelled mid-flight (its `read_response`
 disconnects on any BaseException), so a cancelled blocking XREADGROUP never
 leaves its reply for the next caller; `tests/test_bus_connection.py` pins that.
 
+But a cancellation can be lost: redis-py writes every command under
+`asyncio.wait_for`, which on Python 3.11 returns normally (dropping the cancel) when
+the task is cancelled just as the write completes. A loop that awaits Redis calls
+`raise_if_cancelled` once per turn, so a lost cancel still ends it a turn later.
+
 redis-py's exceptions become ours here and nowhere else (`redis_errors`):
 
     redis.AuthenticationError, AuthorizationError,
@@ -146,6 +151,18 @@ async def _pinged(client: aioredis.Redis, errors: list[BaseException]) -> bool:
                 raise
             errors.append(exc)
             return False
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop and the request got lost.
+
+    Measured: cancelling a task that loops on SETs lost about half the cancels, and
+    a lost one left a task group (the coordinator's services, an agent's heartbeat)
+    waiting for that task forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def as_bytes(value: bytes | str) -> bytes:

@@ -20,7 +20,7 @@ import structlog
 
 from bus import streams
 from bus.blobs import BlobStore
-from bus.connection import connect, wait_ready
+from bus.connection import connect, raise_if_cancelled, wait_ready
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
 from client_agent.jobs import JobRunner
@@ -70,6 +70,7 @@ class Agent:
     async def _active_run(self, redis: object) -> str | None:
         """Wait for a coordinator to announce a run (None if asked to stop meanwhile)."""
         while not self._stopping.is_set():
+            raise_if_cancelled()
             run_id = await get_active_run(redis, self.settings.namespace)  # type: ignore[arg-type]
             if run_id and not await self._run_over(redis, Keys(run_id, self.settings.namespace)):
                 return run_id
@@ -118,6 +119,7 @@ class Agent:
     async def _heartbeat(self, registry: Registry) -> None:
         interval_s = self.settings.heartbeat_ttl_ms / 3000
         while True:
+            raise_if_cancelled()
             try:
                 await registry.heartbeat(self.settings.client_ids)
             except Exception as exc:  # noqa: BLE001 - Redis away: keep beating, it comes back
@@ -128,6 +130,7 @@ class Agent:
         """Poll the run's status: stop serving when it has ended (or our parent has gone)."""
         parent = os.getppid()
         while not await self._run_over(redis, keys):
+            raise_if_cancelled()
             if self.settings.exit_with_parent and os.getppid() != parent:
                 self.request_stop("parent_exited")
                 return
@@ -147,6 +150,7 @@ class Agent:
             await streams.ensure_group(redis, stream, JOBS_GROUP)  # type: ignore[arg-type]
         last_reclaim = 0.0
         while not self._stopping.is_set():
+            raise_if_cancelled()
             if time.monotonic() - last_reclaim > RECLAIM_EVERY_S:
                 last_reclaim = time.monotonic()
                 await self._reclaim(redis, keys, job_streams, runner)

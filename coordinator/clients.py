@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from bus import streams
+from bus.connection import raise_if_cancelled
 from bus.errors import BusError
 from bus.keys import JOBS_GROUP, RESULTS_GROUP
 from bus.registry import Registry
@@ -39,6 +40,7 @@ class ClientTracker:
     async def run(self) -> None:
         since_trim = 0.0
         while True:
+            raise_if_cancelled()
             await self.poll()
             await asyncio.sleep(POLL_S)
             since_trim += POLL_S

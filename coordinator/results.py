@@ -13,6 +13,7 @@ from __future__ import annotations
 import structlog
 
 from bus import streams
+from bus.connection import raise_if_cancelled
 from bus.keys import RESULTS_GROUP
 from coordinator.context import Delivery, RunContext
 from coordinator.jobs import JobRecord
@@ -42,6 +43,7 @@ class ResultDispatcher:
             ):
                 await self.route(entry)
         while True:
+            raise_if_cancelled()
             for entry in await streams.consume(r, self._streams, RESULTS_GROUP, CONSUMER,
                                                count=256, block_ms=1000):
                 await self.route(entry)

@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from bus.blobs import BlobRef
+from bus.connection import raise_if_cancelled
 from coordinator.context import Delivery, RunContext
 from coordinator.jobs import JobRecord, new_job_id
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
@@ -92,6 +93,7 @@ class SlotRunner:
                 raise SlotFailed(f"slot {self.slot_id} round {round_} failed {failures} times")
 
     async def _attempt(self, round_: int) -> bool:
+        raise_if_cancelled()
         self.status.state, self.status.round = "waiting", round_
         waiting_since = time.monotonic()
         clients = await self.ctx.broker.lease(self.slot_id, round_)
@@ -161,6 +163,7 @@ class SlotRunner:
     async def _collect(self, opened: OpenRound) -> Closure:
         """Handle deliveries until the quorum closes the round."""
         while (closure := opened.quorum.closure(time.monotonic())) is None:
+            raise_if_cancelled()
             remaining = opened.quorum.deadline_at - time.monotonic()
             try:
                 async with asyncio.timeout(max(remaining, 0.0)):

@@ -11,7 +11,7 @@ from redis import exceptions as rex
 from redis.asyncio.connection import SSLConnection
 from redis.backoff import ExponentialBackoff
 
-from bus.connection import RedisSettings, connect, redis_errors, wait_ready
+from bus.connection import RedisSettings, connect, raise_if_cancelled, redis_errors, wait_ready
 from bus.embedded import EmbeddedRedis, free_port
 from bus.errors import BusError, RedisUnavailable
 from bus.keys import JOBS_GROUP, Keys
@@ -138,3 +138,20 @@ async def test_cancelled_blocking_read_leaves_no_stray_reply(
         assert [e.payload for e in entries] == [b"late"]
     finally:
         await client.aclose()
+
+
+async def test_a_loop_on_redis_always_ends_when_cancelled(redis_client: aioredis.Redis) -> None:
+    """A cancel that redis-py's write drops (asyncio.wait_for on 3.11) still ends a loop that
+    checks raise_if_cancelled each turn; nothing else needs a second cancel."""
+
+    async def beat() -> None:
+        while True:
+            raise_if_cancelled()
+            await redis_client.set("beat", b"1", px=5000)
+
+    for _ in range(50):
+        task = asyncio.create_task(beat())
+        await asyncio.sleep(0.002)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert done, "the cancel was lost and the loop went on"
