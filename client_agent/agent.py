@@ -28,6 +28,7 @@ from client_agent.model_cache import ModelCache
 from client_agent.settings import AgentSettings
 from client_agent.trainers import TrainerPool
 from serialization import Job, PayloadError, Registration
+from trainer_worker import shm
 
 log = structlog.get_logger()
 
@@ -52,6 +53,9 @@ class Agent:
 
     async def run(self) -> None:
         s = self.settings
+        orphans = await asyncio.to_thread(shm.sweep_orphans)
+        if orphans:  # left by an agent that was killed (SIGKILL, OOM) before it could unlink
+            log.warning("shm_orphans_removed", agent_id=s.name, segments=len(orphans))
         redis = connect(s.redis_settings())
         try:
             await wait_ready(redis, timeout_s=60)

@@ -133,6 +133,6 @@ class ModelCache:
 
 def _copied(digest: str, data: Data) -> _Entry:
     raw = memoryview(data).cast("B")
-    memory = shm.create(raw.nbytes, prefix="pwfl-m")
+    memory = shm.create(raw.nbytes, prefix=shm.owned_prefix("m"))
     shm.buffer(memory)[: raw.nbytes] = raw
     return _Entry(ModelSegment(memory.name, raw.nbytes, digest), memory)

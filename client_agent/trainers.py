@@ -40,7 +40,7 @@ class TrainerStartError(RuntimeError):
     """A trainer process exited before it said it was ready."""
 
 
-SHM_DIR = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory (only listed)
+SHM_DIR = Path(shm.SHM_DIR)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class TrainerPool:
         self.log_file = log_file
         self.run_id = run_id
         self.agent_id = agent_id
-        self.shm_prefix = f"pwfl-{secrets.token_hex(4)}"
+        self.shm_prefix = shm.owned_prefix(f"t{secrets.token_hex(4)}")
         self.start_timeout_s = 120.0
         self._ctx = multiprocessing.get_context("spawn")
         self._spawned = 0

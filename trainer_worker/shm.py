@@ -4,6 +4,12 @@ Python 3.11's `SharedMemory` registers every segment it creates *or attaches*
 with the resource tracker, which then unlinks segments still in use and warns
 at exit. PWFL manages lifetimes explicitly (the creator names the owner, the
 owner unlinks), so these helpers take segments out of the tracker's hands.
+
+An owner that is SIGKILLed unlinks nothing, and its segments would hold shared
+memory until reboot. Every name therefore starts with ``pwfl-<owner pid>-``
+(`owned_prefix`; the owner is the agent, also for the segments its trainers
+create), and an agent starting up removes the segments of owners no longer alive
+(`sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -11,8 +17,48 @@ from __future__ import annotations
 import _posixshmem  # POSIX only, as PWFL's agents are
 import contextlib
 import os
+import re
 import secrets
 from multiprocessing import resource_tracker, shared_memory
+
+SHM_DIR = "/dev/shm"  # noqa: S108 - where Linux keeps POSIX shared memory
+_OWNED = re.compile(r"^pwfl-(\d+)-")
+
+
+def owned_prefix(tag: str, owner_pid: int | None = None) -> str:
+    """A name prefix marking segments as owned by `owner_pid` (default: this process)."""
+    return f"pwfl-{owner_pid if owner_pid is not None else os.getpid()}-{tag}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_orphans(directory: str = SHM_DIR) -> list[str]:
+    """Remove the segments whose owning process has died; their names.
+
+    Only names this module made (``pwfl-<pid>-``) are touched, and only when no
+    process has that pid (a pid reused since keeps its segments: harmless, and
+    swept once that process is gone too). Segments live per IPC namespace, as pids
+    do per pid namespace: in a container both are the container's own.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _OWNED.match(name)
+        if match and not _alive(int(match.group(1))):
+            remove(name)
+            removed.append(name)
+    return removed
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
