@@ -15,7 +15,7 @@ status 1 if one fails): RSS growth after warm-up under `--max-rss-growth` percen
 after warm-up, per process; open file descriptors are shown too), and Redis
 bounded (the troughs of the keys and memory in the last third of the run, once
 streams are trimmed, no higher than in the first third after warm-up, with a small
-allowance).
+allowance; each window spans at least 1.5 trim periods so that it holds a trim).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 import redis
 
 from bus.embedded import EmbeddedRedis
+from coordinator.clients import TRIM_EVERY_S
 
 ROOT = Path(__file__).resolve().parents[1]
 # A blob or two in flight and a few stream entries come and go even at a trough;
@@ -218,26 +219,32 @@ def rss_verdicts(after: list[Sample], max_growth_pct: float) -> list[Verdict]:
     return verdicts
 
 
-def redis_verdicts(after: list[Sample]) -> list[Verdict]:
+def redis_verdicts(after: list[Sample], trim_every_s: float = TRIM_EVERY_S) -> list[Verdict]:
     """Keys and used_memory do not grow with the rounds.
 
-    Streams are trimmed every 10 s, so both follow a sawtooth whose peaks depend on
-    where the trims fall; the troughs (what stays once trimmed) show a leak. The
-    troughs of the last third may exceed those of the first third by the allowance.
+    Streams are trimmed every `trim_every_s`, so both follow a sawtooth whose peaks
+    depend on where the trims fall; the troughs (what stays once trimmed) show a leak.
+    The trough of the last window may exceed that of the first by the allowance. Each
+    window spans a third of the run but at least one and a half trim periods, so it
+    holds a trim: a window between two trims has no trough, only a rising edge.
     """
-    third = max(1, len(after) // 3)
-    early, late = after[:third], after[-third:]
+    span = after[-1].t_s - after[0].t_s
+    window_s = max(span / 3, 1.5 * trim_every_s)
+    early = [s for s in after if s.t_s - after[0].t_s <= window_s]
+    late = [s for s in after if after[-1].t_s - s.t_s <= window_s]
     keys_early, keys_late = min(s.redis_keys for s in early), min(s.redis_keys for s in late)
     mem_early, mem_late = min(s.redis_used for s in early), min(s.redis_used for s in late)
     peak_keys, peak_mem = max(s.redis_keys for s in after), max(s.redis_used for s in after)
+    windows = f"first and last {window_s:.0f} s"
+    if span < 2 * window_s:
+        windows += f" (overlapping: {span:.0f} s measured; more --rounds separates them)"
     return [
         Verdict("redis keys bounded", keys_late <= keys_early + KEYS_ALLOWANCE,
-                f"trough {keys_early} in the first third, {keys_late} in the last; "
-                f"peak {peak_keys}"),
+                f"trough {keys_early} -> {keys_late} over the {windows}; peak {peak_keys}"),
         Verdict("redis memory bounded",
                 mem_late <= mem_early * (1 + MEMORY_ALLOWANCE) + MEMORY_SLACK_BYTES,
-                f"trough {_mb(mem_early).strip()} MB in the first third, "
-                f"{_mb(mem_late).strip()} MB in the last; peak {_mb(peak_mem).strip()} MB"),
+                f"trough {_mb(mem_early).strip()} MB -> {_mb(mem_late).strip()} MB; "
+                f"peak {_mb(peak_mem).strip()} MB"),
     ]
 
 

@@ -18,7 +18,16 @@ def test_flat_memory_and_a_trimmed_sawtooth_pass() -> None:
     saw = [1.3, 1.8, 2.3] * 4
     samples = _samples([550.0] * 12, [22, 25, 28] * 4, saw)
     assert all(v.ok for v in rss_verdicts(samples, 5.0))
-    assert all(v.ok for v in redis_verdicts(samples))
+    assert all(v.ok for v in redis_verdicts(samples, trim_every_s=3))
+
+
+def test_a_last_third_without_a_trim_is_not_a_leak() -> None:
+    """Trims every 10 s, a sample every second, 17 s measured: the last third (6 s) can
+    fall between two trims and hold no trough; the windows widen to 15 s so it does."""
+    used = [1.5 + 0.15 * (i % 10) for i in range(2, 20)]  # a trim at 10 s
+    samples = _samples([550.0] * len(used), [25] * len(used), used)
+    assert min(used[-6:]) > 1.5 * 1.1 + 0.25  # the naive last third looks like a leak
+    assert all(v.ok for v in redis_verdicts(samples, trim_every_s=10))
 
 
 def test_growth_fails() -> None:
@@ -26,4 +35,4 @@ def test_growth_fails() -> None:
     samples = _samples([500.0 + 5 * i for i in range(12)], [20 + 5 * i for i in range(12)],
                        [1.0 + 0.5 * i for i in range(12)])
     assert not any(v.ok for v in rss_verdicts(samples, 5.0))
-    assert not any(v.ok for v in redis_verdicts(samples))
+    assert not any(v.ok for v in redis_verdicts(samples, trim_every_s=3))
