@@ -22,10 +22,9 @@ def _accuracy(value: float | None) -> str:
 
 
 def _slot_row(slot: SlotStatus, elapsed_s: float) -> list[str]:
-    best = max((a for _, a, _ in slot.accuracies), default=None)
     clients = ",".join(slot.clients) if slot.state == "training" else ""
     return [str(slot.slot_id), f"{slot.rounds_done}/{slot.rounds}", slot.state, clients,
-            _accuracy(slot.last_accuracy), _accuracy(best), f"{elapsed_s:.1f}s"]
+            _accuracy(slot.last_accuracy), _accuracy(slot.best_accuracy), f"{elapsed_s:.1f}s"]
 
 
 def status_table(status: RunStatus, title: str) -> Table:

@@ -280,7 +280,7 @@ class SlotRunner:
             accuracy = metrics.get("accuracy") if metrics else None
             self.status.rounds_done = opened.round
             if accuracy is not None:
-                self.status.accuracies.append((opened.round, accuracy, self.ctx.status.elapsed_s))
+                self.status.record_accuracy(opened.round, accuracy, self.ctx.status.elapsed_s)
             log.info("round_closed", slot_id=self.slot_id, round=opened.round,
                      duration_s=round(time.monotonic() - opened.quorum.started_at, 6),
                      accuracy=accuracy, num_updates=opened.num_updates)
