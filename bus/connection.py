@@ -12,6 +12,10 @@ But a cancellation can be lost: redis-py writes every command under
 the task is cancelled just as the write completes. A loop that awaits Redis calls
 `raise_if_cancelled` once per turn, so a lost cancel still ends it a turn later.
 
+A client logs `redis_unreachable` when its first command fails for want of Redis
+and `redis_reconnected` (with the outage's length) once one succeeds again: one
+pair per outage, not one line per retried command.
+
 redis-py's exceptions become ours here and nowhere else (`redis_errors`):
 
     redis.AuthenticationError, AuthorizationError,
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+import structlog
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -40,10 +46,17 @@ _RETRIED = (rex.ConnectionError, rex.TimeoutError)
 # ConnectionError subclasses that waiting cannot fix: fail at once, as BusError.
 _NOT_RETRIED = (rex.AuthenticationError, rex.AuthorizationError, rex.MaxConnectionsError)
 T = TypeVar("T")
+log = structlog.get_logger("bus.connection")
 
 
 class _Retry(Retry):
-    """redis-py's Retry, except for bad credentials and a full pool (no use waiting)."""
+    """redis-py's Retry, except for bad credentials and a full pool (no use waiting),
+    and logging an outage once at its start and once at its end (one per client)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._down_since: float | None = None
+        self._failures = 0
 
     async def call_with_retry(
         self,
@@ -57,7 +70,19 @@ class _Retry(Retry):
                 return False
             return is_retryable is None or is_retryable(exc)
 
-        return await super().call_with_retry(do, fail, retryable, with_failure_count)
+        async def noted(error: Exception, *count: int) -> None:
+            self._failures += 1
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("redis_unreachable", error=str(error) or type(error).__name__)
+            await fail(error, *count)
+
+        result = await super().call_with_retry(do, noted, retryable, with_failure_count)
+        if self._down_since is not None:
+            log.warning("redis_reconnected", down_s=round(time.monotonic() - self._down_since, 3),
+                     retries=self._failures)
+            self._down_since, self._failures = None, 0
+        return result
 
 
 @dataclass(frozen=True)
