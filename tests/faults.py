@@ -4,6 +4,7 @@ was aggregated twice, none that an agent handed over was lost)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from typing import Any
 
 from tests.e2e import ROOT, read_events
 
+# Where `fault_ledger` appends one JSON line per fault test (`python -m tests.fault_matrix`).
+MATRIX_ENV = "PWFL_FAULT_MATRIX"
 # An upload this close to its slot's last quorum may not have been read before the
 # slot finished (the dispatcher blocks up to 1 s per read); it is not counted as lost.
 READ_SLACK_S = 2.0
@@ -60,13 +63,15 @@ class AgentProc:
         self.proc.wait(30)
 
 
-def start_agent(redis_url: str, run_id: str, clients: str, log_dir: Path, name: str,
+def start_agent(redis_url: str, run_id: str | None, clients: str, log_dir: Path, name: str,
                 *args: str, netns: str | None = None) -> AgentProc:
-    """An agent serving `run_id` for `clients` (comma-separated), exiting when the run ends."""
+    """An agent serving `run_id` for `clients` (comma-separated), exiting when the run ends;
+    with `run_id` None, one that follows the active run, run after run, until stopped."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file, console = log_dir / f"{name}.jsonl", log_dir / f"{name}.console.log"
-    argv = [sys.executable, "-m", "client_agent", "--redis", redis_url, "--run-id", run_id,
-            "--clients", clients, "--agent-id", name, "--exit-when-done",
+    serve = ["--run-id", run_id, "--exit-when-done"] if run_id is not None else []
+    argv = [sys.executable, "-m", "client_agent", "--redis", redis_url, *serve,
+            "--clients", clients, "--agent-id", name,
             "--log-file", str(log_file), "--log-level", "warning", *args]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]  # ip execs the agent: same pid
@@ -143,4 +148,59 @@ def lost_updates(events: list[dict[str, Any]], agent_events: list[dict[str, Any]
         collecting = slot is not None and e["ts"] < last_quorum.get(slot, 0.0) - READ_SLACK_S
         if collecting and e["job_id"] not in set(received) | rejected:
             problems.append(f"job {e['job_id']} uploaded but never reached the coordinator")
+    return problems
+
+
+def what_happened(events: list[dict[str, Any]], agent_events: list[dict[str, Any]]) -> str:
+    """The recovery steps the logs show, counted: what the system did about the fault."""
+    counts: list[str] = []
+
+    def count(name: str, n: int, detail: str = "") -> None:
+        if n:
+            counts.append(f"{name} {n}" + (f" ({detail})" if detail else ""))
+
+    def reasons(items: Iterator[dict[str, Any]], key: str) -> tuple[int, str]:
+        seen = Counter(str(e.get(key)) for e in items)
+        return sum(seen.values()), ", ".join(f"{k} x{n}" if n > 1 else k for k, n in seen.items())
+
+    count("coordinator resumed", sum(1 for _ in _of(events, "run_resumed")))
+    count("trainers died mid-job and restarted",
+          sum(1 for e in _of(agent_events, "trainer_exited") if e.get("job_id")))
+    outages = [e["down_s"] for e in _of(events + agent_events, "redis_reconnected")]
+    count("Redis reconnections", len(outages),
+          f"coordinator and agents, longest {max(outages):.1f} s" if outages else "")
+    count("heartbeat retries", sum(1 for _ in _of(agent_events, "heartbeat_failed")))
+    count("clients lost", *reasons(_of(events, "client_lost"), "reason"))
+    registrations = Counter(e["client_id"] for e in _of(events, "client_registered"))
+    count("clients rejoined", sum(n - 1 for n in registrations.values()))
+    failed = Counter(str(e["error"]).split(":")[0] for e in _of(events, "job_failed"))
+    count("jobs failed", sum(failed.values()), ", ".join(f"{k} x{n}" for k, n in failed.items()))
+    count("jobs reclaimed", sum(1 for _ in _of(agent_events, "job_reclaimed")))
+    count("rounds closed by deadline",
+          sum(1 for e in _of(events, "quorum_reached") if e["reason"] == "deadline"))
+    count("late updates", *reasons(_of(events, "update_late"), "action"))
+    count("results rejected", *reasons(_of(events, "update_rejected"), "reason"))
+    return "; ".join(counts) or "nothing to recover"
+
+
+def fault_ledger(fault: str, events: list[dict[str, Any]], agent_events: list[dict[str, Any]],
+                 slots: int, rounds: int, *, also: str = "") -> list[str]:
+    """`ledger_problems`, and a row of the fault matrix when $PWFL_FAULT_MATRIX names a file
+    (`also`: a finding of the test's own to add to what happened)."""
+    problems = ledger_problems(events, agent_events, slots, rounds)
+    path = os.environ.get(MATRIX_ENV)
+    if path:
+        closed = {(e["slot_id"], e["round"]) for e in _of(events, "round_closed")}
+        expected = {(s, r) for s in range(slots) for r in range(1, rounds + 1)}
+        row = {
+            "fault": fault,
+            "happened": "; ".join(filter(None, (what_happened(events, agent_events), also))),
+            "rounds": f"{len(closed & expected)}/{len(expected)}",
+            "folded": len({e["job_id"] for e in _of(events, "update_folded")}),
+            "lost": len(lost_updates(events, agent_events)),
+            "doubled": len(doubled_updates(events)),
+            "problems": problems,
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
     return problems

@@ -21,7 +21,7 @@ import redis
 from bus.embedded import find_redis_server, free_port
 from tests.conftest import RedisFactory
 from tests.e2e import start_coordinator
-from tests.faults import AgentProc, ledger_problems, start_agent, stop_agents
+from tests.faults import AgentProc, fault_ledger, start_agent, stop_agents
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -57,7 +57,8 @@ def test_redis_restarted_mid_run_with_aof_everyone_reconnects_and_goes_on(
         assert run.wait(150) == 0, run.output()[-3000:]
     events = run.events()
     agent_events = [e for a in agents for e in a.events()]
-    assert ledger_problems(events, agent_events, slots=2, rounds=4) == []
+    assert fault_ledger(f"Redis (AOF) shut down mid-round, back after {REDIS_OUTAGE_S:.0f} s",
+                        events, agent_events, slots=2, rounds=4) == []
     assert not [e for e in events if e["event"] == "stream_group_recreated"]
     assert not [e for e in agent_events if e["event"] == "stream_group_recreated"]
 
@@ -169,4 +170,5 @@ def test_silo_network_cut_and_restored_run_finishes(
     assert any(e["event"] == "update_folded" and e["client_id"] in {"2", "3"}
                for e in events[rejoined_at:])
     agent_events = [e for a in agents for e in a.events()]
-    assert ledger_problems(events, agent_events, slots=2, rounds=5) == []
+    assert fault_ledger("silo link down (netns veth) past heartbeat expiry, then up",
+                        events, agent_events, slots=2, rounds=5) == []

@@ -16,11 +16,13 @@ import pytest
 
 from bus.embedded import EmbeddedRedis
 from tests.e2e import read_events, start_coordinator
-from tests.faults import AgentProc, ledger_problems, start_agent, stop_agents
+from tests.faults import AgentProc, fault_ledger, start_agent, stop_agents
+from trainer_worker import shm
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 FLAKY = "tests.e2e_tasks:FlakyTask"
+SHM = Path(shm.SHM_DIR)
 SLOW = "tests.e2e_tasks:SlowClientTask"
 
 
@@ -60,7 +62,8 @@ def test_trainer_killed_or_raising_fails_its_job_and_the_round_goes_on(
     failed_rounds = [e for e in run.events("quorum_reached") if e["failed"]]
     assert failed_rounds
     assert all(e["reason"] == "all" and e["received"] >= 1 for e in failed_rounds)
-    assert ledger_problems(run.events(), agent_events, slots=1, rounds=3) == []
+    assert fault_ledger("trainer SIGKILLed mid-job; user code raising for one client",
+                        run.events(), agent_events, slots=1, rounds=3) == []
 
 
 def _training(agent: AgentProc) -> bool:
@@ -112,8 +115,11 @@ def test_killed_agents_leases_return_or_a_replacement_reclaims_their_jobs(
     assert len([e for e in run.events("update_late") if e["job_id"] == lost_job]) <= 1
     assert late_replacement.events("job_reclaimed")
     assert healthy.events("job_reclaimed") == []  # never its own jobs, however long they train
+    for killed in (expiring, outliving):  # swept by the agents started after them
+        assert not list(SHM.glob(f"pwfl-{killed.proc.pid}-*")), "segments outlived their agent"
     agent_events = [e for a in agents for e in a.events()]
-    assert ledger_problems(events, agent_events, slots=2, rounds=3) == []
+    assert fault_ledger("two agents SIGKILLed mid-training (one past heartbeat expiry, one "
+                        "replaced before it)", events, agent_events, slots=2, rounds=3) == []
 
 
 def test_straggler_ten_times_slower_is_closed_out_and_its_late_update_dropped(
@@ -137,4 +143,5 @@ def test_straggler_ten_times_slower_is_closed_out_and_its_late_update_dropped(
     assert all(e["action"] == "dropped" for e in late)
     assert not {e["job_id"] for e in late} & {e["job_id"] for e in run.events("update_folded")}
     agent_events = read_events(tmp_path / "fault-straggler" / "agent-0.jsonl")
-    assert ledger_problems(events, agent_events, slots=1, rounds=5) == []
+    assert fault_ledger("straggler 10x slower, --late-policy drop", events, agent_events,
+                        slots=1, rounds=5) == []
