@@ -5,6 +5,8 @@
     redis_client   an async `bus.connect` client on it, closed after the test
     redis_factory  start extra private servers (AOF, fixed port, ...); all stopped after
     run_keys       `bus.keys.Keys` of a run id unique to the test
+    agents         agent processes a test starts (`tests.faults.start_agent`); any still
+                   running at teardown is killed
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import redis.asyncio as aioredis
 from bus.connection import connect
 from bus.embedded import EmbeddedRedis
 from bus.keys import Keys
+from tests.faults import AgentProc, stop_agents
 
 RedisFactory = Callable[..., EmbeddedRedis]
 
@@ -73,3 +76,11 @@ def redis_factory() -> Iterator[RedisFactory]:
 def run_keys() -> Keys:
     """Key names of a run id no other test uses."""
     return Keys(run_id=f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProc]]:
+    """Agents a test starts go here; any still running at teardown is killed."""
+    started: list[AgentProc] = []
+    yield started
+    stop_agents(started)

@@ -4,23 +4,15 @@ waits for the next one when it ends (a systemd unit starts it once, not per run)
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import RedisFactory
 from tests.e2e import start_coordinator
-from tests.faults import AgentProc, start_agent, stop_agents
+from tests.faults import AgentProc, start_agent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProc]]:
-    started: list[AgentProc] = []
-    yield started
-    stop_agents(started)
 
 
 def test_agent_without_a_run_id_serves_one_run_after_another_until_stopped(

@@ -17,7 +17,6 @@ runs, killed or not.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from bus.embedded import EmbeddedRedis
 from bus.keys import RESULTS_GROUP, Keys
 from serialization import decode
 from tests.e2e import Run, start_coordinator
-from tests.faults import AgentProc, fault_ledger, start_agent, stop_agents, wait_until
+from tests.faults import AgentProc, fault_ledger, start_agent, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -40,13 +39,6 @@ ROUNDS = 4
 ARGS = ("--task", SLOW, "--task-option", 'slow_clients=["1"]', "--task-option", "slow_s=1.5",
         "--task-option", "base_s=0.1", "--slots", "1", "--clients", "2",
         "--rounds", str(ROUNDS), "--quorum", "1.0", "--seed", "7")
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProc]]:
-    started: list[AgentProc] = []
-    yield started
-    stop_agents(started)
 
 
 def _final_model(run: Run) -> dict[str, torch.Tensor]:

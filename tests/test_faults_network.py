@@ -21,7 +21,7 @@ import redis
 from bus.embedded import find_redis_server, free_port
 from tests.conftest import RedisFactory
 from tests.e2e import start_coordinator
-from tests.faults import AgentProc, fault_ledger, start_agent, stop_agents
+from tests.faults import AgentProc, fault_ledger, start_agent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -29,13 +29,6 @@ SLOW = "tests.e2e_tasks:SlowClientTask"
 # How long Redis stays away: longer than the agents' heartbeat period (so beats are
 # missed and retried), shorter than their heartbeat TTL (so no client is lost for it).
 REDIS_OUTAGE_S = 2.0
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProc]]:
-    started: list[AgentProc] = []
-    yield started
-    stop_agents(started)
 
 
 def test_redis_restarted_mid_run_with_aof_everyone_reconnects_and_goes_on(

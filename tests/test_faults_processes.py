@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bus.embedded import EmbeddedRedis
 from tests.e2e import read_events, start_coordinator
-from tests.faults import AgentProc, fault_ledger, start_agent, stop_agents
+from tests.faults import AgentProc, fault_ledger, start_agent
 from trainer_worker import shm
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -24,14 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 FLAKY = "tests.e2e_tasks:FlakyTask"
 SHM = Path(shm.SHM_DIR)
 SLOW = "tests.e2e_tasks:SlowClientTask"
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProc]]:
-    """Agents a test starts go here; any still running at teardown is killed."""
-    started: list[AgentProc] = []
-    yield started
-    stop_agents(started)
 
 
 def _in_round(round_: int) -> str:
