@@ -89,9 +89,17 @@ def start_coordinator(redis_url: str, runs_dir: Path, run_id: str, *args: str) -
     runs_dir.mkdir(parents=True, exist_ok=True)
     console = (runs_dir / f"{run_id}.console.log").open("ab")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console, stderr=console, env=env)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console, stderr=console, env=env,
+                            preexec_fn=_default_sigint)
     console.close()
     return Run(run_id, runs_dir, proc)
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A shell starting pytest in the
+    background (`make test &`) ignores SIGINT, the ignore is inherited through exec, and
+    Python then leaves Ctrl-C ignored: `Run.interrupt` would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def lease_violations(events: list[dict[str, Any]]) -> list[str]:

@@ -161,9 +161,7 @@ def test_quorum_fraction_closes_before_all_answer(launch: Callable[..., Run]) ->
 
 def test_resume_continues_from_checkpoints(launch: Callable[..., Run], tmp_path: Path) -> None:
     """A coordinator stopped between rounds resumes from its checkpoints and finishes the run."""
-    # Rounds of about 1 s: the Ctrl-C must land before the last round closes (with 0.2 s
-    # rounds on a quiet machine, the run had finished by the time it came).
-    args = ("--task", SLOW_TASK, "--task-option", "base_s=1.0", "--slots", "2", "--clients",
+    args = ("--task", SLOW_TASK, "--task-option", "base_s=0.2", "--slots", "2", "--clients",
             "4", "--rounds", "5", "--local-agents", "2")
     first = launch("e2e-resume", *args)
     first.wait_for(lambda ev: {(s, r) for s, r in by_slot_round(ev, "round_closed") if r == 2}
