@@ -189,10 +189,11 @@ def _print_json(summaries: list[RunSummary], whatifs: list[WhatIf]) -> None:
 
 
 def _console() -> Console:
-    """Full width on a terminal; 120 columns into a file or pipe, where nothing wraps."""
+    """Full width on a terminal; 132 columns into a file or pipe, where nothing wraps (the
+    widest table, a what-if grid over client choice, needs 129)."""
     console = Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=120)
+        console = Console(highlight=False, width=132)
     return console
 
 

@@ -13,6 +13,7 @@ Value = float | str | None
 COMPARED: list[tuple[str, str, str]] = [
     ("slots", "slots", "text"),
     ("policy", "policy", "text"),
+    ("client_choice", "client choice", "text"),
     ("quorum", "quorum", "text"),
     ("wall_s", "wall time", "s"),
     ("time_to_target_s", "time to target", "s"),
@@ -52,7 +53,7 @@ def _ratio(value: Value, base: Value) -> float | None:
 
 
 def _metric(summary: RunSummary, key: str) -> Value:
-    if key in ("slots", "policy", "quorum"):
+    if key in ("slots", "policy", "client_choice", "quorum"):
         value = summary.config.get(key)
         return None if value is None else str(value)
     if key == "coordinator_idle_fraction":

@@ -254,5 +254,5 @@ def whatif(result: WhatIf) -> bytes:
 
 
 def _setting_label(setting: dict[str, Any]) -> str:
-    return (f"{setting['slots']} slot(s), {setting['policy']}, quorum {setting['quorum']:g}, "
-            f"{setting['clients_per_round']}/round")
+    return (f"{setting['slots']} slot(s), {setting['policy']}, {setting['client_choice']}, "
+            f"quorum {setting['quorum']:g}, {setting['clients_per_round']}/round")

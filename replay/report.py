@@ -261,7 +261,7 @@ def _whatif_section(directory: Path, whatif: WhatIf, slug: str) -> str:
     rows, classes = [], []
     for p in whatif.predictions:
         s = p.setting
-        rows.append([str(s["slots"]), s["policy"], f"{s['quorum']:g}",
+        rows.append([str(s["slots"]), s["policy"], s["client_choice"], f"{s['quorum']:g}",
                      str(s["clients_per_round"]), str(s["rounds"]), fmt.seconds(p.wall_s),
                      fmt.span(p.wall_s_min, p.wall_s_max),
                      f"{p.slot_rounds_per_hour:.0f}", fmt.percent(p.coordinator_busy_fraction),
@@ -273,9 +273,9 @@ def _whatif_section(directory: Path, whatif: WhatIf, slug: str) -> str:
             f"mean of {whatif.repeats})</h3><p class=\"sub\">Recorded setting highlighted; "
             f"recorded wall {fmt.seconds(whatif.recorded_wall_s)}, prediction error "
             f"{_e(error)}.</p>"
-            + _table(["slots", "policy", "quorum", "clients/round", "rounds", "wall",
-                      "range", "slot-rounds/h", "coordinator busy", "client idle",
-                      "mean round"], rows, left=2, row_classes=classes)
+            + _table(["slots", "policy", "client choice", "quorum", "clients/round", "rounds",
+                      "wall", "range", "slot-rounds/h", "coordinator busy", "client idle",
+                      "mean round"], rows, left=3, row_classes=classes)
             + _figure(directory, f"{slug}-whatif.png", figures.whatif(whatif),
                       "Predicted wall time per setting (bars: mean, whiskers: range); "
                       "dashed: recorded wall time.", css="narrow"))

@@ -42,6 +42,7 @@ class Setting:
     rounds: int
     min_clients: int
     deadline_s: float
+    client_choice: str = "least-used"  # or "policy-order", as the coordinator's --client-choice
 
 
 @dataclass
@@ -83,7 +84,8 @@ class Simulation:
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.pool = ClientPool(setting.policy, clients_per_round=setting.clients_per_round,
-                               min_clients=setting.min_clients, rng=random.Random(pool_seed))
+                               min_clients=setting.min_clients, rng=random.Random(pool_seed),
+                               prefer_unused=setting.client_choice == "least-used")
         self.rule = QuorumRule(fraction=setting.quorum, min_updates=setting.min_clients,
                                deadline_s=setting.deadline_s)
         self.slots = [_Slot(i) for i in range(setting.slots)]

@@ -203,16 +203,20 @@ def render_comparison(console: Console, comparison: Comparison) -> None:
 
 def render_whatif(console: Console, whatif: WhatIf) -> None:
     """Predicted wall time, throughput and idle fractions for each simulated setting."""
+    choices = sorted({p.setting["client_choice"] for p in whatif.predictions})
+    by_choice = len(choices) > 1  # a column only when the grid varies it (the table is wide)
     table = _table(
-        f"What-if for {whatif.label} (* = recorded setting; mean of {whatif.repeats} replays)",
-        "slots", "policy", "quorum", "clients\n/round", "rounds", "wall", "wall\nrange",
-        "slot-\nrounds/h", "coord.\nbusy", "client\nidle", "mean\nround", "failed\nrounds",
-        left=2,
+        f"What-if for {whatif.label} (* = recorded setting; mean of {whatif.repeats} replays"
+        + ("" if by_choice else f"; client choice {choices[0]}") + ")",
+        "slots", "policy", *(["client\nchoice"] if by_choice else []), "quorum",
+        "clients\n/round", "rounds", "wall", "wall\nrange", "slot-\nrounds/h", "coord.\nbusy",
+        "client\nidle", "mean\nround", "failed\nrounds", left=3 if by_choice else 2,
     )
     for p in whatif.predictions:
         s = p.setting
         table.add_row(
             f"{s['slots']}{' *' if p.recorded_setting else ''}", s["policy"],
+            *([s["client_choice"]] if by_choice else []),
             f"{s['quorum']:g}", str(s["clients_per_round"]), str(s["rounds"]),
             fmt.seconds(p.wall_s) + ("" if p.finished else " stalled"),
             fmt.span(p.wall_s_min, p.wall_s_max),

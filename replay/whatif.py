@@ -1,4 +1,5 @@
-"""What-if grids: `--simulate slots=1,2,3 policy=partition,greedy quorum=1.0,0.5`.
+"""What-if grids: `--simulate slots=1,2,3 policy=partition,greedy quorum=1.0,0.5`
+(and `client_choice=least-used,policy-order`).
 
 Each setting of the grid is simulated a few times (different seeded draws of
 the recorded durations) and the predictions averaged. The recorded setting is
@@ -21,8 +22,11 @@ from replay.profile import Profile, build_profile, default_round_size
 from replay.simulate import Setting, SimResult, Simulation
 
 REPEATS = 5
-GRID_KEYS = ("slots", "policy", "quorum", "clients_per_round", "rounds")
+GRID_KEYS = ("slots", "policy", "client_choice", "quorum", "clients_per_round", "rounds")
 POLICIES = ("partition", "greedy")
+CLIENT_CHOICES = ("least-used", "policy-order")
+# A log without `client_choice` predates the option: its pool took clients in policy order.
+CHOICE_BEFORE_THE_OPTION = "policy-order"
 
 Grid = dict[str, list[Any]]
 
@@ -86,6 +90,10 @@ def _value(key: str, text: str) -> Any:
             if text not in POLICIES:
                 raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
             return text
+        if key == "client_choice":
+            if text not in CLIENT_CHOICES:
+                raise ValueError(f"client_choice must be one of {', '.join(CLIENT_CHOICES)}")
+            return text
         if key == "quorum":
             value = float(text)
             if not 0.0 < value <= 1.0:
@@ -113,6 +121,7 @@ def recorded_setting(profile: Profile, rounds: int | None = None) -> Setting:
         rounds=rounds or _int(config.get("rounds"), 1),
         min_clients=_int(config.get("min_clients"), 1),
         deadline_s=_float(config.get("deadline_s"), 600.0),
+        client_choice=str(config.get("client_choice", CHOICE_BEFORE_THE_OPTION)),
     )
 
 

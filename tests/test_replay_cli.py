@@ -97,7 +97,7 @@ def test_not_an_event_log_exits_2_with_one_line(tmp_path: Path,
 def test_bad_simulate_key_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown what-if key is a usage error naming the valid keys."""
     assert main([ONE, "--simulate", "colour=red"]) == 2
-    assert "slots, policy, quorum" in capsys.readouterr().err
+    assert "slots, policy, client_choice, quorum" in capsys.readouterr().err
 
 
 def test_warnings_go_to_stderr_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -123,3 +123,36 @@ def test_other_slot_count_is_predicted_from_a_real_log(source: str, target: str)
     whatif = predict_grid(_run(source), {"slots": [slots]})
     predicted = next(p for p in whatif.predictions if p.setting["slots"] == slots)
     assert predicted.wall_s == pytest.approx(actual.wall_s, rel=0.10)
+
+
+def _partners(name: str, choice: str) -> dict[int, set[str]]:
+    """The clients each slot trained with when the run is replayed with `choice`."""
+    profile = build_profile(_run(name))
+    setting = dataclasses.replace(recorded_setting(profile), client_choice=choice, rounds=10)
+    sim = Simulation(profile, setting, random.Random(0))
+    seen: dict[int, set[str]] = {}
+    open_round = sim._open_round
+
+    def record(slot, clients):  # type: ignore[no-untyped-def]
+        seen.setdefault(slot.slot_id, set()).update(clients)
+        open_round(slot, clients)
+
+    sim._open_round = record  # type: ignore[method-assign]
+    assert sim.run().finished
+    return seen
+
+
+def test_client_choice_is_replayed_as_recorded_and_can_be_varied() -> None:
+    """A log from before --client-choice replays in policy order; the grid can ask for
+    least-used, which spreads each slot over more of the clients, as in the coordinator."""
+    profile = build_profile(_run("real_3slot.jsonl"))
+    assert recorded_setting(profile).client_choice == "policy-order"
+    logged = dataclasses.replace(profile, config={**profile.config, "client_choice": "least-used"})
+    assert recorded_setting(logged).client_choice == "least-used"
+    assert parse_grid(["client_choice=least-used,policy-order"]) == {
+        "client_choice": ["least-used", "policy-order"]}
+    with pytest.raises(UsageError):
+        parse_grid(["client_choice=random"])
+    ordered, spread = _partners("real_3slot.jsonl", "policy-order"), _partners(
+        "real_3slot.jsonl", "least-used")
+    assert sum(map(len, spread.values())) > sum(map(len, ordered.values()))
