@@ -46,6 +46,8 @@ _RETRIED = (rex.ConnectionError, rex.TimeoutError)
 # ConnectionError subclasses that waiting cannot fix: fail at once, as BusError.
 _NOT_RETRIED = (rex.AuthenticationError, rex.AuthorizationError, rex.MaxConnectionsError)
 T = TypeVar("T")
+# A Redis restart loading a large AOF, or a managed failover, takes minutes, not seconds.
+DEFAULT_OUTAGE_S = 300.0
 log = structlog.get_logger("bus.connection")
 
 
@@ -95,12 +97,25 @@ class RedisSettings:
     password: str | None = field(default=None, repr=False)
     socket_timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
-    retries: int = 20
+    # How long a command keeps retrying while Redis is unreachable (at least: connect
+    # timeouts add to it) before RedisUnavailable; `retries` overrides it with a count.
+    outage_s: float = DEFAULT_OUTAGE_S
+    retries: int | None = None
     backoff_base_s: float = 0.05
     backoff_cap_s: float = 2.0
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+
+
+def retries_for(outage_s: float, base_s: float, cap_s: float) -> int:
+    """How many retries with redis-py's ExponentialBackoff(cap, base) (the n-th sleeps
+    min(cap, base * 2**n)) it takes for the sleeps to add up to `outage_s`."""
+    retries, slept = 0, 0.0
+    while slept < outage_s:
+        retries += 1
+        slept += min(cap_s, base_s * 2**retries)
+    return retries
 
 
 def _client_kwargs(settings: RedisSettings) -> dict[str, Any]:
@@ -113,7 +128,8 @@ def _client_kwargs(settings: RedisSettings) -> dict[str, Any]:
         "socket_connect_timeout": settings.connect_timeout_s,
         "retry": _Retry(
             ExponentialBackoff(cap=settings.backoff_cap_s, base=settings.backoff_base_s),
-            settings.retries,
+            settings.retries if settings.retries is not None else retries_for(
+                settings.outage_s, settings.backoff_base_s, settings.backoff_cap_s),
             supported_errors=_RETRIED,
         ),
         "retry_on_error": list(_RETRIED),

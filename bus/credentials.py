@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from bus.connection import DEFAULT_OUTAGE_S
 from bus.errors import CredentialsError
 
 log = structlog.get_logger(__name__)
@@ -159,3 +160,7 @@ def add_redis_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--redis-cert-file", metavar="FILE",
                    help="rediss://: client certificate, for servers that require one")
     g.add_argument("--redis-key-file", metavar="FILE", help="rediss://: its private key")
+    g.add_argument("--redis-outage-s", type=float, metavar="SECONDS",
+                   help="while Redis is unreachable, retry with backoff this long before "
+                        f"giving up (default {DEFAULT_OUTAGE_S:g}; a coordinator that gives up "
+                        "can be resumed)")

@@ -31,6 +31,8 @@ from serialization import Job, PayloadError, Registration
 from trainer_worker import shm
 
 log = structlog.get_logger()
+# Leaving does not wait for Redis: the heartbeats expire on their own.
+UNREGISTER_TIMEOUT_S = 5.0
 
 FINISHED_STATES = {b"finished", b"interrupted", b"failed"}
 RECLAIM_EVERY_S = 5.0
@@ -237,10 +239,11 @@ class Agent:
 
     async def _shutdown(self, registry: Registry, registration: Registration,
                         pool: TrainerPool, cache: ModelCache) -> None:
-        try:
-            await asyncio.shield(registry.unregister(registration))
+        try:  # bounded: with Redis gone, a command would retry for --redis-outage-s
+            async with asyncio.timeout(UNREGISTER_TIMEOUT_S):
+                await asyncio.shield(registry.unregister(registration))
         except Exception as exc:  # noqa: BLE001 - Redis may be gone; heartbeats expire anyway
-            log.warning("unregister_failed", error=str(exc))
+            log.warning("unregister_failed", error=str(exc) or type(exc).__name__)
         await pool.close()
         cache.close()
         log.info("agent_stopped", agent_id=self.settings.name)

@@ -121,6 +121,7 @@ def _security_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> di
     return {"redis_username": args.redis_user or environ.get(REDIS_USERNAME_ENV) or None,
             "redis_password": password, "redis_ca_file": args.redis_ca_file,
             "redis_cert_file": args.redis_cert_file, "redis_key_file": args.redis_key_file,
+            **({} if args.redis_outage_s is None else {"redis_outage_s": args.redis_outage_s}),
             "keyring": keyring}
 
 

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from bus.connection import RedisSettings
+from bus.connection import DEFAULT_OUTAGE_S, RedisSettings
 from bus.credentials import Keyring
 
 
@@ -32,6 +32,7 @@ class AgentSettings:
     redis_ca_file: str | None = None
     redis_cert_file: str | None = None
     redis_key_file: str | None = None
+    redis_outage_s: float = DEFAULT_OUTAGE_S
     keyring: Keyring | None = None  # this agent's clients' signing keys; None: no signing
 
     @property
@@ -41,4 +42,5 @@ class AgentSettings:
     def redis_settings(self) -> RedisSettings:
         return RedisSettings(url=self.redis_url, username=self.redis_username,
                              password=self.redis_password, tls_ca_file=self.redis_ca_file,
-                             tls_cert_file=self.redis_cert_file, tls_key_file=self.redis_key_file)
+                             tls_cert_file=self.redis_cert_file, tls_key_file=self.redis_key_file,
+                             outage_s=self.redis_outage_s)

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bus.errors import BusError
+from bus.errors import BusError, RedisUnavailable
 from coordinator.app import Coordinator, RunSummary
 from coordinator.evaluation import TaskLoadError
 from coordinator.http import HttpServerError
@@ -53,8 +53,14 @@ def _user_error(exc: BaseException) -> str | None:
     if isinstance(exc, BaseExceptionGroup):
         messages = [_user_error(e) for e in exc.exceptions]
         if messages and all(messages):
-            return "; ".join(m for m in messages if m)
+            return "; ".join(dict.fromkeys(m for m in messages if m))  # each once
     return None
+
+
+def _redis_gone(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_redis_gone(e) for e in exc.exceptions)
+    return isinstance(exc, RedisUnavailable)
 
 
 def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
@@ -83,6 +89,10 @@ def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, An
         if message is None:
             raise
         console.print(f"[red]error:[/] {message}")
+        if _redis_gone(exc):
+            console.print(f"Redis stayed unreachable for over {settings.redis_outage_s:g} s "
+                          f"(--redis-outage-s); once it is back, continue with: "
+                          f"python -m coordinator --resume {settings.run_id}")
         return 2
     Progress(coordinator.status, live=False).final()
     console.print(f"wall time {summary.wall_s:.1f}s; events: {summary.events_path}")

@@ -61,7 +61,8 @@ def settings_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     keys_dir = args.client_keys or environ.get(CLIENT_KEYS_ENV) or None
     return {"redis_username": args.redis_user or environ.get(REDIS_USERNAME_ENV) or None,
             "redis_ca_file": args.redis_ca_file, "redis_cert_file": args.redis_cert_file,
-            "redis_key_file": args.redis_key_file, "client_keys_dir": keys_dir,
+            "redis_key_file": args.redis_key_file, "redis_outage_s": args.redis_outage_s,
+            "client_keys_dir": keys_dir,
             "sign_updates": True if args.sign_updates or keys_dir else None}
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.connection import RedisSettings
+from bus.connection import DEFAULT_OUTAGE_S, RedisSettings
 from bus.credentials import Keyring
 
 TASK_ALIASES = {
@@ -70,6 +70,7 @@ class CoordinatorSettings:
     redis_ca_file: str | None = None  # rediss://: the CA that signed the server's certificate
     redis_cert_file: str | None = None  # rediss:// with client certificates
     redis_key_file: str | None = None
+    redis_outage_s: float = DEFAULT_OUTAGE_S
     runs_dir: Path = Path("runs")
     log_file: Path | None = None
     http_host: str = "127.0.0.1"
@@ -109,7 +110,7 @@ class CoordinatorSettings:
         return RedisSettings(url=self.redis_url or "redis://127.0.0.1:6379",
                              username=self.redis_username, password=password,
                              tls_ca_file=self.redis_ca_file, tls_cert_file=self.redis_cert_file,
-                             tls_key_file=self.redis_key_file)
+                             tls_key_file=self.redis_key_file, outage_s=self.redis_outage_s)
 
     def full_task_options(self) -> dict[str, Any]:
         """Task options as sent in every job; the partition follows the client count."""

@@ -11,7 +11,14 @@ from redis import exceptions as rex
 from redis.asyncio.connection import SSLConnection
 from redis.backoff import ExponentialBackoff
 
-from bus.connection import RedisSettings, connect, raise_if_cancelled, redis_errors, wait_ready
+from bus.connection import (
+    RedisSettings,
+    connect,
+    raise_if_cancelled,
+    redis_errors,
+    retries_for,
+    wait_ready,
+)
 from bus.embedded import EmbeddedRedis, free_port
 from bus.errors import BusError, RedisUnavailable
 from bus.keys import JOBS_GROUP, Keys
@@ -83,6 +90,17 @@ def test_settings_shape_the_client() -> None:
     assert kwargs["retry"].get_retries() == 7
     assert kwargs["retry"]._backoff == ExponentialBackoff(cap=0.5, base=0.01)
     assert (kwargs["socket_timeout"], kwargs["password"]) == (3.0, "pw")
+
+
+def test_the_outage_budget_becomes_a_retry_count() -> None:
+    """The backoff sleeps of `retries_for(outage)` retries add up to the outage, not less."""
+    for outage, base, cap in ((300.0, 0.05, 2.0), (0.3, 0.01, 0.1), (5.0, 0.05, 2.0)):
+        n = retries_for(outage, base, cap)
+        sleeps = [min(cap, base * 2**k) for k in range(1, n + 1)]
+        assert sum(sleeps) >= outage > sum(sleeps[:-1])
+    client = connect(RedisSettings(url="redis://x", outage_s=300.0))
+    assert client.connection_pool.connection_kwargs["retry"].get_retries() == retries_for(
+        300.0, 0.05, 2.0) == 154
 
 
 def test_bad_url_is_bus_error() -> None:

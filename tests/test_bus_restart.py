@@ -6,11 +6,13 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from bus.connection import RedisSettings, connect
+from bus.connection import RedisSettings, connect, redis_errors
 from bus.embedded import EmbeddedRedis, free_port
+from bus.errors import RedisUnavailable
 from bus.keys import JOBS_GROUP, Keys
 from bus.streams import ack, consume, ensure_group, publish
 from tests.conftest import RedisFactory
@@ -91,3 +93,35 @@ async def test_consumer_recreates_group_after_restart_without_persistence(
                                                 appendonly=False)
     assert seen == [b"before", b"after"]
     assert "stream_group_recreated" in events
+
+
+async def test_a_client_waits_out_an_outage_as_long_as_it_was_told(
+        redis_factory: RedisFactory, tmp_path: Path) -> None:
+    """`outage_s` bounds the wait: a client told 0.3 s gives up (RedisUnavailable) while one
+    told 10 s waits out a 1.5 s restart and its command then succeeds."""
+    port, workdir = free_port(), tmp_path / "redis"
+    server = redis_factory(port=port, workdir=workdir)
+    fast = {"backoff_base_s": 0.01, "backoff_cap_s": 0.1}
+    impatient = connect(RedisSettings(url=server.url, outage_s=0.3, **fast))
+    patient = connect(RedisSettings(url=server.url, outage_s=10.0, **fast))
+    try:
+        assert await impatient.ping()
+        assert await patient.ping()
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable), redis_errors():
+            await impatient.set("k", b"1")
+        assert 0.3 <= time.monotonic() - started < 5
+
+        async def restart() -> None:
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(redis_factory, port=port, workdir=workdir)
+
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(restart())
+            assert await patient.set("k", b"1")
+        assert time.monotonic() - started >= 1.5
+    finally:
+        await impatient.aclose()
+        await patient.aclose()

@@ -20,7 +20,7 @@ import redis
 
 from bus.embedded import find_redis_server, free_port
 from tests.conftest import RedisFactory
-from tests.e2e import start_coordinator
+from tests.e2e import read_events, start_coordinator
 from tests.faults import AgentProc, fault_ledger, start_agent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -54,6 +54,35 @@ def test_redis_restarted_mid_run_with_aof_everyone_reconnects_and_goes_on(
                         events, agent_events, slots=2, rounds=4) == []
     assert not [e for e in events if e["event"] == "stream_group_recreated"]
     assert not [e for e in agent_events if e["event"] == "stream_group_recreated"]
+
+
+def test_redis_gone_past_the_outage_budget_coordinator_exits_and_resumes_to_the_end(
+        redis_factory: RedisFactory, tmp_path: Path) -> None:
+    """Redis stays away longer than --redis-outage-s: the coordinator gives up with status 2
+    and says how to go on; once Redis is back (AOF), --resume finishes the run, and nothing
+    was lost or folded twice across the two incarnations."""
+    port, workdir = free_port(), tmp_path / "redis"
+    server = redis_factory(appendonly=True, port=port, workdir=workdir)
+    args = ("--task", SLOW, "--task-option", "base_s=0.3", "--slots", "2", "--clients", "4",
+            "--rounds", "4", "--local-agents", "2", "--redis-outage-s", "1")
+    run = start_coordinator(server.url, tmp_path, "fault-redis-gone", *args)
+    with run:
+        run.wait_for(lambda ev: any(e["event"] == "round_closed" for e in ev), 120)
+        server.stop()
+        assert run.wait(60) == 2, run.output()[-3000:]
+    assert "--resume fault-redis-gone" in run.output()
+    assert "unreachable" in run.output()
+    redis_factory(appendonly=True, port=port, workdir=workdir)
+    resumed = start_coordinator(server.url, tmp_path, "fault-redis-gone",
+                                "--resume", "fault-redis-gone", "--local-agents", "2")
+    with resumed:
+        assert resumed.wait(150) == 0, resumed.output()[-3000:]
+    events = resumed.events()  # both incarnations: one log file
+    assert [e["event"] for e in events if e["event"] == "redis_unreachable"]
+    agent_events = [e for log in (tmp_path / "fault-redis-gone").glob("agent-*.jsonl")
+                    for e in read_events(log)]
+    assert fault_ledger("Redis gone past --redis-outage-s 1: coordinator exits 2; --resume "
+                        "once Redis is back", events, agent_events, slots=2, rounds=4) == []
 
 
 @dataclass(frozen=True)
