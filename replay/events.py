@@ -36,14 +36,21 @@ AGENT_EVENTS = frozenset(
         "job_started", "job_finished", "update_uploaded", "agent_stopped",
     }
 )  # fmt: skip
-# Logged by today's processes but not (yet) in docs/events.md; nothing here needs them.
-UNCATALOGUED_EVENTS = frozenset(
+# Logged by PWFL's processes and catalogued, but nothing in the replay needs them (known,
+# so a log holding them draws no warning; tests/test_replay_events.py keeps this complete).
+OTHER_EVENTS = frozenset(
     {
-        "local_agent_started", "clients_missing", "state_write_failed", "agent_stopping",
-        "job_error", "http_listening", "embedded_redis_started", "embedded_redis_stopped",
+        "local_agent_started", "local_agent_exited", "clients_missing", "state_write_failed",
+        "agent_stopping", "job_error", "job_rejected", "job_reclaimed", "http_listening",
+        "http_port_in_use", "embedded_redis_started", "embedded_redis_stopped",
+        "redis_unreachable", "redis_reconnected", "heartbeat_failed", "unregister_failed",
+        "registration_undecodable", "secret_file_permissive", "shm_orphans_removed",
+        "stream_group_recreated", "stream_entries_deleted_while_pending",
+        "stream_entries_dead_lettered", "stream_trim_failed", "trainer_bad_message",
+        "trainer_job_failed", "trainer_reply_dropped", "trainer_restart_failed",
     }
 )  # fmt: skip
-KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | UNCATALOGUED_EVENTS
+KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS
 
 # structlog writes values it cannot serialise as repr(), e.g. "np.float64(0.85)".
 _NUMBER_IN_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
