@@ -11,6 +11,7 @@ returns a summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -41,6 +42,8 @@ from coordinator.strategies import make_strategy
 from serialization import decode
 
 log = structlog.get_logger()
+SHUTDOWN_WRITE_S = 5.0  # the final status write; Redis gone by then is not waited for
+AGENTS_LEAVE_S = 5.0  # how long the end waits for agents to see it (they look every 0.5 s)
 
 
 @dataclass(frozen=True)
@@ -245,15 +248,29 @@ class Coordinator:
     async def _shutdown(self, wall_s: float) -> None:
         log.info("run_finished", wall_s=round(wall_s, 6), status=self.status.state)
         if self.ctx is not None:
-            try:
-                await self.ctx.redis.hset(self.ctx.keys.state(), "status", self.status.state)
+            try:  # bounded: a run that gave up on Redis must not wait for it again
+                async with asyncio.timeout(SHUTDOWN_WRITE_S):
+                    await self.ctx.redis.hset(self.ctx.keys.state(), "status", self.status.state)
             except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever Redis says
-                log.warning("state_write_failed", error=str(exc))
+                log.warning("state_write_failed", error=str(exc) or type(exc).__name__)
+            else:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(AGENTS_LEAVE_S):
+                        await self._until_agents_left(self.ctx.redis, self.ctx.keys)
         if self._agents is not None:
             await self._agents.stop()
         await self._http.stop()
         if self.ctx is not None:
             await self.ctx.redis.aclose()
+
+    @staticmethod
+    async def _until_agents_left(redis: Any, keys: Keys) -> None:
+        """Keep Redis up until the agents have seen the run end and unregistered (they look
+        every 0.5 s), within AGENTS_LEAVE_S. An embedded Redis stops with the coordinator,
+        and an agent that missed the end would then retry for --redis-outage-s."""
+        registry = Registry(redis, keys)
+        while await registry.alive(await registry.clients()):  # noqa: ASYNC110 - Redis, polled
+            await asyncio.sleep(0.1)
 
     def _summary(self, wall_s: float) -> RunSummary:
         return RunSummary(

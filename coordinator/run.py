@@ -43,6 +43,20 @@ async def _run(coordinator: Coordinator) -> RunSummary:
     return await coordinator.run()
 
 
+def agents_hint(settings: CoordinatorSettings) -> str:
+    """What to start where, for a run whose agents are not started by the coordinator."""
+    url = settings.redis_url or ""
+    ids = ",".join(str(i) for i in range(settings.expected_clients))
+    lines = [f"Waiting up to {settings.wait_clients_s:g} s (--wait-clients) for clients {ids}. "
+             f"On each silo host start an agent for its clients, e.g.:",
+             f"  python -m client_agent --redis {url} --clients {ids}"]
+    if url.startswith("unix://"):
+        lines.append("This Redis is private to this host (a unix socket): agents elsewhere "
+                     "need --redis redis://HOST:PORT on a Redis they can reach "
+                     "(docs/deploy.md), or use --local-agents N here.")
+    return "\n".join(lines)
+
+
 USER_ERRORS = (HttpServerError, TaskLoadError, LocalAgentFailed, BusError, StrategyError)
 
 
@@ -74,6 +88,8 @@ def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, An
     console.print(f"PWFL run [bold]{settings.run_id}[/]: {settings.slots} slot(s) x "
                   f"{settings.rounds} rounds, {settings.expected_clients} clients; "
                   f"events -> {settings.events_path}")
+    if not settings.local_agents and resume_state is None:
+        console.print(agents_hint(settings), soft_wrap=True)  # commands stay whole
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             summary = runner.run(_run(coordinator))

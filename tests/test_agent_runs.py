@@ -3,14 +3,18 @@ waits for the next one when it ends (a systemd unit starts it once, not per run)
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import RedisFactory
-from tests.e2e import start_coordinator
-from tests.faults import AgentProc, start_agent
+from tests.e2e import ROOT, start_coordinator
+from tests.faults import AgentProc, start_agent, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -36,3 +40,35 @@ def test_agent_without_a_run_id_serves_one_run_after_another_until_stopped(
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(60) == 0
     assert agent.events("agent_stopped")
+
+
+def test_agent_started_as_the_coordinator_says_leaves_with_the_embedded_redis(
+        tmp_path: Path) -> None:
+    """With no --redis the coordinator's Redis is private and stops with it. Its start-up
+    message says how to start an agent; that agent serves the run and, with
+    --exit-when-done, leaves cleanly at the end (the coordinator keeps Redis up until its
+    agents have seen the end, instead of leaving them to retry a vanished socket)."""
+    console = tmp_path / "coordinator.txt"
+    with console.open("wb") as out:
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "--slots", "2", "--clients", "2", "--rounds",
+             "2", "--task", "synthetic", "--no-progress", "--http-port", "0", "--runs-dir",
+             str(tmp_path / "runs"), "--run-id", "hinted"],
+            cwd=ROOT, stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        wait_until(lambda: "python -m client_agent" in console.read_text(), 60,
+                   "the coordinator prints how to start an agent")
+        hint = next(line for line in console.read_text().splitlines()
+                    if "python -m client_agent" in line)
+        argv = shlex.split(hint.strip())
+        assert argv[:3] == ["python", "-m", "client_agent"]
+        agent = subprocess.run([sys.executable, *argv[1:], "--exit-when-done"], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               capture_output=True, timeout=120, check=False)
+        assert agent.returncode == 0, agent.stderr[-2000:]
+        assert coordinator.wait(30) == 0, console.read_text()[-2000:]
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait()
+    assert b"redis_unreachable" not in agent.stderr + agent.stdout
