@@ -35,16 +35,22 @@ def option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-async def test_secrets_go_to_0600_files_and_are_removed(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each agent gets the password and only its clients' keys as 0600 files; stop removes them."""
-    spawned: list[Spawned] = []
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[Spawned]:
+    """Agents LocalAgents asked to start, in order (asyncio.create_subprocess_exec faked)."""
+    started: list[Spawned] = []
 
     async def spawn(*argv: str, env: dict[str, str], **_: Any) -> Spawned:
-        spawned.append(Spawned(argv, env))
-        return spawned[-1]
+        started.append(Spawned(argv, env))
+        return started[-1]
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    return started
+
+
+async def test_secrets_go_to_0600_files_and_are_removed(tmp_path: Path, spawned: list[Spawned],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each agent gets the password and only its clients' keys as 0600 files; stop removes them."""
     monkeypatch.setenv("PWFL_REDIS_PASSWORD", PASSWORD)
     access = AgentAccess(redis_options=("--redis-user", "coordinator"), redis_password=PASSWORD,
                          keyring=KEYRING)
@@ -75,15 +81,8 @@ def _check_secret_files(agent: Spawned, clients: list[str]) -> Path:
 
 
 async def test_without_secrets_no_files_are_written(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    spawned: list[Spawned]) -> None:
     """The single-machine default passes no secret options at all."""
-    spawned: list[Spawned] = []
-
-    async def spawn(*argv: str, env: dict[str, str], **_: Any) -> Spawned:
-        spawned.append(Spawned(argv, env))
-        return spawned[-1]
-
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
     agents = LocalAgents(redis_url="redis://x", run_id="r", run_dir=tmp_path, devices="cpu",
                          threads=1)
     await agents.start(["0", "1"], 1)
