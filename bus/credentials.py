@@ -22,6 +22,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -164,3 +165,11 @@ def add_redis_options(g: argparse._ArgumentGroup) -> None:
                    help="while Redis is unreachable, retry with backoff this long before "
                         f"giving up (default {DEFAULT_OUTAGE_S:g}; a coordinator that gives up "
                         "can be resumed)")
+
+
+def redis_option_values(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """What `add_redis_options` gave, as settings fields (None where not given); not the
+    password, a secret each entry point reads once with `secret_from`."""
+    return {"redis_username": args.redis_user or environ.get(REDIS_USERNAME_ENV) or None,
+            "redis_ca_file": args.redis_ca_file, "redis_cert_file": args.redis_cert_file,
+            "redis_key_file": args.redis_key_file, "redis_outage_s": args.redis_outage_s}

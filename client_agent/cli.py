@@ -15,9 +15,9 @@ from bus.credentials import (
     CLIENT_KEYS_ENV,
     REDIS_PASSWORD_ENV,
     REDIS_PASSWORD_FILE_ENV,
-    REDIS_USERNAME_ENV,
     Keyring,
     add_redis_options,
+    redis_option_values,
     secret_from,
 )
 from bus.errors import CredentialsError
@@ -118,11 +118,8 @@ def _security_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> di
         keyring = None if keys_dir is None else Keyring.from_dir(keys_dir, args.clients)
     except CredentialsError as exc:
         raise SystemExit(f"error: {exc}") from None
-    return {"redis_username": args.redis_user or environ.get(REDIS_USERNAME_ENV) or None,
-            "redis_password": password, "redis_ca_file": args.redis_ca_file,
-            "redis_cert_file": args.redis_cert_file, "redis_key_file": args.redis_key_file,
-            **({} if args.redis_outage_s is None else {"redis_outage_s": args.redis_outage_s}),
-            "keyring": keyring}
+    given = {k: v for k, v in redis_option_values(args, environ).items() if v is not None}
+    return {**given, "redis_password": password, "keyring": keyring}
 
 
 def settings_from_args(args: argparse.Namespace,

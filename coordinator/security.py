@@ -21,10 +21,10 @@ from bus.credentials import (
     CLIENT_KEYS_ENV,
     REDIS_PASSWORD_ENV,
     REDIS_PASSWORD_FILE_ENV,
-    REDIS_USERNAME_ENV,
     Keyring,
     add_redis_options,
     read_secret,
+    redis_option_values,
     secret_from,
     write_secret,
 )
@@ -59,10 +59,7 @@ def add_options(g: argparse._ArgumentGroup) -> None:
 def settings_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """The non-secret settings these options give (None where not given, for --resume)."""
     keys_dir = args.client_keys or environ.get(CLIENT_KEYS_ENV) or None
-    return {"redis_username": args.redis_user or environ.get(REDIS_USERNAME_ENV) or None,
-            "redis_ca_file": args.redis_ca_file, "redis_cert_file": args.redis_cert_file,
-            "redis_key_file": args.redis_key_file, "redis_outage_s": args.redis_outage_s,
-            "client_keys_dir": keys_dir,
+    return {**redis_option_values(args, environ), "client_keys_dir": keys_dir,
             "sign_updates": True if args.sign_updates or keys_dir else None}
 
 
