@@ -53,20 +53,30 @@ class Run:
         return (self.runs_dir / f"{self.run_id}.console.log").read_text(errors="replace")
 
     def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool],
-                 timeout_s: float = 60) -> None:
-        """Poll the event log until `predicate(events)` holds (or the process ends)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate(self.events()):
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"coordinator exited early:\n{self.output()[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError("condition not reached in time")
+                 timeout_s: float = 60) -> list[dict[str, Any]]:
+        """Poll the event log until `predicate(events)` holds; the events then."""
+        return wait_for_events(self.events, self.proc, predicate, timeout_s, "coordinator",
+                               self.output)
 
     def interrupt(self) -> int:
         self.proc.send_signal(signal.SIGINT)
         return self.wait(60)
+
+
+def wait_for_events(read: Callable[[], list[dict[str, Any]]], proc: subprocess.Popen[bytes],
+                    predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float,
+                    who: str, output: Callable[[], str]) -> list[dict[str, Any]]:
+    """Poll a process's JSON log (`read`) until `predicate(events)` holds; the events then.
+    Fails at once, with the end of its console output, if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = read()
+        if predicate(events):
+            return events
+        if proc.poll() is not None:
+            raise AssertionError(f"{who} exited early:\n{output()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{who}: condition not reached in time")
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

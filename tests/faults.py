@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.e2e import ROOT, read_events
+from tests.e2e import ROOT, read_events, wait_for_events
 
 # Where `fault_ledger` appends one JSON line per fault test (`python -m tests.fault_matrix`).
 MATRIX_ENV = "PWFL_FAULT_MATRIX"
@@ -40,15 +40,8 @@ class AgentProc:
     def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool],
                  timeout_s: float = 60) -> list[dict[str, Any]]:
         """Poll the agent's log until `predicate(events)` holds; the events then."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            events = self.events()
-            if predicate(events):
-                return events
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent {self.name} exited early:\n{self.output()}")
-            time.sleep(0.05)
-        raise AssertionError(f"agent {self.name}: condition not reached in time")
+        return wait_for_events(self.events, self.proc, predicate, timeout_s,
+                               f"agent {self.name}", self.output)
 
     def trainer_pids(self) -> list[int]:
         return [e["trainer_pid"] for e in self.events("trainer_started")]
