@@ -16,6 +16,7 @@ from bus.credentials import Keyring
 TASK_ALIASES = {
     "fashion_mnist": "trainer_worker.tasks.fashion_mnist:FashionMnistTask",
     "synthetic": "trainer_worker.tasks.synthetic:SyntheticTask",
+    "attack": "trainer_worker.tasks.attack:AttackTask",  # Byzantine clients (bench.robust)
 }
 
 

@@ -9,6 +9,8 @@ by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
 
 - ``trainer_worker.tasks.fashion_mnist:FashionMnistTask``
 - ``trainer_worker.tasks.synthetic:SyntheticTask``
+- ``trainer_worker.tasks.attack:AttackTask`` (wraps another task; its chosen clients
+  send corrupted updates, for robustness benchmarks)
 """
 
 from __future__ import annotations
