@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 RUN_ARGS ?= --slots 3 --local-agents 2
 
-.PHONY: setup system run test test-docker lint bench clean
+.PHONY: setup system run test test-min test-docker lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,23 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The unit tests (not the slow end-to-end runs) with every dependency pyproject.toml
+# declares at its `>=` floor (tools/floor_constraints.py writes the pins; what those
+# pull in comes at its newest, like uv's --resolution lowest-direct), in a venv of its
+# own. torch and torchvision are the exception: tested only at TORCH_PIN, the wheels this
+# machine holds (torch>=2.1 is what we declare, but each other release is gigabytes to
+# download). Not in CI: creating the venv downloads ~15 old releases, which an offline
+# CI runner cannot, and the unit tests would run a second time.
+MIN_VENV ?= .venv-min
+test-min: system
+	$(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(PY) tools/floor_constraints.py pyproject.toml > $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/pip install -q -c $(MIN_VENV)/constraints.txt $(TORCH_PIN) \
+	  -e '.[embedded,report,vision]' pytest pytest-asyncio pytest-timeout hypothesis
+	$(MIN_VENV)/bin/pip list --format=freeze | grep -iE "^($$(cut -d= -f1 $(MIN_VENV)/constraints.txt | paste -sd'|'))=="
+	$(MIN_VENV)/bin/python -m pytest -m 'not slow and not docker' -q
 
 test-docker: setup
 	$(BIN)/python -m pytest -m docker -v

@@ -61,25 +61,22 @@ class _Retry(Retry):
         self._failures = 0
 
     async def call_with_retry(
-        self,
-        do: Callable[[], Awaitable[T]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
+        self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any], *args: Any,
+        **kwargs: Any,
     ) -> T:
-        def retryable(exc: Exception) -> bool:
-            if isinstance(exc, _NOT_RETRIED):
-                return False
-            return is_retryable is None or is_retryable(exc)
-
+        # redis-py 5.0 takes (do, fail); later releases add is_retryable and
+        # with_failure_count, passed through as given. A credentials or pool error is
+        # raised from the failure handler, which every release calls before retrying.
         async def noted(error: Exception, *count: int) -> None:
+            if isinstance(error, _NOT_RETRIED):
+                raise error
             self._failures += 1
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("redis_unreachable", error=str(error) or type(error).__name__)
             await fail(error, *count)
 
-        result = await super().call_with_retry(do, noted, retryable, with_failure_count)
+        result = await super().call_with_retry(do, noted, *args, **kwargs)
         if self._down_since is not None:
             log.warning("redis_reconnected", down_s=round(time.monotonic() - self._down_since, 3),
                      retries=self._failures)

@@ -119,8 +119,13 @@ def _not_found_message(dirs: list[Path]) -> str:
 
 
 def _download(root: Path) -> Path:
-    # Imported here: torchvision's datasets module is slow to import and rarely needed.
-    from torchvision.datasets import FashionMNIST
+    # Imported here: torchvision's datasets module is slow to import and rarely needed,
+    # and torchvision is an optional extra.
+    try:
+        from torchvision.datasets import FashionMNIST
+    except ImportError as exc:
+        raise TaskError(f"download=True needs torchvision ({exc}): pip install 'pwfl[vision]', "
+                        f"or get the files another way. {_HOW_TO_GET}") from exc
 
     try:
         FashionMNIST(str(root), train=True, download=True)

@@ -9,8 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer_worker.task import TaskError
+
 CNN_PARAMS = 582_026
 MODEL_NAMES = ("mlp", "cnn", "resnet18")
+# torchvision is an extra: only ResNet-18 and the Fashion-MNIST downloader use it.
+INSTALL_VISION = "pip install 'pwfl[vision]' (or torchvision matching your torch)"
 
 
 class FashionCnn(nn.Module):
@@ -37,8 +41,11 @@ def mlp(features: int, num_classes: int, hidden: int = 32) -> nn.Module:
 
 def resnet18(num_classes: int = 10) -> nn.Module:
     """torchvision's ResNet-18, untrained (11.7M params, 45 MB state dict)."""
-    from torchvision.models import resnet18 as tv_resnet18  # slow import, rarely needed
-
+    try:
+        from torchvision.models import resnet18 as tv_resnet18  # slow import, rarely needed
+    except ImportError as exc:
+        raise TaskError(f"the resnet18 model needs torchvision ({exc}): "
+                        f"{INSTALL_VISION}") from exc
     model: nn.Module = tv_resnet18(weights=None, num_classes=num_classes)
     return model
 
