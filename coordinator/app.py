@@ -47,7 +47,10 @@ AGENTS_LEAVE_S = 5.0  # how long the end waits for agents to see it (they look e
 
 
 @dataclass(frozen=True)
-class RunSummary:
+class RunOutcome:
+    """How a coordinator run ended, as `python -m coordinator` prints it (the replay's
+    `replay.summary.RunSummary` is the log's account of a run, a different thing)."""
+
     run_id: str
     status: str
     wall_s: float
@@ -85,7 +88,7 @@ class Coordinator:
         if self._task is not None:
             self._task.cancel()
 
-    async def run(self) -> RunSummary:
+    async def run(self) -> RunOutcome:
         structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
         self._task = asyncio.current_task()
         started = time.monotonic()
@@ -272,8 +275,8 @@ class Coordinator:
         while await registry.alive(await registry.clients()):  # noqa: ASYNC110 - Redis, polled
             await asyncio.sleep(0.1)
 
-    def _summary(self, wall_s: float) -> RunSummary:
-        return RunSummary(
+    def _summary(self, wall_s: float) -> RunOutcome:
+        return RunOutcome(
             run_id=self.settings.run_id, status=self.status.state, wall_s=wall_s,
             slots=[s.as_dict() for s in self.status.slots.values()],
             rejected=dict(self.status.rejected), events_path=str(self.settings.events_path),

@@ -22,7 +22,7 @@ from bus.credentials import Keyring
 from bus.keys import RESULTS_GROUP, Keys
 from coordinator.checkpoints import CheckpointStore, json_safe
 from coordinator.evaluation import Evaluator
-from coordinator.jobs import JobRecord, JobTable
+from coordinator.job_table import JobRecord, JobTable
 from coordinator.leases import LeaseBroker
 from coordinator.quorum import QuorumRule
 from coordinator.settings import CoordinatorSettings

@@ -16,7 +16,7 @@ from bus import streams
 from bus.connection import raise_if_cancelled
 from bus.keys import RESULTS_GROUP
 from coordinator.context import Delivery, RunContext
-from coordinator.jobs import JobRecord
+from coordinator.job_table import JobRecord
 from serialization import PayloadError, Result
 from serialization.signing import signature_problem
 

@@ -20,7 +20,7 @@ import torch
 from bus.blobs import BlobRef
 from bus.connection import raise_if_cancelled
 from coordinator.context import Delivery, RunContext
-from coordinator.jobs import JobRecord, new_job_id
+from coordinator.job_table import JobRecord, new_job_id
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
 from coordinator.strategies import Strategy
 from coordinator.updates import UpdateRejected, fetch_and_fold
