@@ -1,7 +1,10 @@
-"""What every part of a running coordinator shares: settings, Redis, blobs, pool, jobs.
+"""What the parts of a running coordinator share: settings, Redis, blobs, pool, jobs.
 
 Also the few writes that must land whatever happens (acks, checkpoints), which
-are shielded from cancellation.
+are shielded from cancellation. The context knows no slot runner: results reach
+slots through `inboxes` (`coordinator.delivery`), live models are in `models`
+(`coordinator.models`), and what a result must be to be accepted is `validator`'s
+decision (`coordinator.results.validation`).
 """
 
 from __future__ import annotations
@@ -11,43 +14,33 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
 from bus import streams
-from bus.blobs import BlobRef, BlobStore
-from bus.credentials import Keyring
+from bus.blobs import BlobStore
 from bus.keys import RESULTS_GROUP, Keys
 from coordinator.checkpoints import CheckpointStore, json_safe
+from coordinator.delivery import Delivery, SlotInboxes
 from coordinator.evaluation import Evaluator
 from coordinator.job_table import JobRecord, JobTable
 from coordinator.leases import LeaseBroker
+from coordinator.models import PublishedModels
 from coordinator.quorum import QuorumRule
+from coordinator.results.validation import Rejections, ResultValidator
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import RunStatus
-from serialization import Result, TensorSpec, encode
-
-if TYPE_CHECKING:
-    from coordinator.slot import SlotRunner
+from serialization import encode
 
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """A result routed to its slot, with the stream entry to ack once handled."""
-
-    record: JobRecord
-    result: Result
-    stream: str | None = None  # None: made up by the coordinator (a lost client)
-    entry_id: str | None = None
-    recovered: bool = False  # the real result of a job already answered as lost: late
-
-
 @dataclass
 class RunContext:
+    """The run's shared services; each part takes the few it uses (see the module docstring)."""
+
     settings: CoordinatorSettings
     redis: aioredis.Redis
     keys: Keys
@@ -55,11 +48,12 @@ class RunContext:
     broker: LeaseBroker
     evaluator: Evaluator
     checkpoints: CheckpointStore
-    schema: dict[str, TensorSpec]
     status: RunStatus
-    keyring: Keyring | None = None  # None: results are not signed
-    jobs: JobTable = field(default_factory=JobTable)
-    runners: dict[int, SlotRunner] = field(default_factory=dict)
+    jobs: JobTable
+    validator: ResultValidator
+    rejections: Rejections
+    models: PublishedModels
+    inboxes: SlotInboxes = field(default_factory=SlotInboxes)
     state_doc: dict[str, Any] = field(default_factory=dict)
     _state_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -89,23 +83,7 @@ class RunContext:
 
     def reject(self, delivery: Delivery | None, reason: str, detail: str, **fields: Any) -> None:
         """Log and count a rejected update or message; the process goes on serving."""
-        self.status.reject(reason)
-        # Claimed ids come from untrusted messages (up to 1 MiB): the log keeps a prefix.
-        fields = {k: v[:200] if isinstance(v, str) else v for k, v in fields.items()}
-        if delivery is not None:
-            record = delivery.record
-            fields |= {"slot_id": record.slot_id, "round": record.round,
-                       "client_id": record.client_id, "job_id": record.job_id}
-        log.warning("update_rejected", reason=reason, detail=detail, **fields)
-
-    def published_digests(self) -> set[str]:
-        refs = (r.model_ref for r in self.runners.values())
-        return {ref.digest for ref in refs if ref is not None}
-
-    async def retire_blob(self, ref: BlobRef) -> None:
-        """Unlink a blob nobody needs any more (TTL covers the rest)."""
-        if ref.digest not in self.published_digests():
-            await self.blobs.delete(ref)
+        self.rejections.report(delivery, reason, detail, **fields)
 
     async def checkpoint(self, slot_id: int, round_: int, payload: bytes,
                          strategy_state: dict[str, Any], metrics: dict[str, float]) -> None:
