@@ -11,7 +11,8 @@ next one costs:
    (``bad_signature``). Admitting answers the job: a job id is admitted once.
 2. `claimed_blob` (the slot, before a byte is fetched): a sha256 digest, a size
    within the model's bound and the run's limit, a sane ``num_examples``.
-3. `fetch` / `decode_update` / `fold`: the blob is there and of the claimed size,
+3. `fetch` / `decode_update` / `fold`: the blob is there and stored with the
+   claimed size (``missing_blob``, ``size_mismatch``: checked before it is read),
    hashes to its digest, decodes to the slot's schema with finite values, and the
    strategy takes it (``bad_update``).
 4. `folds_late`: an update whose round has closed is folded or dropped
@@ -34,7 +35,7 @@ import torch
 
 from bus.blobs import BlobRef
 from bus.credentials import Keyring
-from bus.errors import BlobMissing
+from bus.errors import BlobMissing, BlobSizeMismatch
 from bus.streams import Entry
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord, JobTable
@@ -185,9 +186,15 @@ class ResultValidator:
     # --- 3. the update's bytes -----------------------------------------------------------
 
     async def fetch(self, blobs: BlobReader, ref: BlobRef) -> bytes | bytearray:
-        """The claimed blob's bytes, exactly `ref.nbytes` of them; else rejected."""
+        """The claimed blob's bytes, exactly `ref.nbytes` of them; else rejected.
+
+        The blob store reads no more than the claim: a blob stored with another length
+        is rejected (``size_mismatch``) unread.
+        """
         try:
             data = await blobs.get(ref)
+        except BlobSizeMismatch as exc:
+            raise UpdateRejected("size_mismatch", str(exc)) from None
         except BlobMissing as exc:
             raise UpdateRejected("missing_blob", str(exc)) from None
         if len(data) != ref.nbytes:
