@@ -37,6 +37,7 @@ from coordinator.models import PublishedModels
 from coordinator.progress import Progress
 from coordinator.results.dispatcher import ResultDispatcher
 from coordinator.results.validation import Rejections, ResultValidator
+from coordinator.run_state import RunState
 from coordinator.scheduling import ClientPool
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.slot import SlotRunner
@@ -133,7 +134,8 @@ class Coordinator:
             keyring=self._secrets.keyring, late_policy=s.late_policy)
         self.ctx = RunContext(
             settings=s, redis=redis, keys=keys, blobs=blobs, broker=LeaseBroker(pool),
-            evaluator=evaluator, checkpoints=CheckpointStore(s.run_dir, s.keep_checkpoints),
+            evaluator=evaluator,
+            run_state=RunState(CheckpointStore(s.run_dir, s.keep_checkpoints), redis, keys),
             status=self.status, jobs=jobs, validator=validator,
             rejections=Rejections(self.status), models=PublishedModels(blobs))
         self._make_runners(states)
@@ -166,7 +168,7 @@ class Coordinator:
 
     def _restore_strategy(self, slot_id: int, round_: int, strategy: Any) -> None:
         assert self.ctx is not None
-        path = self.ctx.checkpoints.model_path(slot_id, round_, "strategy")
+        path = self.ctx.run_state.store.model_path(slot_id, round_, "strategy")
         if round_ > 0 and path.exists():
             state = decode(path.read_bytes())[0]
             strategy.load_state_dict({k: v.clone() for k, v in state.items()})
@@ -174,8 +176,7 @@ class Coordinator:
     async def _announce(self) -> None:
         assert self.ctx is not None
         s, ctx = self.settings, self.ctx
-        ctx.state_doc = self._state_doc()
-        await asyncio.to_thread(ctx.checkpoints.write_state, ctx.state_doc)
+        await ctx.run_state.announce(self._state_doc())
         await set_active_run(ctx.redis, s.run_id)
         await ctx.redis.hset(ctx.keys.state(), mapping={"status": "running",
                                                         "slots": s.slots, "rounds": s.rounds})

@@ -284,8 +284,8 @@ class SlotRunner:
                                        strategy_state: dict[str, torch.Tensor]) -> None:
         with structlog.contextvars.bound_contextvars(slot_id=self.slot_id):
             metrics = await self._evaluate(opened.round, state)
-            await self.ctx.checkpoint(self.slot_id, opened.round, payload, strategy_state,
-                                      metrics)
+            await self.ctx.run_state.checkpoint(self.slot_id, opened.round, payload,
+                                                strategy_state, metrics)
             accuracy = metrics.get("accuracy") if metrics else None
             self.status.rounds_done = opened.round
             if accuracy is not None:
