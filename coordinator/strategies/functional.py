@@ -11,6 +11,7 @@ integer tensors (BatchNorm's ``num_batches_tracked``), so sums stay exact enough
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -112,9 +113,16 @@ def krum_scores(distances: Tensor, num_byzantine: int) -> Tensor:
 
 
 def krum_select(distances: Tensor, num_byzantine: int, num_selected: int = 1) -> list[int]:
-    """Indices of the `num_selected` lowest Krum scores (multi-Krum), ties by index."""
+    """Indices of the `num_selected` lowest Krum scores (multi-Krum).
+
+    Equal scores are common (two mutual nearest neighbours score alike when one distance
+    counts, as in Bulyan's last picks), so ties go to the point whose sorted distances to
+    the others are smaller, then to the lower index: the choice never depends on the order
+    the updates arrived in, unless two points are exactly alike.
+    """
     scores = krum_scores(distances, num_byzantine).tolist()
-    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    others = distances.clone().fill_diagonal_(float("inf")).sort(dim=1).values.tolist()
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], others[i], i))
     return order[: max(1, num_selected)]
 
 
@@ -194,21 +202,28 @@ def geometric_median(
     stacks: Mapping[str, Tensor], weights: Tensor, *, nu: float, max_iter: int, eps: float
 ) -> tuple[dict[str, Tensor], int]:
     """Smoothed Weiszfeld: argmin_z sum_i a_i max(nu, ||z - w_i||), started at the weighted
-    mean; stops after `max_iter` steps or when the objective improves by less than `eps`
-    relative. Returns the point and the number of steps taken."""
+    mean; stops after `max_iter` steps or when a step moves the point by at most `eps`
+    times its norm (or by nu). Returns the point and the number of steps taken.
+
+    The stop looks at the point, not at the objective: one far outlier dominates the
+    objective, so a relative objective tolerance would stop while the point still moves.
+    """
     alpha = weights.to(torch.float64)
     alpha = alpha / alpha.sum() if float(alpha.sum()) > 0.0 else torch.ones_like(alpha)
     point = {name: weighted_mean(stack, alpha) for name, stack in stacks.items()}
-    objective = float((alpha * distances_to(stacks, point).clamp(min=nu)).sum())
     steps = 0
     while steps < max_iter:
         beta = alpha / distances_to(stacks, point).clamp(min=nu)
-        point = {name: weighted_mean(stack, beta / beta.sum()) for name, stack in stacks.items()}
-        steps += 1
-        previous, objective = (
-            objective,
-            float((alpha * distances_to(stacks, point).clamp(min=nu)).sum()),
-        )
-        if abs(previous - objective) <= eps * objective:
+        moved = {name: weighted_mean(stack, beta / beta.sum()) for name, stack in stacks.items()}
+        step, size = _distance_and_norm(moved, point)
+        point, steps = moved, steps + 1
+        if step <= max(eps * size, nu):
             break
     return point, steps
+
+
+def _distance_and_norm(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, float]:
+    """||a - b|| and ||a|| over all tensors, in float64."""
+    return math.sqrt(squared_distance(a, b)), math.sqrt(
+        sum(float(t.to(torch.float64).square().sum()) for t in a.values())
+    )

@@ -22,7 +22,6 @@ updates are still a majority (n >= 2f + 1) and keeps the global model otherwise;
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Mapping
 
@@ -138,7 +137,8 @@ class TrimmedMean(RobustStrategy):
     without the f lowest and highest with ``num_byzantine`` f (which then wins over beta).
 
     Bounds: with f, n >= 2f + 1; with beta > 0, at least one value trimmed at each end
-    (int(beta * n) >= 1), since a round too small to trim anything is a plain mean.
+    (int(beta * n) >= 1), since a round too small to trim anything is a plain mean. Its
+    f is what it trims, so a beta round too small to trim takes the median instead.
     """
 
     name = "trimmed_mean"
@@ -161,9 +161,7 @@ class TrimmedMean(RobustStrategy):
         return trim_count(n, self.beta) if self.num_byzantine is None else self.num_byzantine
 
     def assumed_byzantine(self, n: int) -> int:
-        if self.num_byzantine is not None:
-            return self.num_byzantine
-        return math.ceil(self.beta * n - 1e-9)
+        return self.trimmed(n)
 
     def bound_unmet(self, n: int) -> str | None:
         if self.num_byzantine is not None:
