@@ -194,15 +194,18 @@ def test_fedavgm_state_survives_a_checkpoint() -> None:
 
 def bulyan_by_paper(points: list[Array], f: int) -> Array:
     """El Mhamdi et al. 2018: theta = n - 2f Krum picks, then beta = theta - 2f closest
-    to the coordinate median, averaged."""
+    to the coordinate median, averaged; equal Krum scores go to the point whose sorted
+    distances are smaller (our documented tie rule)."""
     remaining = list(range(len(points)))
     picked: list[Array] = []
     for _ in range(len(points) - 2 * f):
         scores = []
         for i in remaining:
             d = sorted(float(np.sum((points[i] - points[j]) ** 2)) for j in remaining if j != i)
-            scores.append((sum(d[: max(1, len(remaining) - f - 2)]), i))
-        best = min(scores)[1]
+            # The paper leaves ties open; they are common (with one neighbour counted, two
+            # mutual nearest neighbours tie), so ours go to the smaller sorted distances.
+            scores.append((sum(d[: max(1, len(remaining) - f - 2)]), d, i))
+        best = min(scores)[2]
         picked.append(points[best])
         remaining.remove(best)
     stack = np.stack(picked)
