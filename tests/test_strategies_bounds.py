@@ -45,6 +45,8 @@ def run_values(
         (Krum(num_byzantine=1), [1.0, 100.0], "n >= 2f + 3", "kept_global_model", 0.0),
         (Krum(num_byzantine=1, fallback="keep"), [1.0, 2.0, 3.0, 100.0], "n >= 2f + 3",
          "kept_global_model", 0.0),
+        (Krum(num_byzantine=1, num_selected=5), [1.0, 2.0, 3.0, 4.0, 100.0],
+         "num_selected <= n - f", "median", 3.0),
         (Bulyan(num_byzantine=1), [1.0, 2.0, 3.0, 4.0, 100.0], "n >= 4f + 3", "median", 3.0),
         (Bulyan(num_byzantine=2), [1.0, 2.0, 100.0, 200.0], "n >= 4f + 3",
          "kept_global_model", 0.0),

@@ -176,7 +176,8 @@ class TrimmedMean(RobustStrategy):
 
 class Krum(RobustStrategy):
     """Krum (Blanchard et al., 2017): the update closest to its n - f - 2 nearest
-    neighbours; with ``num_selected`` m > 1, the weighted mean of the m best (multi-Krum)."""
+    neighbours; with ``num_selected`` m > 1, the weighted mean of the m best (multi-Krum).
+    Bounds: n >= 2f + 3 and m <= n - f."""
 
     name = "krum"
 
@@ -192,7 +193,10 @@ class Krum(RobustStrategy):
         return self.num_byzantine
 
     def bound_unmet(self, n: int) -> str | None:
-        return None if n >= 2 * self.num_byzantine + 3 else "n >= 2f + 3"
+        if n < 2 * self.num_byzantine + 3:
+            return "n >= 2f + 3"
+        # More picks than honest updates would average an attacker in whenever f attack.
+        return None if self.num_selected <= n - self.num_byzantine else "num_selected <= n - f"
 
     def combine(self, agg: Aggregate) -> dict[str, Tensor]:
         updates = [u for u, _ in agg.kept]
