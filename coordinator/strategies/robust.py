@@ -75,12 +75,8 @@ class RobustStrategy(Strategy):
     def finalize(self, agg: Aggregate, global_state: dict[str, Tensor]) -> dict[str, Tensor]:
         if not agg.kept:
             return global_state
-        n = len(agg.kept)
-        required = self.bound_unmet(n)
-        if required is None:
-            combined: dict[str, Tensor] | None = self.combine(agg)
-        else:
-            combined = self._fall_back(agg, required)
+        required = self.bound_unmet(len(agg.kept))
+        combined = self.combine(agg) if required is None else self._fall_back(agg, required)
         if combined is None:
             return global_state
         return {name: cast_back(t, global_state[name].dtype) for name, t in combined.items()}
@@ -109,10 +105,13 @@ class RobustStrategy(Strategy):
             required=required,
             action="median" if use_median else "kept_global_model",
         )
-        if not use_median:
-            return None
-        updates = [u for u, _ in agg.kept]
-        return {name: coordinate_median(stacked(updates, name)) for name in agg.shapes}
+        return median_of(agg) if use_median else None
+
+
+def median_of(agg: Aggregate) -> dict[str, Tensor]:
+    """The coordinate median of the kept updates, in accumulator dtypes."""
+    updates = [u for u, _ in agg.kept]
+    return {name: coordinate_median(stacked(updates, name)) for name in agg.shapes}
 
 
 def checked_fallback(rule: str, fallback: str) -> str:
@@ -128,8 +127,7 @@ class Median(RobustStrategy):
     name = "median"
 
     def combine(self, agg: Aggregate) -> dict[str, Tensor]:
-        updates = [u for u, _ in agg.kept]
-        return {name: coordinate_median(stacked(updates, name)) for name in agg.shapes}
+        return median_of(agg)
 
 
 class TrimmedMean(RobustStrategy):
