@@ -101,7 +101,7 @@ class Agent:
         try:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
-                               s.name, keyring=s.keyring)
+                               s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,

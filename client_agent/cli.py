@@ -21,6 +21,7 @@ from bus.credentials import (
     secret_from,
 )
 from bus.errors import CredentialsError
+from client_agent.limits import MIN_AUTO_LIMIT_S
 from client_agent.settings import AgentSettings
 from serialization.events import configure_events
 
@@ -49,6 +50,13 @@ Redis password: --redis-password-file, ${REDIS_PASSWORD_FILE_ENV} or ${REDIS_PAS
 Signing keys: --client-keys DIR (or ${CLIENT_KEYS_ENV}) holding CLIENT_ID.key for each
 hosted client; without it results are not signed (the single-machine default), and
 a coordinator that checks signatures rejects them."""
+
+TRAIN_TIMEOUT_HELP = (
+    "kill and restart a trainer whose training call takes longer than this, and report the "
+    "job failed (train_timeout), so a stuck call does not hold the agent's other clients. "
+    "Default: the time left to the job's round deadline plus one more round deadline (a late "
+    f"update can still be folded into the next round), at least {MIN_AUTO_LIMIT_S:g} s. Give "
+    "it when you know how long training takes")
 
 
 def _devices(text: str) -> tuple[str, ...]:
@@ -98,8 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reclaim-idle-ms", type=int, default=60_000,
                    help="take over jobs another agent for these clients left pending this "
                         "long (a dead agent's jobs) (default 60000)")
+    p.add_argument("--train-timeout-s", type=_positive, metavar="SECONDS",
+                   help=TRAIN_TIMEOUT_HELP)
     _add_security_options(p.add_argument_group("security", SECURITY))
     return p
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 def _add_security_options(g: argparse._ArgumentGroup) -> None:
@@ -132,7 +149,8 @@ def settings_from_args(args: argparse.Namespace,
                          exit_with_parent=args.exit_with_parent,
                          heartbeat_ttl_ms=args.heartbeat_ttl_ms,
                          drain_timeout_s=args.drain_timeout,
-                         reclaim_idle_ms=args.reclaim_idle_ms)
+                         reclaim_idle_ms=args.reclaim_idle_ms,
+                         train_timeout_s=args.train_timeout_s)
 
 
 async def _run(settings: AgentSettings) -> None:

@@ -20,6 +20,7 @@ from bus.blobs import BlobRef, BlobStore
 from bus.credentials import Keyring
 from bus.errors import BlobMissing
 from bus.keys import JOBS_GROUP, Keys
+from client_agent.limits import train_time_limit_s
 from client_agent.model_cache import ModelCache, ModelSegment
 from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
 from serialization import Job, Result
@@ -39,6 +40,7 @@ class JobRunner:
     cache: ModelCache
     agent_id: str
     keyring: Keyring | None = None  # signs each result with its client's key; None: unsigned
+    train_timeout_s: float | None = None  # None: derived from each job's deadline
     _fetching: dict[str, asyncio.Future[ModelSegment]] = field(default_factory=dict)
 
     async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
@@ -101,7 +103,9 @@ class JobRunner:
 
     async def _train(self, job: Job, segment: ModelSegment) -> TrainReply:
         request = TrainRequest(job_id=job.job_id, client_id=job.client_id, task=job.task,
-                               task_options=job.task_options, config=job.config, model=segment)
+                               task_options=job.task_options, config=job.config, model=segment,
+                               time_limit_s=lambda: train_time_limit_s(
+                                   job, self.train_timeout_s, time.time()))
         log.info("job_started", job_id=job.job_id, client_id=job.client_id)
         reply = await self.pool.train(request)
         log.info("job_finished", job_id=job.job_id, client_id=job.client_id,

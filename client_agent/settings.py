@@ -34,6 +34,7 @@ class AgentSettings:
     redis_key_file: str | None = None
     redis_outage_s: float = DEFAULT_OUTAGE_S
     keyring: Keyring | None = None  # this agent's clients' signing keys; None: no signing
+    train_timeout_s: float | None = None  # per training call; None: from the job's deadline
 
     @property
     def name(self) -> str:

@@ -157,8 +157,12 @@ def what_happened(events: list[dict[str, Any]], agent_events: list[dict[str, Any
         return sum(seen.values()), ", ".join(f"{k} x{n}" if n > 1 else k for k, n in seen.items())
 
     count("coordinator resumed", sum(1 for _ in _of(events, "run_resumed")))
+    count("training calls timed out, their trainers killed and restarted",
+          sum(1 for _ in _of(agent_events, "train_timeout")))
+    timed_out = {e["job_id"] for e in _of(agent_events, "train_timeout")}
     count("trainers died mid-job and restarted",
-          sum(1 for e in _of(agent_events, "trainer_exited") if e.get("job_id")))
+          sum(1 for e in _of(agent_events, "trainer_exited")
+              if e.get("job_id") and e["job_id"] not in timed_out))
     outages = [e["down_s"] for e in _of(events + agent_events, "redis_reconnected")]
     count("Redis reconnections", len(outages),
           f"coordinator and agents, longest {max(outages):.1f} s" if outages else "")
