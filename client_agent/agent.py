@@ -101,11 +101,12 @@ class Agent:
         try:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
-                               s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s)
+                               s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
+                               allowed_tasks=s.allowed_tasks)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,
-                     signing=s.keyring is not None)
+                     signing=s.keyring is not None, allowed_tasks=sorted(s.allowed_tasks))
             await self._main(redis, keys, registry, runner)
         finally:
             await self._shutdown(registry, registration, pool, cache)

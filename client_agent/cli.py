@@ -24,6 +24,7 @@ from bus.errors import CredentialsError
 from client_agent.limits import MIN_AUTO_LIMIT_S
 from client_agent.settings import AgentSettings
 from serialization.events import configure_events
+from serialization.tasks import BUILTIN_TASKS, task_spec
 
 DESCRIPTION = """\
 Serve PWFL jobs for the clients this machine hosts. The agent registers its
@@ -108,8 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "long (a dead agent's jobs) (default 60000)")
     p.add_argument("--train-timeout-s", type=_positive, metavar="SECONDS",
                    help=TRAIN_TIMEOUT_HELP)
+    p.add_argument("--allow-task", action="append", type=_task_spec, default=[], metavar="SPEC",
+                   help="also run jobs of this task (module:factory, or a built-in name); "
+                        "repeatable. The built-in tasks "
+                        f"({', '.join(BUILTIN_TASKS)}) are always allowed; a job naming any "
+                        "other task is refused (logged as job_refused, reported failed as "
+                        "task_not_allowed) and its code is never imported")
     _add_security_options(p.add_argument_group("security", SECURITY))
     return p
+
+
+def _task_spec(text: str) -> str:
+    spec = task_spec(text.strip())
+    module, _, factory = spec.partition(":")
+    if not module or not factory:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor module:factory")
+    return spec
 
 
 def _positive(text: str) -> float:
@@ -150,7 +166,8 @@ def settings_from_args(args: argparse.Namespace,
                          heartbeat_ttl_ms=args.heartbeat_ttl_ms,
                          drain_timeout_s=args.drain_timeout,
                          reclaim_idle_ms=args.reclaim_idle_ms,
-                         train_timeout_s=args.train_timeout_s)
+                         train_timeout_s=args.train_timeout_s,
+                         allowed_tasks=frozenset([*BUILTIN_TASKS.values(), *args.allow_task]))
 
 
 async def _run(settings: AgentSettings) -> None:

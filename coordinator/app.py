@@ -221,14 +221,15 @@ class Coordinator:
         return True
 
     def _agent_access(self) -> AgentAccess:
-        """Local agents log in as the coordinator does and get their clients' keys."""
+        """Local agents log in as the coordinator does, get their clients' keys and run the
+        run's task."""
         s = self.settings
         options = {"--redis-user": s.redis_username, "--redis-ca-file": s.redis_ca_file,
                    "--redis-cert-file": s.redis_cert_file, "--redis-key-file": s.redis_key_file,
                    "--redis-outage-s": f"{s.redis_outage_s:g}"}
         return AgentAccess(redis_options=tuple(x for k, v in options.items() if v for x in (k, v)),
                            redis_password=self._secrets.redis_password,
-                           keyring=self._secrets.keyring)
+                           keyring=self._secrets.keyring, allowed_task=s.task)
 
     async def _wait_for_clients(self, tracker: ClientTracker) -> None:
         assert self.ctx is not None

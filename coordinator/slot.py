@@ -22,6 +22,7 @@ from bus.connection import raise_if_cancelled
 from coordinator.context import Delivery, RunContext
 from coordinator.jobs import JobRecord, new_job_id
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
+from coordinator.security import job_bytes
 from coordinator.strategies import Strategy
 from coordinator.updates import UpdateRejected, fetch_and_fold
 from serialization import Job, encode
@@ -152,7 +153,7 @@ class SlotRunner:
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
                       task_options=ctx.task_options, config=ctx.job_config(record),
                       published_ts=time.time())
-            items.append((ctx.keys.jobs(record.client_id), job.to_bytes()))
+            items.append((ctx.keys.jobs(record.client_id), job_bytes(job, ctx.keyring)))
         await ctx.publish_many(items)
         for record in records:
             log.info("job_published", slot_id=self.slot_id, round=record.round,

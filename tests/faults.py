@@ -23,6 +23,10 @@ MATRIX_ENV = "PWFL_FAULT_MATRIX"
 # An upload this close to its slot's last quorum may not have been read before the
 # slot finished (the dispatcher blocks up to 1 s per read); it is not counted as lost.
 READ_SLACK_S = 2.0
+# The test-only tasks (tests/e2e_tasks.py) that agents started here may run, besides the
+# built-in ones: an agent runs no task it was not told to (--allow-task).
+TEST_TASKS = tuple(f"--allow-task=tests.e2e_tasks:{name}"
+                   for name in ("SlowClientTask", "FlakyTask", "HangingTask"))
 
 
 @dataclass
@@ -65,7 +69,7 @@ def start_agent(redis_url: str, run_id: str | None, clients: str, log_dir: Path,
     serve = ["--run-id", run_id, "--exit-when-done"] if run_id is not None else []
     argv = [sys.executable, "-m", "client_agent", "--redis", redis_url, *serve,
             "--clients", clients, "--agent-id", name,
-            "--log-file", str(log_file), "--log-level", "warning", *args]
+            "--log-file", str(log_file), "--log-level", "warning", *TEST_TASKS, *args]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]  # ip execs the agent: same pid
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
