@@ -20,7 +20,8 @@ import structlog
 
 from bus import streams
 from bus.blobs import BlobStore
-from bus.connection import connect, raise_if_cancelled, wait_ready
+from bus.connection import connect, raise_if_cancelled, redis_errors, wait_ready
+from bus.errors import RedisRefused
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
 from client_agent.jobs import JobRunner
@@ -129,6 +130,8 @@ class Agent:
             raise_if_cancelled()
             try:
                 await registry.heartbeat(self.settings.client_ids)
+            except RedisRefused:
+                raise  # a login or ACL refusal does not come back: stop the agent
             except Exception as exc:  # noqa: BLE001 - Redis away: keep beating, it comes back
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(interval_s)
@@ -146,7 +149,10 @@ class Agent:
 
     async def _run_over(self, redis: object, keys: Keys) -> bool:
         try:
-            status = await redis.hget(keys.state(), "status")  # type: ignore[attr-defined]
+            with redis_errors():
+                status = await redis.hget(keys.state(), "status")  # type: ignore[attr-defined]
+        except RedisRefused:
+            raise
         except Exception:  # noqa: BLE001 - unknown counts as not over
             return False
         return status in FINISHED_STATES

@@ -11,6 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from bus.connection import refused
 from bus.credentials import (
     CLIENT_KEYS_ENV,
     REDIS_PASSWORD_ENV,
@@ -20,7 +23,7 @@ from bus.credentials import (
     redis_option_values,
     secret_from,
 )
-from bus.errors import CredentialsError
+from bus.errors import EXIT_REFUSED, CredentialsError
 from client_agent.limits import MIN_AUTO_LIMIT_S
 from client_agent.settings import AgentSettings
 from serialization.events import configure_events
@@ -44,6 +47,8 @@ examples:
   PWFL_REDIS_PASSWORD_FILE=silo-a.pw python -m client_agent --redis rediss://redis.example:6380 \\
       --redis-user silo-a --redis-ca-file ca.crt --client-keys keys/ --clients 0,1,2
 """
+
+log = structlog.get_logger()
 
 SECURITY = f"""\
 Secrets are read from files or the environment, never from the command line.
@@ -192,6 +197,8 @@ async def _run(settings: AgentSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until stopped: 0, 130 on a second signal, EXIT_REFUSED (78) when Redis refuses
+    the agent (login, ACL or TLS: no use retrying; the message says what to check)."""
     args = build_parser().parse_args(argv)
     configure_events("agent", log_file=args.log_file, console_level=args.log_level)
     settings = settings_from_args(args)  # after the events: secret-file warnings are logged
@@ -207,6 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(_run(settings))
     except asyncio.CancelledError:
         return 130
+    except Exception as exc:
+        refusal = refused(exc)
+        if refusal is None:
+            raise
+        log.error("redis_refused", reason=refusal.reason, error=str(refusal))
+        sys.stderr.write(f"error: {refusal}\n")
+        return EXIT_REFUSED
     return 0
 
 
