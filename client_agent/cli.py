@@ -45,7 +45,11 @@ examples:
   python -m client_agent --redis redis://coordinator:6379 --clients 0,1,2 --devices cpu
   python -m client_agent --redis rediss://redis.example:6380 --clients 7 --devices cuda:0,cuda:1
   PWFL_REDIS_PASSWORD_FILE=silo-a.pw python -m client_agent --redis rediss://redis.example:6380 \\
-      --redis-user silo-a --redis-ca-file ca.crt --client-keys keys/ --clients 0,1,2
+      --redis-user silo-a --redis-ca-file ca.crt --client-keys keys/ --clients 0,1,2 \\
+      --allow-task mysilo.tasks:XrayTask
+
+exit status: 0 stopped or done; 78 Redis refused the login, a command (ACL) or
+TLS (one line says what to check; retrying cannot fix it); 130 a second signal.
 """
 
 log = structlog.get_logger()
