@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from coordinator.results.dispatcher import ResultDispatcher
 from coordinator.results.validation import Rejections, ResultValidator
 from coordinator.run_state import RunState
 from coordinator.scheduling import ClientPool
+from coordinator.security import job_bytes
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.slot import SlotRunner
 from coordinator.status import RunStatus, SlotStatus
@@ -137,7 +139,8 @@ class Coordinator:
             evaluator=evaluator,
             run_state=RunState(CheckpointStore(s.run_dir, s.keep_checkpoints), redis, keys),
             status=self.status, jobs=jobs, validator=validator,
-            rejections=Rejections(self.status), models=PublishedModels(blobs))
+            rejections=Rejections(self.status), models=PublishedModels(blobs),
+            job_bytes=functools.partial(job_bytes, keyring=self._secrets.keyring))
         self._make_runners(states)
         await self._announce()
 
@@ -243,14 +246,15 @@ class Coordinator:
         return True
 
     def _agent_access(self) -> AgentAccess:
-        """Local agents log in as the coordinator does and get their clients' keys."""
+        """Local agents log in as the coordinator does, get their clients' keys and run the
+        run's task."""
         s = self.settings
         options = {"--redis-user": s.redis_username, "--redis-ca-file": s.redis_ca_file,
                    "--redis-cert-file": s.redis_cert_file, "--redis-key-file": s.redis_key_file,
                    "--redis-outage-s": f"{s.redis_outage_s:g}"}
         return AgentAccess(redis_options=tuple(x for k, v in options.items() if v for x in (k, v)),
                            redis_password=self._secrets.redis_password,
-                           keyring=self._secrets.keyring)
+                           keyring=self._secrets.keyring, allowed_task=s.task)
 
     async def _wait_for_clients(self, tracker: ClientTracker) -> None:
         assert self.ctx is not None

@@ -159,7 +159,7 @@ class SlotRunner:
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
                       task_options=ctx.task_options, config=ctx.job_config(record),
                       published_ts=time.time())
-            items.append((ctx.keys.jobs(record.client_id), job.to_bytes()))
+            items.append((ctx.keys.jobs(record.client_id), ctx.job_bytes(job)))
         await ctx.publish_many(items)
         for record in records:
             log.info("job_published", slot_id=self.slot_id, round=record.round,
