@@ -6,8 +6,8 @@ The file is the JSON Object Format of the Trace Event Format: `{"traceEvents": [
 ("C") and metadata ("M") naming each process and thread. Per run, three processes:
 
   coordinator  a thread per slot with the coordinator's work for it (publish model, fold
-               update, aggregate, evaluate, checkpoint), and a `lives` thread with one
-               slice per coordinator process (a gap between two is downtime)
+               update, aggregate, evaluate, checkpoint), and a `process lifetimes` thread
+               with one slice per coordinator process (a gap between two is downtime)
   slots        a thread per slot: its rounds, from start until the aggregate is ready,
                with the quorum wait inside and the wait for clients before; its accuracy
                as a counter track
@@ -114,10 +114,10 @@ class _RunTrace:
         return round((ts - self.run.start) * 1e6)
 
     def events(self) -> list[dict[str, Any]]:
-        for sort_index, (name, pid) in enumerate(self.pid.items()):
+        for name, pid in self.pid.items():
             self._meta(pid, 0, "process_name", {"name": name + self.suffix})
-            self._meta(pid, 0, "process_sort_index", {"sort_index": pid * 10 + sort_index})
-        self._emit(self.pid["coordinator"], self._lives_track())
+            self._meta(pid, 0, "process_sort_index", {"sort_index": pid})
+        self._emit(self.pid["coordinator"], self._lifetimes_track())
         slots = self._slot_ids()
         for slot in slots:
             self._emit(self.pid["coordinator"], self._work_track(slot))
@@ -135,8 +135,8 @@ class _RunTrace:
 
     # -- tracks ----------------------------------------------------------------------------
 
-    def _lives_track(self) -> _Track:
-        track = _Track("lives")
+    def _lifetimes_track(self) -> _Track:
+        track = _Track("process lifetimes")
         for number, segment in enumerate(self.run.segments, start=1):
             track.slices.append(_Slice(
                 f"coordinator process {number}", "process", self.us(segment.start),
