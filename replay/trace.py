@@ -9,7 +9,7 @@ The file is the JSON Object Format of the Trace Event Format: `{"traceEvents": [
                update, aggregate, evaluate, checkpoint), and a `process lifetimes` thread
                with one slice per coordinator process (a gap between two is downtime)
   slots        a thread per slot: its rounds, from start until the aggregate is ready,
-               with the quorum wait inside and the wait for clients before; its accuracy
+               with the quorum wait inside and the lease wait before; its accuracy
                as a counter track
   clients      a thread per client: its leases with the training inside; updates
                rejected or late, jobs failed, clients lost and lease violations as
@@ -178,7 +178,7 @@ class _RunTrace:
                 **ids, "reason": record.quorum_reason, "received": record.received,
                 "failed": record.failed, "quorum_count": record.quorum_count}))
         if record.lease_wait_s:
-            out.append(_Slice("wait for clients", "lease_wait",
+            out.append(_Slice("lease wait", "lease_wait",
                               self.us(record.started_at - record.lease_wait_s), start, ids))
         return out
 
