@@ -171,11 +171,15 @@ def test_every_timeline_interval_appears_exactly_once(tmp_path: Path, log: str) 
 
 @pytest.mark.parametrize("log", LOGS)
 def test_slices_on_one_thread_nest(tmp_path: Path, log: str) -> None:
-    """On every thread two slices are disjoint or one holds the other, as viewers need."""
+    """On every thread two slices are disjoint or one holds the other, as viewers need, and
+    the file lists a slice before those it holds."""
     by_thread: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    order = []
     for e in _trace(tmp_path, log)["traceEvents"]:
         if e["ph"] == "X":
             by_thread[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e["dur"]))
+            order.append((e["ts"], -e["dur"]))
+    assert order == sorted(order)
     for thread, spans in by_thread.items():
         stack: list[int] = []
         for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
