@@ -47,6 +47,7 @@ from coordinator.strategies import STRATEGIES, resolve_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie")
+ATTACK_TASK = "trainer_worker.tasks.attack:AttackTask"
 DIVERGED_ACCURACY = 0.10  # a NaN model predicts one class: 1 in 10 on the balanced test set
 
 
@@ -98,7 +99,7 @@ def coordinator_argv(s: Settings, rule: str, attack: str, seed: int, redis_url: 
     else:
         task_options["seed"] = seed  # the synthetic task's data seed
     argv = [sys.executable, "-m", "coordinator", "--redis", redis_url, "--runs-dir",
-            str(runs_dir), "--run-id", run_id, "--task", "attack", "--slots", "1",
+            str(runs_dir), "--run-id", run_id, "--task", ATTACK_TASK, "--slots", "1",
             "--clients", str(s.clients), "--clients-per-round", str(s.clients),
             "--rounds", str(s.rounds), "--max-steps", str(s.max_steps), "--eval-every",
             str(s.rounds), "--seed", str(seed), "--strategy", rule, "--no-progress",
@@ -282,7 +283,8 @@ def agents(redis_url: str, clients: int, log_dir: Path) -> Iterator[None]:
     procs = []
     for index, share in enumerate((ids[: clients // 2], ids[clients // 2:])):
         argv = [sys.executable, "-m", "client_agent", "--redis", redis_url, "--clients",
-                ",".join(share), "--agent-id", f"robust-{index}", "--log-file",
+                ",".join(share), "--agent-id", f"robust-{index}", "--allow-task", ATTACK_TASK,
+                "--log-file",
                 str(log_dir / f"agent-{index}.jsonl")]
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL,

@@ -39,13 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from serialization.tasks import task_spec
 from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome, load_task
 
 ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie")
-INNER_ALIASES = {
-    "fashion_mnist": "trainer_worker.tasks.fashion_mnist:FashionMnistTask",
-    "synthetic": "trainer_worker.tasks.synthetic:SyntheticTask",
-}
 
 Update = dict[str, torch.Tensor]
 
@@ -121,7 +118,7 @@ class AttackTask(Task):
                  z: float | None = None, **inner_options: Any) -> None:
         if attack not in ATTACKS:
             raise TaskError(f"attack must be one of {ATTACKS}, not {attack!r}")
-        self.inner = load_task(INNER_ALIASES.get(inner, inner), inner_options)
+        self.inner = load_task(task_spec(inner), inner_options)
         self.attackers = parse_attackers(attackers)
         self.attack, self.scale, self.sigma = attack, float(scale), float(sigma)
         num_clients = int(inner_options.get("num_clients", getattr(self.inner, "num_clients", 0)))
