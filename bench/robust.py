@@ -193,7 +193,7 @@ def render(table: dict[tuple[str, str], Cell], rules: Sequence[str], attacks: Se
     out = Table(title=title)
     out.add_column("rule")
     for attack in attacks:
-        out.add_column(f"{attack} acc % (gap)", justify="right")
+        out.add_column(attack, justify="right")
     for rule in rules:
         out.add_row(rule, *(_cell_text(table[(rule, a)], clean) for a in attacks))
     return out
@@ -246,9 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = run_grid(s, list(dict.fromkeys([*asked, "fedavg"])), attacks, seeds,
                         args.results)
     table = cells(outcomes)
-    title = (f"Test accuracy, {s.clients} clients of which {s.attackers} attack, {s.rounds} "
-             f"rounds x {s.max_steps} steps, seeds {args.seeds}; (gap to clean FedAvg, points)")
-    Console().print(render(table, rules, attacks, title))
+    title = (f"{s.clients} clients of which {s.attackers} attack, {s.rounds} "
+             f"rounds x {s.max_steps} steps, seeds {args.seeds}: test accuracy % (gap to clean "
+             f"FedAvg, points)")
+    Console(width=max(100, 24 * (len(attacks) + 1))).print(render(table, rules, attacks, title))
     print(json.dumps({**summarise(table, rules, attacks), "settings": asdict(s),
                       "seeds": seeds}))
     return 0

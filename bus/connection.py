@@ -86,7 +86,7 @@ class _Retry(Retry):
         self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any], *args: Any,
         **kwargs: Any,
     ) -> T:
-        # redis-py 7.2 (our floor) takes (do, fail); later releases add is_retryable and
+        # Older redis-py releases (7.2 here) take (do, fail); newer ones add is_retryable and
         # with_failure_count, passed through as given. A refusal that waiting cannot fix
         # is raised from the failure handler, which every release calls before retrying.
         async def noted(error: Exception, *count: int) -> None:

@@ -25,7 +25,7 @@ def test_every_declared_floor_is_pinned_except_torch() -> None:
     """Each dependency and extra with a `>=` gets `name==floor`; torch and torchvision don't."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     pins = _tool().floors(pyproject)
-    assert pins["redis"] == "7.2.0"
+    assert pins["redis"] == "8.0.1"
     assert pins["msgpack"] == "1.0.5"
     assert "torch" not in pins
     assert "torchvision" not in pins
