@@ -47,8 +47,8 @@ test: setup
 # own. torch and torchvision are the exception: tested only at TORCH_PIN, the wheels this
 # machine holds (torch>=2.1 is what we declare, but each other release is gigabytes to
 # download). Not in CI: measured here, the venv (5.5 GB with torch's CUDA wheels) took
-# ~12 min to build and the unit tests ~8.5 min, which would take CI (~7 min) past its
-# 25-minute budget; run it when a floor changes.
+# ~12 min to build on a loaded machine and the unit tests 1 to 8 min, which would take
+# CI from ~7 min to 20-27 against its 25-minute budget; run it when a floor changes.
 MIN_VENV ?= .venv-min
 test-min: system
 	$(PY) -m venv $(MIN_VENV)
