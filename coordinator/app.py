@@ -32,6 +32,7 @@ from coordinator.evaluation import Evaluator, load_task
 from coordinator.http import StatusServer
 from coordinator.leases import LeaseBroker
 from coordinator.local_agents import AgentAccess, LocalAgents
+from coordinator.observability import LatestModel, Observability
 from coordinator.progress import Progress
 from coordinator.results import ResultDispatcher
 from coordinator.scheduling import ClientPool
@@ -66,8 +67,12 @@ class Coordinator:
         self._secrets = secrets or CoordinatorSecrets()
         self.status = RunStatus(settings.run_id)
         self._show_progress = show_progress
+        self.observability = Observability(
+            self.status, self._status_json, models=self._latest_model,
+            checkpoints=lambda: self.ctx.checkpoints if self.ctx else None)
         self._http = StatusServer(self._status_json, settings.http_host, settings.http_port,
-                                  token=self._secrets.api_token, on_stop=self.request_stop)
+                                  token=self._secrets.api_token, on_stop=self.request_stop,
+                                  observability=self.observability)
         self._agents: LocalAgents | None = None
         self._run_open = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
@@ -78,6 +83,10 @@ class Coordinator:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
         return self.status.as_dict(leases)
 
+    def _latest_model(self, slot_id: int) -> LatestModel | None:
+        runner = self.ctx.runners.get(slot_id) if self.ctx else None
+        return None if runner is None else LatestModel(*runner.latest_model())
+
     def request_stop(self, source: str) -> None:
         """Stop gracefully, as on SIGTERM: the run ends "interrupted" and can be resumed."""
         log.warning("run_stop_requested", source=source)
@@ -87,6 +96,7 @@ class Coordinator:
 
     async def run(self) -> RunSummary:
         structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
+        self.observability.attach()
         self._task = asyncio.current_task()
         started = time.monotonic()
         try:
@@ -260,6 +270,7 @@ class Coordinator:
         if self._agents is not None:
             await self._agents.stop()
         await self._http.stop()
+        self.observability.detach()
         if self.ctx is not None:
             await self.ctx.redis.aclose()
 
