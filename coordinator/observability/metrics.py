@@ -120,6 +120,12 @@ class CoordinatorMetrics:
 
     def _run_started(self, event: Mapping[str, Any]) -> None:
         self._run_info.update({k: str(event.get(k, "")) for k in RUN_INFO_FIELDS})
+        slots = event.get("slots")
+        for slot in range(slots if isinstance(slots, int) else 0):  # series exist from 0
+            for metric in (self.rounds, self.rounds_failed, self.round_s, self.quorum_wait_s,
+                           self.aggregation_s, self.evaluation_s, self.jobs_published,
+                           self.folded):
+                metric.labels(str(slot))
 
     def _round_closed(self, event: Mapping[str, Any]) -> None:
         self.rounds.labels(_slot(event)).inc()
