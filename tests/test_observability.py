@@ -207,12 +207,14 @@ async def test_stream_sends_a_snapshot_then_deltas_and_a_fresh_snapshot_on_recon
             kind, delta = await _next_message(response)
             while not delta["ops"]:
                 kind, delta = await _next_message(response)
-            assert delta["ops"][0][:3] == ["acc", "0", pytest.approx(13.5 - obs.dashboard.state.t0,
-                                                                     abs=1e-3)]
+            seq, kind, slot, t, accuracy, round_ = delta["ops"][0]
+            assert (seq, kind, slot, accuracy, round_) == (first["seq"] + 1, "acc", "0", 0.5, 1)
+            assert t == pytest.approx(13.5 - obs.dashboard.state.t0, abs=1e-3)
         async with session.get(url + "/events") as response:  # the page reconnects
             kind, again = await _next_message(response)
             assert kind == "snapshot"
             assert [p[1] for p in again["accuracy"]["0"]] == [0.5]
+            assert again["seq"] == seq  # ops still pending at this point are skipped by it
             obs._observe({"event": "run_finished", "status": "finished"})
             kind, last = await _next_message(response)
             while not last["final"]:

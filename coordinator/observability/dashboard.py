@@ -6,7 +6,8 @@ intervals): accuracy over time, which client trains for which slot, rejected
 and late updates, busy time of clients and coordinator. `DashboardHub` streams
 it to browsers: a full snapshot when a page connects (so a page opened mid-run,
 or reconnecting after a drop, starts from the truth), then every half second the
-new points and segments plus the current `/status`. The run's end is sent as a
+new points and segments plus the current `/status`. Each op carries a sequence number and a
+snapshot the last one it holds, so a page never applies an op twice. The run's end is sent as a
 snapshot marked final, which the page keeps showing after the server has gone.
 """
 
@@ -172,7 +173,8 @@ class DashboardHub:
     def __init__(self, state: DashboardState, status: Callable[[], dict[str, Any]]) -> None:
         self.state = state
         self._status = status
-        self._ops: list[Op] = []
+        self._ops: list[Op] = []  # [seq, kind, ...]: a page skips what its snapshot held
+        self._seq = 0
         self._queues: set[asyncio.Queue[bytes | None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -182,7 +184,9 @@ class DashboardHub:
         if self._loop is not None and _on_other_thread(self._loop):
             self._loop.call_soon_threadsafe(self.observe, dict(event))
             return
-        self._ops += self.state.apply(event)
+        for op in self.state.apply(event):
+            self._seq += 1
+            self._ops.append([self._seq, *op])
         if self.state.final and self._loop is not None:
             self._loop.call_soon(self.flush)  # the end goes out at once, before the server stops
 
@@ -230,7 +234,8 @@ class DashboardHub:
             message: bytes | None = b""
             while message is not None:
                 if not message:  # the first message, or after an overflow: the whole state
-                    message = sse("snapshot", self.state.snapshot(self._status()))
+                    snapshot = {**self.state.snapshot(self._status()), "seq": self._seq}
+                    message = b"retry: 2000\n" + sse("snapshot", snapshot)
                 await response.write(message)
                 message = await queue.get()
         except ConnectionResetError:

@@ -60,7 +60,9 @@ function received() {
 }
 
 function apply(op) {
-  const [kind, ...rest] = op;
+  const [seq, kind, ...rest] = op;
+  if (seq <= S.seq) return;  // already in the snapshot this page started from
+  S.seq = seq;
   if (kind === "run") S.run = rest[0];
   else if (kind === "acc") {
     const [slot, t, acc, round] = rest;
@@ -171,7 +173,7 @@ function drawAccuracy() {
       series: [{ label: "t", value: (u, v) => v === null ? "–" : `${v.toFixed(1)} s` },
         ...ids.map((id) => ({ label: `slot ${id}`, stroke: slotColor(id), width: 2, spanGaps: true,
           points: { show: true, size: 5, fill: slotColor(id) }, value: (u, v) => pct(v) }))],
-      legend: { live: true },
+      legend: { live: false },  // labels only: values show on hover in the cursor points
     }, accuracyData(), el);
   } else {
     chart.setData(accuracyData());
