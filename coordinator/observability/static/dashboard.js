@@ -173,7 +173,7 @@ function drawAccuracy() {
       series: [{ label: "t", value: (u, v) => v === null ? "–" : `${v.toFixed(1)} s` },
         ...ids.map((id) => ({ label: `slot ${id}`, stroke: slotColor(id), width: 2, spanGaps: true,
           points: { show: true, size: 5, fill: slotColor(id) }, value: (u, v) => pct(v) }))],
-      legend: { live: false },  // labels only: values show on hover in the cursor points
+      legend: { live: false },  // labels only: live values read "–" whenever the cursor is off
     }, accuracyData(), el);
   } else {
     chart.setData(accuracyData());
