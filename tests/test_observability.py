@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -147,6 +148,23 @@ def test_interval_union_counts_overlaps_once() -> None:
     for start, end in [(0, 2), (1, 3), (5, 6), (2.5, 4), (10, 11)]:
         union.add(start, end)
     assert union.length_s == pytest.approx(4 + 1 + 1)
+
+
+def test_interval_union_matches_a_sort_and_sweep() -> None:
+    """Random overlapping intervals, ending in order: the union equals a plain sweep's."""
+    rng = random.Random(7)
+    for _ in range(200):
+        union, spans, end = IntervalUnion(), [], 0.0
+        for _ in range(rng.randint(1, 50)):
+            end += rng.random() * 3
+            spans.append((end - rng.random() * 5, end))
+            union.add(*spans[-1])
+        total, (low, high) = 0.0, sorted(spans)[0]
+        for a, b in sorted(spans)[1:]:
+            if a > high:
+                total, low = total + high - low, a
+            high = max(high, b)
+        assert union.length_s == pytest.approx(total + high - low)
 
 
 def test_dashboard_state_draws_leases_and_accuracy() -> None:

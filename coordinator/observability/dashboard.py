@@ -14,6 +14,7 @@ snapshot marked final, which the page keeps showing after the server has gone.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from coordinator.observability.metrics import BUSY_KIND_OF_EVENT, _seconds, _ts
+from coordinator.observability.metrics import BUSY_KIND_OF_EVENT, event_seconds, event_ts
 
 MAX_POINTS_PER_SLOT = 2000
 MAX_SEGMENTS_PER_CLIENT = 400
@@ -37,26 +38,33 @@ Op = list[Any]
 
 
 class IntervalUnion:
-    """Length of a union of intervals that arrive roughly in order, in bounded memory."""
+    """Length of a union of intervals that arrive roughly in order, in bounded memory: each
+    add merges with its neighbours only (O(log n) to find them), and spans that ended more
+    than BUSY_HORIZON_S before the newest one become a plain total."""
 
     def __init__(self) -> None:
         self._closed_s = 0.0
         self._spans: list[tuple[float, float]] = []  # disjoint, sorted
 
     def add(self, start: float, end: float) -> None:
-        spans = [*self._spans, (start, end)]
-        spans.sort()
-        merged: list[tuple[float, float]] = []
-        for a, b in spans:
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        spans = self._spans
+        i = bisect.bisect_left(spans, (start, end))
+        spans.insert(i, (start, end))
+        k = max(i - 1, 0)  # only the new span's neighbours can overlap it
+        while k + 1 < len(spans):
+            (a, b), (c, d) = spans[k], spans[k + 1]
+            if c <= b:
+                spans[k] = (a, max(b, d))
+                del spans[k + 1]
+            elif k >= i:
+                break
             else:
-                merged.append((a, b))
-        horizon = end - BUSY_HORIZON_S
-        while len(merged) > 1 and merged[0][1] < horizon:
-            a, b = merged.pop(0)
-            self._closed_s += b - a
-        self._spans = merged
+                k += 1
+        old = bisect.bisect_left(spans, (end - BUSY_HORIZON_S, float("-inf")))
+        old = min(old, len(spans) - 1)
+        if old > 0 and spans[old - 1][1] < end - BUSY_HORIZON_S:
+            self._closed_s += sum(b - a for a, b in spans[:old])
+            del spans[:old]
 
     @property
     def length_s(self) -> float:
@@ -81,14 +89,14 @@ class DashboardState:
         self.active_t: float | None = None  # the first lease: clients are there, rounds go
 
     def _t(self, event: Mapping[str, Any]) -> float:
-        return round(_ts(event) - self.t0, 3)
+        return round(event_ts(event) - self.t0, 3)
 
     def apply(self, event: Mapping[str, Any]) -> list[Op]:
         name = str(event.get("event"))
         kind = BUSY_KIND_OF_EVENT.get(name)
-        if kind is not None and (seconds := _seconds(event)) is not None:
+        if kind is not None and (seconds := event_seconds(event)) is not None:
             self.coordinator_busy_s[kind] = self.coordinator_busy_s.get(kind, 0.0) + seconds
-            self.coordinator_union.add(_ts(event) - seconds, _ts(event))
+            self.coordinator_union.add(event_ts(event) - seconds, event_ts(event))
         handler = self._handlers.get(name)
         return handler(self, event) if handler is not None else []
 

@@ -36,13 +36,13 @@ def _slot(event: Mapping[str, Any]) -> str:
     return str(event.get("slot_id"))
 
 
-def _ts(event: Mapping[str, Any]) -> float:
+def event_ts(event: Mapping[str, Any]) -> float:
     """The event's time stamp (now, where the logger adds none)."""
     value = event.get("ts")
     return float(value) if isinstance(value, int | float) else time.time()
 
 
-def _seconds(event: Mapping[str, Any], key: str = "duration_s") -> float | None:
+def event_seconds(event: Mapping[str, Any], key: str = "duration_s") -> float | None:
     value = event.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -112,7 +112,7 @@ class CoordinatorMetrics:
         if handler is not None:
             handler(self, event)
         kind = BUSY_KIND_OF_EVENT.get(str(event.get("event")))
-        seconds = _seconds(event)
+        seconds = event_seconds(event)
         if kind is not None and seconds is not None:
             self.busy_s.labels(kind).inc(seconds)
 
@@ -129,22 +129,22 @@ class CoordinatorMetrics:
 
     def _round_closed(self, event: Mapping[str, Any]) -> None:
         self.rounds.labels(_slot(event)).inc()
-        if (seconds := _seconds(event)) is not None:
+        if (seconds := event_seconds(event)) is not None:
             self.round_s.labels(_slot(event)).observe(seconds)
 
     def _round_failed(self, event: Mapping[str, Any]) -> None:
         self.rounds_failed.labels(_slot(event)).inc()
 
     def _quorum_reached(self, event: Mapping[str, Any]) -> None:
-        if (seconds := _seconds(event, "wait_s")) is not None:
+        if (seconds := event_seconds(event, "wait_s")) is not None:
             self.quorum_wait_s.labels(_slot(event)).observe(seconds)
 
     def _aggregation_finished(self, event: Mapping[str, Any]) -> None:
-        if (seconds := _seconds(event)) is not None:
+        if (seconds := event_seconds(event)) is not None:
             self.aggregation_s.labels(_slot(event)).observe(seconds)
 
     def _evaluation_finished(self, event: Mapping[str, Any]) -> None:
-        if (seconds := _seconds(event)) is not None:
+        if (seconds := event_seconds(event)) is not None:
             self.evaluation_s.labels(_slot(event)).observe(seconds)
 
     def _model_published(self, event: Mapping[str, Any]) -> None:
@@ -155,7 +155,7 @@ class CoordinatorMetrics:
         self.transfer.labels("down").inc(self._model_nbytes.get(_slot(event), 0))
 
     def _lease_taken(self, event: Mapping[str, Any]) -> None:
-        self._lease_started[(str(event.get("client_id")), _slot(event))] = _ts(event)
+        self._lease_started[(str(event.get("client_id")), _slot(event))] = event_ts(event)
 
     def _lease_returned(self, event: Mapping[str, Any]) -> None:
         client = str(event.get("client_id"))
@@ -166,7 +166,7 @@ class CoordinatorMetrics:
                 and (event.get("slot_id") is None or k[1] == _slot(event))]
         for key in keys:
             started = self._lease_started.pop(key)
-            self.client_busy_s.labels(client).inc(max(0.0, _ts(event) - started))
+            self.client_busy_s.labels(client).inc(max(0.0, event_ts(event) - started))
 
     def _update_received(self, event: Mapping[str, Any]) -> None:
         self.transfer.labels("up").inc(int(event.get("nbytes") or 0))
