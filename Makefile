@@ -55,7 +55,7 @@ test-min: system
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(PY) tools/floor_constraints.py pyproject.toml > $(MIN_VENV)/constraints.txt
 	$(MIN_VENV)/bin/pip install -q -c $(MIN_VENV)/constraints.txt $(TORCH_PIN) \
-	  -e '.[embedded,report,vision]' pytest pytest-asyncio pytest-timeout hypothesis
+	  -e '.[embedded,report,vision]' pytest pytest-asyncio pytest-timeout hypothesis playwright
 	$(MIN_VENV)/bin/pip list --format=freeze | grep -iE "^($$(cut -d= -f1 $(MIN_VENV)/constraints.txt | paste -sd'|'))=="
 	$(MIN_VENV)/bin/python -m pytest -m 'not slow and not docker' -q
 

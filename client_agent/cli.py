@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(BUILTIN_TASKS)}) are always allowed; a job naming any "
                         "other task is refused (logged as job_refused, reported failed as "
                         "task_not_allowed) and its code is never imported")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics (jobs, trainer restarts, model cache hits, "
+                        "shared memory) at http://HOST:PORT/metrics; 0 picks a free port "
+                        "(default: off; silo hosts are often outbound-only)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default 127.0.0.1: a Prometheus on "
+                        "this host; 0.0.0.0 to be scraped from elsewhere)")
     _add_security_options(p.add_argument_group("security", SECURITY))
     return p
 
@@ -206,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_events("agent", log_file=args.log_file, console_level=args.log_level)
     settings = settings_from_args(args)  # after the events: secret-file warnings are logged
+    if args.metrics_port is not None:
+        from client_agent.metrics import serve_metrics
+
+        serve_metrics(args.metrics_host, args.metrics_port)  # a daemon thread, ends with us
     factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop

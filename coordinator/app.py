@@ -35,6 +35,7 @@ from coordinator.job_table import JobTable
 from coordinator.leases import LeaseBroker
 from coordinator.local_agents import AgentAccess, LocalAgents
 from coordinator.models import PublishedModels
+from coordinator.observability import LatestModel, Observability
 from coordinator.progress import Progress
 from coordinator.results.dispatcher import ResultDispatcher
 from coordinator.results.validation import Rejections, ResultValidator
@@ -75,8 +76,12 @@ class Coordinator:
         self._secrets = secrets or CoordinatorSecrets()
         self.status = RunStatus(settings.run_id)
         self._show_progress = show_progress
+        self.observability = Observability(
+            self.status, self._status_json, models=self._latest_model,
+            checkpoints=lambda: self.ctx.run_state.store if self.ctx else None)
         self._http = StatusServer(self._status_json, settings.http_host, settings.http_port,
-                                  token=self._secrets.api_token, on_stop=self.request_stop)
+                                  token=self._secrets.api_token, on_stop=self.request_stop,
+                                  observability=self.observability)
         self._agents: LocalAgents | None = None
         self._run_open = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
@@ -88,6 +93,10 @@ class Coordinator:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
         return self.status.as_dict(leases)
 
+    def _latest_model(self, slot_id: int) -> LatestModel | None:
+        runner = self._runners.get(slot_id)
+        return None if runner is None else LatestModel(*runner.latest_model())
+
     def request_stop(self, source: str) -> None:
         """Stop gracefully, as on SIGTERM: the run ends "interrupted" and can be resumed."""
         log.warning("run_stop_requested", source=source)
@@ -97,6 +106,7 @@ class Coordinator:
 
     async def run(self) -> RunOutcome:
         structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
+        self.observability.attach()
         self._task = asyncio.current_task()
         started = time.monotonic()
         try:
@@ -286,6 +296,7 @@ class Coordinator:
         if self._agents is not None:
             await self._agents.stop()
         await self._http.stop()
+        self.observability.detach()
         if self.ctx is not None:
             await self.ctx.redis.aclose()
 

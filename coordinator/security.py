@@ -40,8 +40,9 @@ Secrets are read from files or the environment, never from the command line.
 Redis password: --redis-password-file, ${REDIS_PASSWORD_FILE_ENV} or ${REDIS_PASSWORD_ENV}.
 Update signing is OFF unless --client-keys (or ${CLIENT_KEYS_ENV}) or --sign-updates
 is given: without it any agent that can reach Redis may answer any client's job,
-which is fine for the single-machine default. The API token guards POST routes
-(/stop); without one configured, a random token is written to RUN_DIR/{API_TOKEN_FILE}."""
+which is fine for the single-machine default. The API token guards POST routes (/stop)
+and model download (/slots/ID/model, /runs/RUN/checkpoints); without one configured, a
+random token is written to RUN_DIR/{API_TOKEN_FILE}."""
 
 
 def add_options(g: argparse._ArgumentGroup) -> None:
@@ -54,8 +55,8 @@ def add_options(g: argparse._ArgumentGroup) -> None:
                    help="sign updates even without --client-keys: --local-agents get keys "
                         "generated for this run, passed as 0600 files")
     g.add_argument("--api-token-file", type=Path, metavar="FILE",
-                   help=f"bearer token for POST routes (else ${API_TOKEN_FILE_ENV} or "
-                        f"${API_TOKEN_ENV})")
+                   help=f"bearer token for POST routes and model download "
+                        f"(else ${API_TOKEN_FILE_ENV} or ${API_TOKEN_ENV})")
 
 
 def settings_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class SlotRunner:
     _open: OpenRound | None = None
     _background: asyncio.Task[None] | None = None
     finished: bool = False
+    aggregated_round: int | None = None  # the round `state` comes from (None: first_round - 1)
 
     @property
     def model_ref(self) -> BlobRef | None:
@@ -71,6 +72,13 @@ class SlotRunner:
     @property
     def status(self) -> Any:
         return self.ctx.status.slots[self.slot_id]
+
+    def latest_model(self) -> tuple[int, dict[str, torch.Tensor], bytes | None]:
+        """Read-only, for downloads: (round, state, wire bytes if encoded) of the newest
+        global model; round first_round - 1 before this run aggregated any."""
+        aggregated = self.aggregated_round
+        return (self.first_round - 1 if aggregated is None else aggregated,
+                self.state, self._payload)
 
     def deliver(self, delivery: Delivery) -> None:
         """A result for one of this slot's jobs (the dispatcher already returned the lease)."""
@@ -251,6 +259,7 @@ class SlotRunner:
         old_ref = self.model_ref
         self.state, self._payload = new_state, payload
         self.ctx.models.withdraw(self.slot_id)
+        self.aggregated_round = opened.round
         await self._retire_blobs(opened, old_ref)
         await self._after_round(opened, payload, strategy_state)
 

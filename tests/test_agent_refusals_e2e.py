@@ -4,7 +4,6 @@ their clients' keys; the run goes on with the agents that serve it."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SLOW = "tests.e2e_tasks:SlowClientTask"
 
 
-@pytest.fixture
-def agents() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Agent processes a test starts; any still running at teardown is killed."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-
-
 def test_agents_refuse_tasks_they_do_not_allow_and_jobs_they_cannot_verify(
         redis_server: EmbeddedRedis, tmp_path: Path,
-        agents: list[subprocess.Popen[bytes]]) -> None:
+        popen_agents: list[subprocess.Popen[bytes]]) -> None:
     """Client 0's agent allows the run's task and has its key: it serves. Client 1's agent
     does not allow the task: each job is refused (job_refused, task_not_allowed), reported
     failed and never trained. Client 2's agent holds a key the coordinator did not sign
@@ -48,7 +36,7 @@ def test_agents_refuse_tasks_they_do_not_allow_and_jobs_they_cannot_verify(
 
     def agent(name: str, client: str, keys: Keyring, *args: str) -> Path:
         folder = keys.subset([client]).write_dir(vault / name)
-        agents.append(start_agent(redis_server.url, tmp_path, name, client, "--run-id",
+        popen_agents.append(start_agent(redis_server.url, tmp_path, name, client, "--run-id",
                                   "refusals", "--client-keys", str(folder), *args))
         return tmp_path / f"{name}.jsonl"
 
@@ -57,7 +45,7 @@ def test_agents_refuse_tasks_they_do_not_allow_and_jobs_they_cannot_verify(
         refusing = agent("builtins-only", "1", keyring)
         unverified = agent("other-key", "2", stranger, "--allow-task", SLOW)
         assert run.wait(120) == 0, run.output()[-3000:]
-    assert [stop(a) for a in agents] == [0, 0, 0]
+    assert [stop(a) for a in popen_agents] == [0, 0, 0]
     failed = {e["client_id"]: e["error"] for e in run.events("job_failed")}
     assert failed["1"].startswith(f"task_not_allowed: task '{SLOW}' is not allowed")
     refused = [e for e in read_events(refusing) if e["event"] == "job_refused"]
