@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 # The unit tests (not the slow end-to-end runs) with every dependency pyproject.toml
-# declares at its `>=` floor (tools/floor_constraints.py writes the pins; what those
+# declares at its `>=` floor (.ci/floor_constraints.py writes the pins; what those
 # pull in comes at its newest, like uv's --resolution lowest-direct), in a venv of its
 # own. torch and torchvision are the exception: tested only at TORCH_PIN, the wheels this
 # machine holds (torch>=2.1 is what we declare, but each other release is gigabytes to
@@ -53,7 +53,7 @@ MIN_VENV ?= .venv-min
 test-min: system
 	$(PY) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
-	$(PY) tools/floor_constraints.py pyproject.toml > $(MIN_VENV)/constraints.txt
+	$(PY) .ci/floor_constraints.py pyproject.toml > $(MIN_VENV)/constraints.txt
 	$(MIN_VENV)/bin/pip install -q -c $(MIN_VENV)/constraints.txt $(TORCH_PIN) \
 	  -e '.[embedded,report,vision]' pytest pytest-asyncio pytest-timeout hypothesis playwright
 	$(MIN_VENV)/bin/pip list --format=freeze | grep -iE "^($$(cut -d= -f1 $(MIN_VENV)/constraints.txt | paste -sd'|'))=="

@@ -1,4 +1,4 @@
-"""tools/floor_constraints.py pins every `>=` floor pyproject declares (make test-min)."""
+""".ci/floor_constraints.py pins every `>=` floor pyproject declares (make test-min)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tool() -> ModuleType:
     spec = importlib.util.spec_from_file_location("floor_constraints",
-                                                  ROOT / "tools" / "floor_constraints.py")
+                                                  ROOT / ".ci" / "floor_constraints.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -28,7 +28,9 @@ from coordinator.strategies import (
 from coordinator.strategies.examples import ServerLrFedAvg
 
 State = dict[str, Tensor]
-FEW = settings(max_examples=15, deadline=None)
+# data_too_large: the attack strategies draw whole update sets; older hypothesis releases
+# (6.90, the floor) flagged that as a health-check failure 3 runs in 4, newer ones do not.
+FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.data_too_large])
 
 RULES: dict[str, Callable[[], Strategy]] = {
     **{name: (lambda name=name: make_strategy(name)) for name in STRATEGIES},

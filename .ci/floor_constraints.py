@@ -6,7 +6,7 @@ dependencies at their floors, what they pull in at its newest). Left out: torch 
 torchvision (pinned by the Makefile's TORCH_PIN: other releases are gigabytes to
 download) and the build requirements.
 
-    python3 tools/floor_constraints.py [pyproject.toml]
+    python3 .ci/floor_constraints.py [pyproject.toml]
 """
 
 import re
