@@ -23,6 +23,7 @@ from bus.blobs import BlobStore
 from bus.connection import connect, raise_if_cancelled, wait_ready
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
+from client_agent.gradient import GradientRunner, is_gradient_job
 from client_agent.jobs import JobRunner
 from client_agent.model_cache import ModelCache
 from client_agent.settings import AgentSettings
@@ -45,6 +46,7 @@ class Agent:
         self._stop_reason = ""
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}  # (stream, id)
         self.rejected = 0
+        self._gradient: GradientRunner | None = None
 
     def request_stop(self, reason: str = "signal") -> None:
         """Stop taking jobs; finish the ones in hand."""
@@ -102,6 +104,7 @@ class Agent:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring)
+            self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,
@@ -205,7 +208,9 @@ class Agent:
             return
         log.info("job_received", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
                  client_id=job.client_id)
-        task = asyncio.create_task(runner.run(job, entry, time.time()), name=job.job_id)
+        gradient = self._gradient if is_gradient_job(job) else None
+        handler = gradient.run if gradient is not None else runner.run
+        task = asyncio.create_task(handler(job, entry, time.time()), name=job.job_id)
         # Entry ids are unique per stream only: jobs published together share them.
         key = (entry.stream, entry.entry_id)
         self._in_flight[key] = task

@@ -25,6 +25,7 @@ from bus.blobs import BlobStore
 from bus.connection import connect, wait_ready
 from bus.keys import Keys
 from bus.registry import Registry, set_active_run
+from coordinator import gradient
 from coordinator.checkpoints import CheckpointStore, json_safe
 from coordinator.clients import ClientTracker
 from coordinator.context import RunContext
@@ -143,6 +144,12 @@ class Coordinator:
         assert self.ctx is not None
         s = self.settings
         for slot_id, (state, first_round) in enumerate(states):
+            if s.is_gradient_slot(slot_id):
+                self.status.slots[slot_id] = SlotStatus(slot_id, s.rounds, round=first_round,
+                                                       rounds_done=first_round - 1)
+                self.ctx.runners[slot_id] = gradient.make_runner(  # type: ignore[assignment]
+                    self.ctx, slot_id, state, first_round)
+                continue
             strategy = make_strategy(s.strategy, **s.strategy_options)
             self._restore_strategy(slot_id, first_round - 1, strategy)
             self.status.slots[slot_id] = SlotStatus(slot_id, s.rounds, round=first_round,
@@ -171,7 +178,8 @@ class Coordinator:
                  min_clients=s.min_clients,
                  clients_per_round=s.round_size, deadline_s=s.deadline_s,
                  late_policy=s.late_policy, strategy=s.strategy, task=s.task,
-                 model_nbytes=model_nbytes, seed=s.seed,
+                 model_nbytes=model_nbytes, seed=s.seed, mode=s.mode,
+                 gradient_slots=[i for i in ctx.runners if s.is_gradient_slot(i)],
                  signing=self._secrets.keyring is not None,
                  rounds_done={i: r.first_round - 1 for i, r in ctx.runners.items()})
         if self._secrets.api_token_file is not None:
