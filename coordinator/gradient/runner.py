@@ -203,9 +203,10 @@ class GradientSlotRunner:
         session.steps_done, session.num_examples = step, session.num_examples + examples
         if not last:
             await self._publish_weights(session, step + 1)
+        compute_s = max(_compute_s(h.timings) for h, _ in gradients)
         log.debug("gradient_step", slot_id=self.slot_id, round=session.round, step=step,
                   clients=len(gradients), num_examples=examples,
-                  gather_s=round(gathered - started, 6),
+                  gather_s=round(gathered - started, 6), compute_s=round(compute_s, 6),
                   duration_s=round(time.perf_counter() - started, 6))
         return True
 
@@ -342,3 +343,9 @@ class GradientSlotRunner:
                  num_examples=metrics.get("num_examples"),
                  duration_s=round(time.perf_counter() - start, 6))
         return metrics
+
+
+def _compute_s(timings: dict[str, Any]) -> float:
+    """A client's reported compute for one step (load, gradient, write); junk counts as 0."""
+    values = (timings.get(k) for k in ("load_s", "grad_s", "write_s"))
+    return sum(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
