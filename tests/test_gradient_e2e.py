@@ -75,7 +75,7 @@ def test_one_client_equals_plain_sgd(launch: Callable[..., Run]) -> None:
     got = decode(Path(final["path"]).read_bytes())[0]
     want = plain_sgd(seeds)
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
-    print(f"max abs difference from plain SGD after {ROUNDS * STEPS} steps: {diff:.3g}")
+    print(f"max abs difference from plain SGD after {ROUNDS * STEPS} steps: {diff:.3g}")  # noqa: T201 - reported with pytest -s
     assert diff <= 1e-6
     moved = max(float((want[k] - plain_sgd([])[k]).abs().max()) for k in want)
     assert moved > 1e-2  # the comparison is not between two untrained models
