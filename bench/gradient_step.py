@@ -13,7 +13,10 @@ In the same run, on the same Redis, it times the raw transfer of the same bytes
 with plain redis-py, one command after another: XADD of the weights, one XREAD
 of them per agent, one XADD per gradient and one XREAD of them all, as the floor
 a hand-written exchange would pay. Last line: one JSON object with `step_ms`
-(median, the default layout), `step_vs_raw_transfer`, and more.
+(median, the default layout), `step_vs_raw_transfer`, `overhead_vs_raw_transfer` (step
+minus the slowest client's compute, over the raw transfer), and more. On a
+loaded machine the compute of four trainer processes dominates: read the
+overhead ratio beside the step time.
 """
 
 from __future__ import annotations
@@ -180,6 +183,9 @@ def _summary(outcomes: list[Outcome], raw: dict[int, dict[str, float]]) -> dict[
         "step_vs_raw_transfer": round(head.median_step_ms / raw_ms, 3),
         "raw_transfer_ms": round(raw_ms, 2),
         "client_compute_ms": round(head.median_compute_ms, 2),
+        # What the framework adds beyond the clients' compute, against the same raw transfer.
+        "overhead_vs_raw_transfer": round(
+            (head.median_step_ms - head.median_compute_ms) / raw_ms, 3),
         "layout": head.case.name, "bytes_per_step_up": CLIENTS * CNN_BYTES,
         "bytes_per_step_down": (1 + head.case.agents) * CNN_BYTES,
     }
