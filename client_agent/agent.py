@@ -47,6 +47,7 @@ class Agent:
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}  # (stream, id)
         self.rejected = 0
         self._gradient: GradientRunner | None = None
+        self._sessions: set[tuple[str, str]] = set()  # the in-flight gradient sessions
 
     def request_stop(self, reason: str = "signal") -> None:
         """Stop taking jobs; finish the ones in hand."""
@@ -163,7 +164,10 @@ class Agent:
             if time.monotonic() - last_reclaim > RECLAIM_EVERY_S:
                 last_reclaim = time.monotonic()
                 await self._reclaim(redis, keys, job_streams, runner)
-            capacity = len(self.settings.devices) + 1 - len(self._in_flight)
+            # A gradient session waits on its lease's other clients most of the time and
+            # shares trainers: it must not keep them from being read (a deadlock).
+            training = len(self._in_flight) - len(self._sessions)
+            capacity = len(self.settings.devices) + 1 - training
             if capacity <= 0:
                 await self._wait_for_capacity()
                 continue
@@ -214,7 +218,13 @@ class Agent:
         # Entry ids are unique per stream only: jobs published together share them.
         key = (entry.stream, entry.entry_id)
         self._in_flight[key] = task
-        task.add_done_callback(lambda _t: self._in_flight.pop(key, None))
+        if gradient is not None:
+            self._sessions.add(key)
+        task.add_done_callback(lambda _t: self._job_done(key))
+
+    def _job_done(self, key: tuple[str, str]) -> None:
+        self._in_flight.pop(key, None)
+        self._sessions.discard(key)
 
     def _job_of(self, entry: streams.Entry, keys: Keys) -> Job | None:
         """The entry's job, or None (logged and counted) when it is not a job for this stream."""

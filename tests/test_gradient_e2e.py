@@ -98,3 +98,15 @@ def test_gradient_slot_beside_weight_slot(launch: Callable[..., Run]) -> None:
     assert all(e["clients"] == 2 for e in steps)
     assert {e["slot_id"] for e in run.events("update_folded")} == {1}
     assert all(e["accuracy"] is not None for e in run.events("evaluation_finished"))
+
+
+def test_lease_larger_than_the_agents_trainers(launch: Callable[..., Run]) -> None:
+    """Three clients of one gradient lease on an agent with one trainer take turns on it:
+    every step averages all three gradients, well before any step deadline."""
+    run = launch("gradient-shared", "--mode", "gradient", "--task", "synthetic", "--slots", "1",
+                 "--clients", "3", "--rounds", "1", "--gradient-steps", "4", "--local-agents",
+                 "1", "--deadline", "60")
+    assert run.wait(240) == 0, run.output()[-4000:]
+    steps = run.events("gradient_step")
+    assert [e["clients"] for e in steps] == [3, 3, 3, 3]
+    assert run.events("gradient_client_dropped") == []
