@@ -110,3 +110,22 @@ def test_lease_larger_than_the_agents_trainers(launch: Callable[..., Run]) -> No
     steps = run.events("gradient_step")
     assert [e["clients"] for e in steps] == [3, 3, 3, 3]
     assert run.events("gradient_client_dropped") == []
+
+
+def test_failing_client_leaves_the_session(launch: Callable[..., Run]) -> None:
+    """A client whose gradient step fails leaves its session with a failed result; the
+    slot steps on with the other client and finishes its rounds."""
+    run = launch("gradient-broken", "--mode", "gradient", "--task",
+                 "tests.e2e_tasks:BrokenGradientTask", "--task-option", 'fail_clients=["1"]',
+                 "--task-option", "fail_at=3", "--slots", "1", "--clients", "2", "--rounds",
+                 "2", "--gradient-steps", "5", "--local-agents", "2")
+    assert run.wait(240) == 0, run.output()[-4000:]
+    steps = run.events("gradient_step")
+    assert len(steps) == 10
+    round1 = [e["clients"] for e in steps if e["round"] == 1]
+    assert round1[:2] == [2, 2]
+    assert round1[2:] == [1, 1, 1]
+    failed = run.events("job_failed")
+    assert {e["client_id"] for e in failed} == {"1"}
+    assert "injected failure" in failed[0]["error"]
+    assert [e["round"] for e in run.events("round_closed")] == [1, 2]
