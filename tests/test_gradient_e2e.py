@@ -81,22 +81,22 @@ def test_one_client_equals_plain_sgd(launch: Callable[..., Run]) -> None:
     assert moved > 1e-2  # the comparison is not between two untrained models
 
 
-def test_gradient_slot_beside_weight_slot(launch: Callable[..., Run]) -> None:
-    """A 2-client gradient slot and a 2-client weight slot share four clients without
-    overlapping leases, and both finish every round."""
-    run = launch("gradient-mixed", "--gradient-slots", "1", "--task", "synthetic", "--slots",
-                 "2", "--clients", "4", "--clients-per-round", "2", "--rounds", "2",
+def test_gradient_slots_beside_a_weight_slot(launch: Callable[..., Run]) -> None:
+    """Two gradient slots and a weight slot, two clients each, share six clients without
+    overlapping leases, and all finish every round."""
+    run = launch("gradient-mixed", "--gradient-slots", "2", "--task", "synthetic", "--slots",
+                 "3", "--clients", "6", "--clients-per-round", "2", "--rounds", "2",
                  "--gradient-steps", "5", "--local-agents", "2")
     assert run.wait(240) == 0, run.output()[-4000:]
     events = run.events()
     closed = set(by_slot_round(events, "round_closed"))
-    assert closed == {(s, r) for s in range(2) for r in range(1, 3)}
+    assert closed == {(s, r) for s in range(3) for r in range(1, 3)}
     assert lease_violations(events) == []
     steps = run.events("gradient_step")
-    assert {e["slot_id"] for e in steps} == {0}
-    assert len(steps) == 2 * 5
+    assert sorted((e["slot_id"], e["round"], e["step"]) for e in steps) == [
+        (s, r, k) for s in (0, 1) for r in (1, 2) for k in range(1, 6)]
     assert all(e["clients"] == 2 for e in steps)
-    assert {e["slot_id"] for e in run.events("update_folded")} == {1}
+    assert {e["slot_id"] for e in run.events("update_folded")} == {2}
     assert all(e["accuracy"] is not None for e in run.events("evaluation_finished"))
 
 
