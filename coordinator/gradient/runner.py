@@ -282,7 +282,7 @@ class GradientSlotRunner:
         valid = [(g, n) for g, n in valid if n > 0]
         if not valid:
             return 0
-        self.model.step(weighted_mean(valid))
+        self.model.step(weighted_mean(valid, self.model.mean, self.model.scratch))
         return sum(n for _, n in valid)
 
     async def _collect_results(self, session: Session) -> None:
