@@ -63,6 +63,7 @@ class Outcome:
     case: Case
     step_ms: list[float]
     compute_ms: list[float]
+    hop_ms: list[float]
     wall_s: float
 
     @property
@@ -89,19 +90,21 @@ def _run_coordinator(case: Case, redis_url: str, runs_dir: Path, task: list[str]
     return runs_dir / run_id / "events.jsonl"
 
 
-def _steps(path: Path) -> tuple[list[float], list[float], float]:
-    """Per step after round 1 (and after each round's first step): wall and compute, ms."""
+def _steps(path: Path) -> tuple[list[float], list[float], list[float], float]:
+    """Per step after round 1 (and after each round's first step): wall, the slowest client's
+    compute and the largest agent-to-trainer hop, in ms."""
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps, compute, last_ts = [], [], None
+    steps, compute, hops, last_ts = [], [], [], None
     for e in events:
         if e["event"] != "gradient_step":
             continue
         if e["round"] > 1 and e["step"] > 1 and last_ts is not None:
             steps.append((e["ts"] - last_ts) * 1000)
             compute.append(e["compute_s"] * 1000)
+            hops.append(e["hop_s"] * 1000)
         last_ts = e["ts"]
     wall = [e["wall_s"] for e in events if e["event"] == "run_finished"]
-    return steps, compute, wall[-1] if wall else float("nan")
+    return steps, compute, hops, wall[-1] if wall else float("nan")
 
 
 async def raw_transfer_s(url: str, agents: int, reps: int) -> dict[str, float]:
@@ -137,13 +140,14 @@ async def raw_transfer_s(url: str, agents: int, reps: int) -> dict[str, float]:
 def _table(outcomes: list[Outcome], raw: dict[int, dict[str, float]]) -> Table:
     table = Table(title="Batch-gradient federation: time per step (CNN 2.3 MB, batch 32, "
                         "loopback Redis)")
-    for col in ("layout", "steps", "step ms", "client compute ms", "step - compute ms",
+    for col in ("layout", "steps", "step ms", "client compute ms", "agent-trainer hop ms",
+                "step - compute ms",
                 "raw XADD/XREAD ms", "raw SET/GET ms", "step / raw"):
         table.add_column(col, justify="right")
     for o in outcomes:
         r = raw[o.case.agents]
         table.add_row(o.case.name, str(len(o.step_ms)), f"{o.median_step_ms:.1f}",
-                      f"{o.median_compute_ms:.1f}",
+                      f"{o.median_compute_ms:.1f}", f"{statistics.median(o.hop_ms):.2f}",
                       f"{o.median_step_ms - o.median_compute_ms:.1f}",
                       f"{r['streams'] * 1000:.1f}", f"{r['keys'] * 1000:.1f}",
                       f"{o.median_step_ms / (r['streams'] * 1000):.2f}x")
@@ -183,6 +187,7 @@ def _summary(outcomes: list[Outcome], raw: dict[int, dict[str, float]]) -> dict[
         "step_vs_raw_transfer": round(head.median_step_ms / raw_ms, 3),
         "raw_transfer_ms": round(raw_ms, 2),
         "client_compute_ms": round(head.median_compute_ms, 2),
+        "agent_trainer_hop_ms": round(statistics.median(head.hop_ms), 3),
         # What the framework adds beyond the clients' compute, against the same raw transfer.
         "overhead_vs_raw_transfer": round(
             (head.median_step_ms - head.median_compute_ms) / raw_ms, 3),

@@ -206,8 +206,11 @@ class GradientRunner:
             while step <= steps:
                 async with asyncio.timeout(step_timeout_s):  # the slot may give up on us
                     step = await downlink.wait(session, step)
+                asked = time.perf_counter()
                 reply = await trainer.request({"op": "grad_step", "job_id": job.job_id,
                                                "step": step})
+                timings = {**(reply.get("timings") or {}),
+                           "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
                 if reply.get("status") != "ok":
                     raise SessionFailed(str(reply.get("error", "gradient step failed")))
                 numel = len(body) // 4 if downlink.header is None else downlink.header.numel
@@ -215,7 +218,7 @@ class GradientRunner:
                                       client_id=job.client_id,
                                       num_examples=int(reply["num_examples"]), numel=numel,
                                       loss=float(reply["loss"]), agent_id=self.agent_id,
-                                      timings=reply.get("timings") or {})
+                                      timings=timings)
                 await gstreams.add(self.redis, stream, header.to_bytes(), body[: numel * 4])
                 examples += header.num_examples
                 loss_sum += header.loss * header.num_examples

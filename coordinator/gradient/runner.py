@@ -203,10 +203,14 @@ class GradientSlotRunner:
         session.steps_done, session.num_examples = step, session.num_examples + examples
         if not last:
             await self._publish_weights(session, step + 1)
-        compute_s = max(_compute_s(h.timings) for h, _ in gradients)
+        computes = [_seconds(h.timings, "load_s", "grad_s", "write_s") for h, _ in gradients]
+        hop_s = max(_seconds(h.timings, "trainer_s") - c
+                    for (h, _), c in zip(gradients, computes, strict=True))
+        compute_s = max(computes)
         log.debug("gradient_step", slot_id=self.slot_id, round=session.round, step=step,
                   clients=len(gradients), num_examples=examples,
                   gather_s=round(gathered - started, 6), compute_s=round(compute_s, 6),
+                  hop_s=round(hop_s, 6),
                   duration_s=round(time.perf_counter() - started, 6))
         return True
 
@@ -345,7 +349,7 @@ class GradientSlotRunner:
         return metrics
 
 
-def _compute_s(timings: dict[str, Any]) -> float:
-    """A client's reported compute for one step (load, gradient, write); junk counts as 0."""
-    values = (timings.get(k) for k in ("load_s", "grad_s", "write_s"))
+def _seconds(timings: dict[str, Any], *keys: str) -> float:
+    """The sum of a client's reported timings under `keys`; junk counts as 0."""
+    values = (timings.get(k) for k in keys)
     return sum(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
