@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(Outcome(case, *_steps(_run_coordinator(case, server.url,
                                                                    Path(tmp), task))))
         raw = {c.agents: asyncio.run(raw_transfer_s(server.url, c.agents, 30)) for c in cases}
-    Console().print(_table(outcomes, raw))
+    Console(width=160).print(_table(outcomes, raw))
     print(json.dumps(_summary(outcomes, raw)))
     return 0
 
