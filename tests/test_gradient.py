@@ -19,7 +19,7 @@ from coordinator.gradient.optimizer import (
     ServerOptimizer,
     weighted_mean,
 )
-from serialization import PayloadError
+from serialization import PayloadError, decode, encode
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
 from trainer_worker import models, shm
 from trainer_worker.gradient import GradientSessions, read_flat, write_flat
@@ -88,15 +88,18 @@ def test_flat_model_state_dict_round_trips() -> None:
     assert len(flat.weights_bytes()) == models.CNN_PARAMS * 4
 
 
-def test_optimizer_state_survives_a_restart() -> None:
-    """The momentum saved with a checkpoint makes the next step what it would have been."""
+@pytest.mark.parametrize("spec", [ServerOptimizer("sgd", {"lr": 0.1, "momentum": 0.9}),
+                                  ServerOptimizer("adam", {"lr": 0.1})])
+def test_optimizer_state_survives_a_restart(spec: ServerOptimizer) -> None:
+    """The momentum (or Adam's moments and step) saved with a checkpoint, through the wire
+    format, makes the next step what it would have been."""
     model = models.build("mlp", seed=0, features=4)
-    spec = ServerOptimizer("sgd", {"lr": 0.1, "momentum": 0.9})
     a = FlatModel(dict(model.state_dict()), _shapes(model), spec)
     g = np.ones(a.numel, dtype=np.float32)
     a.step(g.copy())
     b = FlatModel(a.state_dict(), _shapes(model), spec)
-    b.load_optimizer_state(a.optimizer_state())
+    saved = decode(encode(a.optimizer_state()))[0]
+    b.load_optimizer_state({k: v.clone() for k, v in saved.items()})
     a.step(g.copy())
     b.step(g.copy())
     assert torch.equal(a.flat, b.flat)
