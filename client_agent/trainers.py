@@ -95,7 +95,7 @@ class _Trainer:
 
 
 @dataclass(eq=False)
-class _Slot:
+class TrainerSlot:
     """A device's place in the pool; its trainer is None while none is running."""
 
     device: str
@@ -116,10 +116,10 @@ class TrainerPool:
         self.start_timeout_s = 120.0
         self._ctx = multiprocessing.get_context("spawn")
         self._spawned = 0
-        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._idle: asyncio.Queue[TrainerSlot] = asyncio.Queue()
         self._live: set[_Trainer] = set()
         self._outstanding: set[str] = set()  # update segments handed out, not yet released
-        self._shared: dict[_Slot, _Shared] = {}  # trainers held by conversations
+        self._shared: dict[TrainerSlot, _Shared] = {}  # trainers held by conversations
         self._closed = False
 
     @property
@@ -144,7 +144,7 @@ class TrainerPool:
                 raise exc.exceptions[0] from None
             raise
         for device, spawn in zip(self.devices, spawns, strict=True):
-            self._idle.put_nowait(_Slot(device, spawn.result()))
+            self._idle.put_nowait(TrainerSlot(device, spawn.result()))
 
     async def train(self, request: TrainRequest) -> TrainReply:
         """Run one job on the next free trainer; failures come back as failed replies."""
@@ -184,7 +184,7 @@ class TrainerPool:
                 del self._shared[slot]
                 self._idle.put_nowait(slot)
 
-    async def _lost(self, slot: _Slot, trainer: _Trainer, job_id: str) -> int | None:
+    async def _lost(self, slot: TrainerSlot, trainer: _Trainer, job_id: str) -> int | None:
         """A held trainer died: reap it, start its replacement (once, whoever sharing it
         notices first); its exit code."""
         if slot.trainer is not trainer:
@@ -212,7 +212,7 @@ class TrainerPool:
         if self._closed:
             raise RuntimeError("the trainer pool is closed")
 
-    async def _train_on(self, slot: _Slot, request: TrainRequest) -> TrainReply:
+    async def _train_on(self, slot: TrainerSlot, request: TrainRequest) -> TrainReply:
         try:
             trainer = await self._running(slot)
         except (TimeoutError, TrainerStartError) as exc:
@@ -229,7 +229,7 @@ class TrainerPool:
             return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
         return self._reply(message, slot.device, request)
 
-    async def _running(self, slot: _Slot) -> _Trainer:
+    async def _running(self, slot: TrainerSlot) -> _Trainer:
         """The slot's trainer, replaced first if it died while idle or failed to restart."""
         if slot.trainer is not None and slot.trainer.process.exitcode is not None:
             await self._bury(slot.trainer, "")
@@ -338,7 +338,7 @@ class TrainerLease:
     conversation at a time on the pipe)."""
 
     pool: TrainerPool
-    slot: _Slot
+    slot: TrainerSlot
     trainer: _Trainer
     turn: asyncio.Lock
 

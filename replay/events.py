@@ -49,7 +49,7 @@ OTHER_EVENTS = frozenset(
         "stream_entries_dead_lettered", "stream_trim_failed", "trainer_bad_message",
         "trainer_job_failed", "trainer_reply_dropped", "trainer_restart_failed",
         "gradient_step", "gradient_client_dropped", "gradient_session_opened",
-        "gradient_session_failed",
+        "gradient_session_failed", "strategy_bounds_unmet",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS

@@ -33,7 +33,7 @@ def make_runner(ctx: RunContext, slot_id: int, state: dict[str, torch.Tensor],
                                 f"buffers {buffers[:3]} (BatchNorm statistics)")
     optimizer = ServerOptimizer(s.server_optimizer, s.server_optimizer_options())
     model = FlatModel(state, ctx.evaluator.parameter_shapes(), optimizer)
-    path = ctx.checkpoints.model_path(slot_id, first_round - 1, "strategy")
+    path = ctx.run_state.store.model_path(slot_id, first_round - 1, "strategy")
     if first_round > 1 and path.exists():
         model.load_optimizer_state(dict(decode(path.read_bytes())[0]))
     return GradientSlotRunner(ctx, slot_id, model, first_round)

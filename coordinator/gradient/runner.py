@@ -24,11 +24,11 @@ import structlog
 import torch
 
 from bus import gradient as gstreams
-from bus.blobs import BlobRef
 from bus.connection import raise_if_cancelled
-from coordinator.context import Delivery, RunContext
+from coordinator.context import RunContext
+from coordinator.delivery import Delivery
 from coordinator.gradient.optimizer import FlatModel, weighted_mean
-from coordinator.jobs import JobRecord, new_job_id
+from coordinator.job_table import JobRecord, new_job_id
 from serialization import Job, PayloadError, encode
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
 
@@ -66,7 +66,6 @@ class GradientSlotRunner:
     first_round: int = 1
     inbox: asyncio.Queue[Delivery | gstreams.TensorEntry] = field(
         default_factory=asyncio.Queue)
-    model_ref: BlobRef | None = None  # gradient slots publish no model blob
     finished: bool = False
     _background: asyncio.Task[None] | None = None
     _layout: int = 0
@@ -325,8 +324,8 @@ class GradientSlotRunner:
         with structlog.contextvars.bound_contextvars(slot_id=self.slot_id):
             metrics = await self._evaluate(session.round, state)
             payload = await asyncio.to_thread(encode, state)
-            await self.ctx.checkpoint(self.slot_id, session.round, payload, optimizer_state,
-                                      metrics)
+            await self.ctx.run_state.checkpoint(self.slot_id, session.round, payload,
+                                                optimizer_state, metrics)
             accuracy = metrics.get("accuracy") if metrics else None
             self.status.rounds_done = session.round
             if accuracy is not None:
