@@ -82,8 +82,9 @@ def test_one_client_equals_plain_sgd(launch: Callable[..., Run]) -> None:
 
 
 def test_gradient_slots_beside_a_weight_slot(launch: Callable[..., Run]) -> None:
-    """Two gradient slots and a weight slot, two clients each, share six clients without
-    overlapping leases, and all finish every round."""
+    """Two gradient slots and a weight slot, up to two clients each, share six clients
+    without overlapping leases, and all finish every round; every step of a gradient
+    round averages the gradients of all the clients its lease holds."""
     run = launch("gradient-mixed", "--gradient-slots", "2", "--task", "synthetic", "--slots",
                  "3", "--clients", "6", "--clients-per-round", "2", "--rounds", "2",
                  "--gradient-steps", "5", "--local-agents", "2")
@@ -95,7 +96,10 @@ def test_gradient_slots_beside_a_weight_slot(launch: Callable[..., Run]) -> None
     steps = run.events("gradient_step")
     assert sorted((e["slot_id"], e["round"], e["step"]) for e in steps) == [
         (s, r, k) for s in (0, 1) for r in (1, 2) for k in range(1, 6)]
-    assert all(e["clients"] == 2 for e in steps)
+    leased = {(e["slot_id"], e["round"]): len(e["clients"])
+              for e in run.events("round_started")}
+    assert all(e["clients"] == leased[e["slot_id"], e["round"]] for e in steps)
+    assert run.events("gradient_client_dropped") == []
     assert {e["slot_id"] for e in run.events("update_folded")} == {2}
     assert all(e["accuracy"] is not None for e in run.events("evaluation_finished"))
 
