@@ -252,7 +252,9 @@ class GradientSlotRunner:
         got[header.client_id] = (header, entry.body)
 
     async def _take_result(self, session: Session, delivery: Delivery) -> None:
-        """A session's end (or failure): the client leaves the session either way."""
+        """A session's end: a failed client leaves the session. A finished one stays until
+        its last gradient is read: the agent added it before the result, but the two come
+        through different streams and readers, so the result may be here first."""
         try:
             client = delivery.record.client_id
             record = session.jobs.get(client)
@@ -263,7 +265,7 @@ class GradientSlotRunner:
                 log.warning("job_failed", slot_id=self.slot_id, round=session.round,
                             client_id=client, job_id=record.job_id, error=delivery.result.error)
                 self.ctx.status.counters["jobs_failed"] += 1
-            self._leave(session, client, "")
+                self._leave(session, client, "")
         finally:
             await self.ctx.ack(delivery)
 
