@@ -6,9 +6,10 @@ weights to its broadcast stream (one XADD, the bytes inline), gathers one
 gradient per client from its up stream, takes the batch-size weighted mean and
 one optimiser step (`FlatModel`, in a thread), and goes on. A client that
 fails, is lost or misses the step deadline leaves the session; the step goes on
-with the others, and the round fails when none is left. After the last step the
-clients report their session results (the dispatcher returns their leases), and
-evaluation and the checkpoint run in the background as in weight mode.
+with the others, and when none is left the round ends early (failed if it took
+no step). After the last step the clients report their session results (the
+dispatcher returns their leases), and evaluation and the checkpoint run in the
+background as in weight mode.
 """
 
 from __future__ import annotations
