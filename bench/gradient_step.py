@@ -9,7 +9,8 @@ gradient, the gradients come up, the slot averages them and steps its
 optimiser) and the slowest client's compute in that step (weights into the
 model, forward and backward, gradient out).
 
-In the same run, on the same Redis, it times the raw transfer of the same bytes
+In the same run, on the same Redis, just before and just after each layout's
+run (averaged), it times the raw transfer of the same bytes
 with plain redis-py, one command after another: XADD of the weights, one XREAD
 of them per agent, one XADD per gradient and one XREAD of them all, as the floor
 a hand-written exchange would pay. Last line: one JSON object with `step_ms`
@@ -168,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     cases = [Case(agents, args.steps) for agents in args.agents or (4, 1)]
     console = Console(stderr=True)
     with EmbeddedRedis(unix_socket=False) as server, tempfile.TemporaryDirectory() as tmp:
-        outcomes = []
+        outcomes, raw = [], {}
         for case in cases:
+            # Raw transfer just before and just after the case, averaged: the load of a
+            # shared machine drifts over minutes, and both sides should see the same.
+            before = asyncio.run(raw_transfer_s(server.url, case.agents, 15))
             console.print(f"running {case.name}, {case.rounds} x {case.steps} steps")
             outcomes.append(Outcome(case, *_steps(_run_coordinator(case, server.url,
                                                                    Path(tmp), task))))
-        raw = {c.agents: asyncio.run(raw_transfer_s(server.url, c.agents, 30)) for c in cases}
+            after = asyncio.run(raw_transfer_s(server.url, case.agents, 15))
+            raw[case.agents] = {k: (before[k] + after[k]) / 2 for k in before}
     Console(width=160).print(_table(outcomes, raw))
     print(json.dumps(_summary(outcomes, raw)))
     return 0
