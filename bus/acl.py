@@ -47,10 +47,11 @@ _CONNECTION = ("+@connection", "-@admin", "-@dangerous")
 _TRANSACTIONS = ("multi", "exec", "discard")
 _STREAM_CONSUMER = ("xreadgroup", "xack", "xautoclaim", "xpending", "xgroup|create")
 # Blobs are read as STRLEN + GETRANGE (bounded by their claimed size: `bus.blobs`).
+# XREAD (no group): gradient mode's per-step weights, a broadcast every agent reads.
 AGENT_COMMANDS = ("get", "strlen", "getrange", "set", "pexpire", "hget", "hset", "unlink", "xadd",
-                  *_STREAM_CONSUMER, *_TRANSACTIONS)
+                  "xread", *_STREAM_CONSUMER, *_TRANSACTIONS)
 COORDINATOR_COMMANDS = (*AGENT_COMMANDS, "hgetall", "mget", "xinfo|groups",
-                        "xtrim")
+                        "xtrim", "xdel")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]*")
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
@@ -83,7 +84,8 @@ def agent_rules(client_ids: Sequence[str] | None,
     clients = ["*"] if client_ids is None else [
         glob_escape(_checked_name(c, "client id")) for c in client_ids]
     keys = [f"%R~{ns}:active_run", f"%R~{ns}:*:state", f"~{ns}:*:blob:*",
-            f"%W~{ns}:*:results:*", f"%W~{ns}:*:registrations", f"%W~{ns}:*:clients"]
+            f"%W~{ns}:*:results:*", f"%W~{ns}:*:registrations", f"%W~{ns}:*:clients",
+            f"%R~{ns}:*:gradient:*:down", f"%W~{ns}:*:gradient:*:up"]
     for c in clients:
         keys += [f"~{ns}:*:jobs:{c}", f"%W~{ns}:*:jobs:{c}:dead", f"%W~{ns}:*:alive:{c}"]
     return ["resetkeys", "resetchannels", *keys, *_commands(AGENT_COMMANDS)]

@@ -38,6 +38,14 @@ class Keys:
         """Stream of results for one slot (group RESULTS_GROUP)."""
         return f"{self.prefix}:results:{slot_id}"
 
+    def gradient_down(self, slot_id: int) -> str:
+        """Gradient mode: the slot's current weights, one entry per step (all agents read)."""
+        return f"{self.prefix}:gradient:{slot_id}:down"
+
+    def gradient_up(self, slot_id: int) -> str:
+        """Gradient mode: one entry per client per step carrying its batch's gradient."""
+        return f"{self.prefix}:gradient:{slot_id}:up"
+
     def registrations(self) -> str:
         """Stream of agent registrations (group REGISTRATIONS_GROUP)."""
         return f"{self.prefix}:registrations"

@@ -24,6 +24,7 @@ from bus.connection import connect, raise_if_cancelled, redis_errors, wait_ready
 from bus.errors import RedisRefused
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
+from client_agent.gradient import GradientRunner, is_gradient_job
 from client_agent.job_runner import JobRunner
 from client_agent.model_cache import ModelCache
 from client_agent.settings import AgentSettings
@@ -46,6 +47,8 @@ class Agent:
         self._stop_reason = ""
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}  # (stream, id)
         self.rejected = 0
+        self._gradient: GradientRunner | None = None
+        self._sessions: set[tuple[str, str]] = set()  # the in-flight gradient sessions
 
     def request_stop(self, reason: str = "signal") -> None:
         """Stop taking jobs; finish the ones in hand."""
@@ -104,6 +107,7 @@ class Agent:
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
                                allowed_tasks=s.allowed_tasks)
+            self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,
@@ -167,7 +171,10 @@ class Agent:
             if time.monotonic() - last_reclaim > RECLAIM_EVERY_S:
                 last_reclaim = time.monotonic()
                 await self._reclaim(redis, keys, job_streams, runner)
-            capacity = len(self.settings.devices) + 1 - len(self._in_flight)
+            # A gradient session waits on its lease's other clients most of the time and
+            # shares trainers: it must not keep them from being read (a deadlock).
+            training = len(self._in_flight) - len(self._sessions)
+            capacity = len(self.settings.devices) + 1 - training
             if capacity <= 0:
                 await self._wait_for_capacity()
                 continue
@@ -212,11 +219,22 @@ class Agent:
             return
         log.info("job_received", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
                  client_id=job.client_id)
-        task = asyncio.create_task(runner.run(job, entry, time.time()), name=job.job_id)
+        # A gradient session is checked like any job (signature, allowlist): a refused one
+        # goes to the job runner, which refuses it and reports it failed.
+        refused = runner.refusal(job) is not None
+        gradient = self._gradient if is_gradient_job(job) and not refused else None
+        handler = gradient.run if gradient is not None else runner.run
+        task = asyncio.create_task(handler(job, entry, time.time()), name=job.job_id)
         # Entry ids are unique per stream only: jobs published together share them.
         key = (entry.stream, entry.entry_id)
         self._in_flight[key] = task
-        task.add_done_callback(lambda _t: self._in_flight.pop(key, None))
+        if gradient is not None:
+            self._sessions.add(key)
+        task.add_done_callback(lambda _t: self._job_done(key))
+
+    def _job_done(self, key: tuple[str, str]) -> None:
+        self._in_flight.pop(key, None)
+        self._sessions.discard(key)
 
     def _job_of(self, entry: streams.Entry, keys: Keys) -> Job | None:
         """The entry's job, or None (logged and counted) when it is not a job for this stream."""

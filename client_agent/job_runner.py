@@ -59,7 +59,7 @@ class JobRunner:
         await asyncio.shield(self._report(job, result, entry))
 
     async def _execute(self, job: Job, received_at: float) -> Result:
-        refusal = self._refusal(job)
+        refusal = self.refusal(job)
         if refusal is not None:
             reason, detail = refusal
             log.warning("job_refused", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
@@ -81,7 +81,7 @@ class JobRunner:
         timings = {"fetch_s": round(fetch_s, 6), **reply.timings}
         return await self._upload(job, reply, timings, received_at)
 
-    def _refusal(self, job: Job) -> tuple[str, str] | None:
+    def refusal(self, job: Job) -> tuple[str, str] | None:
         """Why this agent will not run `job` (reason, detail), or None.
 
         With keys, a job must be signed with its client's key (else nothing in it is to

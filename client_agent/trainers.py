@@ -25,7 +25,7 @@ import contextlib
 import multiprocessing
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -129,6 +129,7 @@ class TrainerPool:
         self._idle: asyncio.Queue[TrainerSlot] = asyncio.Queue()
         self._live: set[_Trainer] = set()
         self._outstanding: set[str] = set()  # update segments handed out, not yet released
+        self._shared: dict[TrainerSlot, _Shared] = {}  # trainers held by conversations
         self._closed = False
 
     @property
@@ -168,6 +169,42 @@ class TrainerPool:
             self._idle.put_nowait(slot)
         reply.timings["wait_s"] = wait_s
         return reply
+
+    @contextlib.asynccontextmanager
+    async def checkout(self) -> AsyncIterator[TrainerLease]:
+        """A trainer held for a conversation of many messages (a gradient session): a free
+        one if there is one, else one that other conversations hold already (they take
+        turns), so a lease of more clients than trainers still makes progress. It goes back
+        to the pool when its last conversation ends."""
+        self._check_open()
+        if self._idle.qsize() == 0 and self._shared:
+            slot = min(self._shared, key=lambda s: self._shared[s].users)
+        else:
+            slot = await self._idle.get()
+            self._shared[slot] = _Shared()
+        shared = self._shared[slot]
+        shared.users += 1
+        try:
+            async with shared.turn:
+                trainer = await self._running(slot)
+            yield TrainerLease(self, slot, trainer, shared.turn)
+        finally:
+            shared.users -= 1
+            if shared.users == 0:
+                del self._shared[slot]
+                self._idle.put_nowait(slot)
+
+    async def _lost(self, slot: TrainerSlot, trainer: _Trainer, job_id: str) -> int | None:
+        """A held trainer died: reap it, start its replacement (once, whoever sharing it
+        notices first); its exit code."""
+        if slot.trainer is not trainer:
+            return trainer.process.exitcode
+        slot.trainer = None
+        exitcode = await self._bury(trainer, job_id)
+        if not self._closed:
+            with contextlib.suppress(TimeoutError, TrainerStartError):
+                slot.trainer = await self._restart(slot.device)
+        return exitcode
 
     async def close(self, timeout_s: float = 10) -> None:
         """Stop every trainer (terminate, then kill, stragglers) and unlink leftovers."""
@@ -308,6 +345,46 @@ class TrainerPool:
             num_examples=int(message.get("num_examples", 0)),
             metrics=dict(message.get("metrics") or {}), timings=timings,
             _memory=memory, _on_release=self._outstanding.discard)
+
+
+class TrainerDied(RuntimeError):
+    """The trainer held by a `TrainerLease` exited in the middle of a conversation."""
+
+
+@dataclass(eq=False)
+class _Shared:
+    """A trainer held by conversations: how many, and whose turn it is on the pipe."""
+
+    users: int = 0
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class TrainerLease:
+    """A trainer checked out of the pool: send a message, await its reply (one
+    conversation at a time on the pipe)."""
+
+    pool: TrainerPool
+    slot: TrainerSlot
+    trainer: _Trainer
+    turn: asyncio.Lock
+
+    @property
+    def device(self) -> str:
+        return self.slot.device
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one message and return the trainer's reply; TrainerDied if it exits."""
+        try:
+            async with self.turn:
+                if self.slot.trainer is not self.trainer:
+                    raise EOFError("the trainer was replaced")
+                self.trainer.conn.send_bytes(protocol.pack(message))
+                return await _receive(self.trainer)
+        except (EOFError, OSError):
+            exitcode = await self.pool._lost(self.slot, self.trainer,
+                                             str(message.get("job_id", "")))
+            raise TrainerDied(f"trainer died (exit code {exitcode})") from None
 
 
 def _train_message(request: TrainRequest) -> dict[str, Any]:

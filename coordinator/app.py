@@ -26,10 +26,12 @@ from bus.blobs import BlobStore
 from bus.connection import connect, wait_ready
 from bus.keys import Keys
 from bus.registry import Registry, set_active_run
+from coordinator import gradient
 from coordinator.checkpoints import CheckpointStore, json_safe
 from coordinator.clients import ClientTracker
 from coordinator.context import RunContext
 from coordinator.evaluation import Evaluator, load_task
+from coordinator.gradient.runner import GradientSlotRunner
 from coordinator.http import StatusServer
 from coordinator.job_table import JobTable
 from coordinator.leases import LeaseBroker
@@ -87,7 +89,7 @@ class Coordinator:
         self._task: asyncio.Task[Any] | None = None
         self.stop_requested = False
         self.ctx: RunContext | None = None
-        self._runners: dict[int, SlotRunner] = {}
+        self._runners: dict[int, SlotRunner | GradientSlotRunner] = {}
 
     def _status_json(self) -> dict[str, Any]:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
@@ -171,11 +173,15 @@ class Coordinator:
         assert self.ctx is not None
         s = self.settings
         for slot_id, (state, first_round) in enumerate(states):
-            strategy = make_strategy(s.strategy, **s.strategy_options)
-            self._restore_strategy(slot_id, first_round - 1, strategy)
             self.status.slots[slot_id] = SlotStatus(slot_id, s.rounds, round=first_round,
                                                    rounds_done=first_round - 1)
-            runner = SlotRunner(self.ctx, slot_id, strategy, state, first_round)
+            runner: SlotRunner | GradientSlotRunner
+            if s.is_gradient_slot(slot_id):
+                runner = gradient.make_runner(self.ctx, slot_id, state, first_round)
+            else:
+                strategy = make_strategy(s.strategy, **s.strategy_options)
+                self._restore_strategy(slot_id, first_round - 1, strategy)
+                runner = SlotRunner(self.ctx, slot_id, strategy, state, first_round)
             self._runners[slot_id] = runner
             self.ctx.inboxes.add(slot_id, runner)
 
@@ -200,7 +206,8 @@ class Coordinator:
                  min_clients=s.min_clients,
                  clients_per_round=s.round_size, deadline_s=s.deadline_s,
                  late_policy=s.late_policy, strategy=s.strategy, task=s.task,
-                 model_nbytes=model_nbytes, seed=s.seed,
+                 model_nbytes=model_nbytes, seed=s.seed, mode=s.mode,
+                 gradient_slots=[i for i in self._runners if s.is_gradient_slot(i)],
                  signing=self._secrets.keyring is not None,
                  rounds_done={i: r.first_round - 1 for i, r in self._runners.items()})
         if self._secrets.api_token_file is not None:

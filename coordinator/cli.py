@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(p.add_argument_group("job"))
     _add_schedule_options(p.add_argument_group("scheduling and quorum"))
     _add_training_options(p.add_argument_group("local training (sent with every job)"))
+    _add_gradient_options(p.add_argument_group(
+        "batch-gradient federation", "each step every leased client sends the gradient of one "
+        "batch (--batch-size) on the slot's current weights; the slot takes one optimiser step "
+        "on their batch-size weighted mean and broadcasts the new weights"))
     _add_infra_options(p.add_argument_group("infrastructure"))
     security.add_options(p.add_argument_group("security", security.GROUP_DESCRIPTION))
     return p
@@ -164,6 +168,26 @@ def _add_training_options(g: argparse._ArgumentGroup) -> None:
                    help="clients return the weights they received (framework overhead runs)")
 
 
+def _add_gradient_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--mode", choices=("weights", "gradient"), default="weights",
+                   help="weights: clients train locally and send weights (default); gradient: "
+                        "every slot runs batch-gradient federation")
+    g.add_argument("--gradient-slots", type=int, default=0, metavar="N",
+                   help="with --mode weights: the first N slots run gradient mode beside the "
+                        "weight slots (default 0)")
+    g.add_argument("--gradient-steps", type=_positive(int), default=50, metavar="STEPS",
+                   help="gradient mode: optimiser steps per lease, i.e. per round; evaluation "
+                        "and checkpoints come after each round (default 50)")
+    g.add_argument("--server-optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="gradient mode: the slot's optimiser; --lr, --weight-decay and (SGD) "
+                        "--momentum set it (default sgd)")
+    g.add_argument("--server-option", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="gradient mode, repeatable: sgd lr, momentum, dampening, nesterov, "
+                        "weight_decay; adam lr, beta1, beta2, eps, weight_decay, amsgrad "
+                        "(torch's meaning; override --lr and friends)")
+
+
 def _add_infra_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--redis", dest="redis_url", metavar="URL",
                    help="redis://, rediss:// or unix:// URL (default: start a private "
@@ -204,7 +228,8 @@ SETTINGS_FIELDS = ("slots", "rounds", "expected_clients", "clients_per_round", "
                    "staleness", "strategy",
                    "seed", "redis_url", "runs_dir", "log_file", "http_host", "http_port",
                    "wait_clients_s", "eval_threads", "eval_every", "keep_checkpoints",
-                   "local_agents", "local_devices", "local_threads")
+                   "local_agents", "local_devices", "local_threads",
+                   "mode", "gradient_slots", "gradient_steps", "server_optimizer")
 
 
 def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
@@ -215,6 +240,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
         run_id=args.run_id or new_run_id(), training=training,
         task=TASK_ALIASES.get(args.task, args.task),
         task_options=dict(args.task_option), strategy_options=dict(args.strategy_option),
+        server_options=dict(args.server_option),
         progress=not args.no_progress, **{f: getattr(args, f) for f in SETTINGS_FIELDS},
         **{k: v for k, v in security.settings_fields(args, os.environ).items() if v is not None})
     _validate(settings)
@@ -226,6 +252,13 @@ def _validate(s: CoordinatorSettings) -> None:
         raise SystemExit(f"--quorum must be in (0, 1], got {s.quorum}")
     if ":" not in s.task:
         raise SystemExit(f"--task {s.task!r}: use {', '.join(TASK_ALIASES)} or module:factory")
+    if s.mode == "gradient" or s.gradient_slots:
+        from coordinator.gradient.optimizer import OptimizerError, ServerOptimizer
+
+        try:
+            ServerOptimizer(s.server_optimizer, s.server_optimizer_options())
+        except OptimizerError as exc:
+            raise SystemExit(f"--server-option: {exc}") from None
     if s.min_clients > s.round_size:
         raise SystemExit(f"--min-clients {s.min_clients} exceeds clients per round "
                          f"{s.round_size}")

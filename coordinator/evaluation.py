@@ -51,6 +51,16 @@ class Evaluator:
         model = self._task.build_model(seed)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The model's parameters (name, shape) in `named_parameters` order (gradient mode)."""
+        model = self._task.build_model(0)
+        return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+    def float_buffers(self) -> list[str]:
+        """Names of the model's floating-point buffers, which gradient mode cannot carry."""
+        model = self._task.build_model(0)
+        return [name for name, b in model.named_buffers() if b.is_floating_point()]
+
     def schema(self, state: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
         return schema_of(state)
 

@@ -87,6 +87,24 @@ class CoordinatorSettings:
     sign_updates: bool = False  # every result must carry its client's HMAC signature
     client_keys_dir: str | None = None  # DIR/CLIENT_ID.key; local agents' keys are generated
     progress: bool = True
+    mode: str = "weights"  # or "gradient": batch-gradient federation (coordinator.gradient)
+    gradient_slots: int = 0  # with mode "weights": how many slots (the first) run gradient mode
+    gradient_steps: int = 50  # gradient mode: steps per lease (a round)
+    server_optimizer: str = "sgd"  # gradient mode: "sgd" or "adam"
+    server_options: dict[str, Any] = field(default_factory=dict)
+
+    def is_gradient_slot(self, slot_id: int) -> bool:
+        """Whether this slot runs batch-gradient federation rather than weight rounds."""
+        return self.mode == "gradient" or slot_id < self.gradient_slots
+
+    def server_optimizer_options(self) -> dict[str, Any]:
+        """The gradient slots' optimiser options: --lr, --momentum (SGD) and --weight-decay,
+        then --server-option on top."""
+        t = self.training
+        base: dict[str, Any] = {"lr": t.lr, "weight_decay": t.weight_decay}
+        if self.server_optimizer == "sgd":
+            base["momentum"] = t.momentum
+        return {**base, **self.server_options}
 
     @property
     def run_dir(self) -> Path:

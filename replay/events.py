@@ -51,6 +51,8 @@ OTHER_EVENTS = frozenset(
         "trainer_job_failed", "trainer_reply_dropped", "trainer_restart_failed",
         "strategy_bounds_unmet",
         "train_timeout", "job_refused", "redis_refused",
+        "gradient_step", "gradient_client_dropped", "gradient_session_opened",
+        "gradient_session_failed",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS

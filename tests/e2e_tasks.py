@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -76,3 +77,24 @@ class HangingTask(SlowClientTask):
         except FileExistsError:
             return False
         return True
+
+
+class BrokenGradientTask(SyntheticTask):
+    """The synthetic task whose listed clients' loss raises from gradient step `fail_at` on."""
+
+    def __init__(self, fail_clients: list[str] | None = None, fail_at: int = 2,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        self._fail = set(fail_clients or [])
+        self._fail_at = fail_at
+
+    def gradient_batches(self, client_id: str, config: TrainConfig,
+                         device: torch.device) -> Iterator[tuple[Any, int]]:
+        for step, (batch, n) in enumerate(super().gradient_batches(client_id, config, device), 1):
+            yield (batch, client_id in self._fail and step >= self._fail_at), n
+
+    def batch_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        inner, broken = batch
+        if broken:
+            raise RuntimeError("injected failure in a gradient step")
+        return super().batch_loss(model, inner)

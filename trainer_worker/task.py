@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -65,6 +66,18 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Metrics on the held-out test set: at least `accuracy`, `loss`, `num_examples`."""
+
+    # Batch-gradient federation (`--mode gradient`); optional for a task.
+
+    def gradient_batches(self, client_id: str, config: TrainConfig,
+                         device: torch.device) -> Iterator[tuple[Any, int]]:
+        """This client's batches, endlessly, in the order local training would use them
+        (seeded by `config.seed`): (batch, number of examples) pairs for `batch_loss`."""
+        raise TaskError(f"{type(self).__name__} does not support gradient mode")
+
+    def batch_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The mean loss of `model` on one batch from `gradient_batches` (autograd on)."""
+        raise TaskError(f"{type(self).__name__} does not support gradient mode")
 
 
 def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:

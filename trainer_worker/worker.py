@@ -37,6 +37,7 @@ from torch import nn
 from serialization import TensorSpec, decode, encode_into, encoded_size, schema_of
 from serialization.events import configure_events
 from trainer_worker import protocol, shm
+from trainer_worker.gradient import GradientSessions
 from trainer_worker.task import Task, TrainConfig, TrainOutcome, load_task
 
 log = structlog.get_logger()
@@ -77,6 +78,12 @@ def serve(conn: Connection, trainer: Trainer) -> None:
             continue
         if message["op"] == "stop":
             return
+        if str(message["op"]).startswith("grad_"):  # batch-gradient federation
+            try:
+                conn.send_bytes(protocol.pack(trainer.gradients.handle(message)))
+            except OSError:
+                return
+            continue
         if message["op"] != "train":
             log.error("trainer_bad_message", error=f"unknown op {message['op']!r}")
             continue
@@ -126,6 +133,11 @@ class Trainer:
         self._tasks: OrderedDict[str, _Loaded] = OrderedDict()
         self._pending: str | None = None  # update segment made but not yet handed over
         self._lock = threading.Lock()
+        self.gradients = GradientSessions(device, shm_prefix, self._task_and_model)
+
+    def _task_and_model(self, spec: str, options: dict[str, Any]) -> tuple[Task, nn.Module]:
+        loaded = self._loaded(spec, options)
+        return loaded.task, loaded.model
 
     def train(self, message: dict[str, Any]) -> dict[str, Any]:
         """The "done" reply for one "train" message; task failures become failed replies."""

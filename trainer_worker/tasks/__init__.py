@@ -16,7 +16,9 @@ by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,12 +76,33 @@ class TensorClassificationTask(Task):
         data = self._examples_on("test", device)
         return evaluate_batches(model, data, self.eval_batch_size)
 
+    def gradient_batches(self, client_id: str, config: TrainConfig,
+                         device: torch.device) -> Iterator[tuple[Any, int]]:
+        indices = self.client_indices(self.partition_of(client_id)).to(device)
+        data = self._examples_on("train", device)
+        torch.manual_seed(config.seed)  # as `train_sgd`
+        for batch in batch_order(indices, config.batch_size, config.seed):
+            yield (data.inputs[batch], data.labels[batch]), len(batch)
+
+    def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, labels = batch
+        return nn.functional.cross_entropy(model(inputs), labels)
+
     def _examples_on(self, split: str, device: torch.device) -> Examples:
         key = (split, str(device))
         if key not in self._on_device:
             data = self.train_examples() if split == "train" else self.test_examples()
             self._on_device[key] = Examples(data.inputs.to(device), data.labels.to(device))
         return self._on_device[key]
+
+
+def batch_order(indices: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of `indices`: each epoch a permutation drawn from a generator seeded
+    by `seed`, split into `batch_size` pieces (the last may be smaller), as `train_sgd`."""
+    order = torch.Generator().manual_seed(seed)
+    while len(indices):
+        perm = torch.randperm(len(indices), generator=order).to(indices.device)
+        yield from torch.split(indices[perm], batch_size)
 
 
 def train_sgd(model: nn.Module, data: Examples, indices: torch.Tensor,

@@ -1,0 +1,251 @@
+"""Gradient-session jobs on the agent: one trainer held per leased client for the lease.
+
+A gradient job (``config["mode"] == "gradient"``) opens a session on a free
+trainer and runs ``config["steps"]`` steps. Per step the slot's weights arrive
+once per agent, whatever the number of its clients in the lease: a `Downlink`
+per slot reads the broadcast stream and copies the weights into one
+shared-memory segment all local trainers read. Each trainer writes its batch's
+gradient into its own segment, and the agent adds it to the slot's up stream
+straight from there (one XADD, no copy in Python). When the steps are done the
+job reports an ordinary `Result` (examples seen, mean loss) and is acked, as a
+weight-mode job is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import Any
+
+import structlog
+
+from bus import gradient as gstreams
+from bus import streams
+from bus.credentials import Keyring
+from bus.keys import JOBS_GROUP, Keys
+from client_agent.trainers import TrainerLease, TrainerPool
+from serialization import Job, PayloadError, Result
+from serialization.gradient import StepGradient, StepWeights
+from serialization.signing import signed
+from trainer_worker import shm
+
+log = structlog.get_logger()
+READ_BLOCK_MS = 1000
+COPY_IN_THREAD_BYTES = 8 * 1024**2  # below this a memcpy is quicker than a thread hop
+
+
+class SessionFailed(Exception):
+    """A gradient session could not go on (its reason is the message)."""
+
+
+def is_gradient_job(job: Job) -> bool:
+    """Whether a job asks for a gradient session rather than local training."""
+    return job.config.get("mode") == "gradient"
+
+
+@dataclass(eq=False)
+class Downlink:
+    """One slot's broadcast weights on this agent, in one shared-memory segment."""
+
+    redis: Any
+    stream: str
+    shm_prefix: str
+    users: int = 0
+    latest: tuple[str, int] = ("", 0)  # (session, step) now in the segment
+    header: StepWeights | None = None
+    memory: shared_memory.SharedMemory | None = None
+    error: str = ""
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name=f"downlink {self.stream}")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self.memory is not None:
+            shm.release(self.memory, unlink=True)
+
+    async def wait(self, session: str, step: int) -> int:
+        """Wait until the segment holds `session`'s weights for `step` or a later step
+        (a client the slot stopped waiting for catches up); the step it holds."""
+        def ready() -> bool:
+            return bool(self.error) or (self.latest[0] == session and self.latest[1] >= step)
+
+        async with self._changed:
+            await self._changed.wait_for(ready)
+        if self.error:
+            raise SessionFailed(self.error)
+        return self.latest[1]
+
+    async def _read(self) -> None:
+        last_id = "0-0"
+        while True:
+            entries = await gstreams.read(self.redis, self.stream, last_id,
+                                          block_ms=READ_BLOCK_MS)
+            if entries:
+                last_id = entries[-1].entry_id
+                await self._take(entries[-1])  # older ones are already superseded
+
+    async def _take(self, entry: gstreams.TensorEntry) -> None:
+        try:
+            header = StepWeights.from_bytes(entry.header)
+        except PayloadError as exc:
+            log.warning("job_rejected", stream=self.stream, entry_id=entry.entry_id,
+                        reason=exc.reason, detail=exc.detail)
+            return
+        if len(entry.body) != header.numel * 4:
+            self.error = f"weights of {len(entry.body)} bytes for {header.numel} values"
+        else:
+            await self._copy(entry.body)
+        async with self._changed:
+            self.header, self.latest = header, (header.session, header.step)
+            self._changed.notify_all()
+
+    async def _copy(self, body: bytes) -> None:
+        if self.memory is None:
+            self.memory = shm.create(len(body), prefix=self.shm_prefix)
+        if self.memory.size < len(body):
+            raise SessionFailed("the model's size changed within a run")
+        target = shm.buffer(self.memory)
+        if len(body) >= COPY_IN_THREAD_BYTES:
+            await asyncio.to_thread(target.__setitem__, slice(0, len(body)), body)
+        else:
+            target[: len(body)] = body
+
+
+@dataclass
+class GradientRunner:
+    """Runs one agent's gradient sessions; shares a `Downlink` per slot among them."""
+
+    redis: Any
+    keys: Keys
+    pool: TrainerPool
+    agent_id: str
+    keyring: Keyring | None = None
+    _downlinks: dict[int, Downlink] = field(default_factory=dict)
+
+    async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
+        """Serve the job's session, then report its result and ack it (shielded)."""
+        try:
+            result = await self._serve(job, received_at)
+        except Exception as exc:  # noqa: BLE001 - any failure is this job's failed result
+            log.warning("gradient_session_failed", job_id=job.job_id, client_id=job.client_id,
+                        error=f"{type(exc).__name__}: {exc}")
+            result = self._result(job, "failed", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.shield(self._report(job, result, entry))
+
+    async def _serve(self, job: Job, received_at: float) -> Result:
+        downlink = self._downlink(job.slot_id)
+        try:
+            steps = int(job.config["steps"])
+            session = str(job.config["session"])
+            async with asyncio.timeout(max(job.deadline_ts - time.time(), 0.0)):
+                await downlink.wait(session, 1)
+            async with self.pool.checkout() as trainer:
+                grad_shm = await self._open(trainer, job, downlink)
+                try:
+                    totals = await self._steps(trainer, job, downlink, grad_shm, steps)
+                finally:
+                    await self._close(trainer, job, grad_shm)
+        finally:
+            await self._release(job.slot_id)
+        examples, loss_sum, done = totals
+        metrics = {"train_loss": loss_sum / max(examples, 1), "steps": float(done)}
+        return self._result(job, "ok", num_examples=examples, metrics=metrics,
+                            timings={"total_s": round(time.time() - received_at, 6)})
+
+    def _downlink(self, slot_id: int) -> Downlink:
+        downlink = self._downlinks.get(slot_id)
+        if downlink is None:
+            downlink = Downlink(self.redis, self.keys.gradient_down(slot_id),
+                                self.pool.shm_prefix + f"-g{slot_id}")
+            self._downlinks[slot_id] = downlink
+        downlink.users += 1
+        downlink.start()
+        return downlink
+
+    async def _release(self, slot_id: int) -> None:
+        downlink = self._downlinks[slot_id]
+        downlink.users -= 1
+        if downlink.users == 0:
+            del self._downlinks[slot_id]
+            await downlink.stop()
+
+    async def _open(self, trainer: TrainerLease, job: Job, downlink: Downlink) -> str:
+        assert downlink.memory is not None
+        assert downlink.header is not None
+        reply = await trainer.request({
+            "op": "grad_open", "job_id": job.job_id, "client_id": job.client_id,
+            "task": job.task, "task_options": job.task_options, "config": job.config,
+            "weights_shm": downlink.memory.name, "weights_nbytes": downlink.header.numel * 4})
+        if reply.get("status") != "ok":
+            raise SessionFailed(str(reply.get("error", "the trainer could not open")))
+        if reply.get("layout") != downlink.header.layout:
+            await self._close(trainer, job, str(reply.get("grad_shm", "")))
+            raise SessionFailed("the trainer's model does not match the slot's parameters")
+        log.info("gradient_session_opened", job_id=job.job_id, client_id=job.client_id,
+                 session=job.config["session"], device=trainer.device)
+        return str(reply["grad_shm"])
+
+    async def _steps(self, trainer: TrainerLease, job: Job, downlink: Downlink, grad_shm: str,
+                     steps: int) -> tuple[int, float, int]:
+        session, stream = str(job.config["session"]), self.keys.gradient_up(job.slot_id)
+        step_timeout_s = float(job.config.get("step_deadline_s", 600.0))
+        memory = shm.attach(grad_shm)
+        examples, loss_sum, done, step = 0, 0.0, 0, 1
+        try:
+            body = shm.buffer(memory)
+            while step <= steps:
+                async with asyncio.timeout(step_timeout_s):  # the slot may give up on us
+                    step = await downlink.wait(session, step)
+                asked = time.perf_counter()
+                reply = await trainer.request({"op": "grad_step", "job_id": job.job_id,
+                                               "step": step})
+                timings = {**(reply.get("timings") or {}),
+                           "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
+                if reply.get("status") != "ok":
+                    raise SessionFailed(str(reply.get("error", "gradient step failed")))
+                numel = len(body) // 4 if downlink.header is None else downlink.header.numel
+                header = StepGradient(session=session, step=step, job_id=job.job_id,
+                                      client_id=job.client_id,
+                                      num_examples=int(reply["num_examples"]), numel=numel,
+                                      loss=float(reply["loss"]), agent_id=self.agent_id,
+                                      timings=timings)
+                await gstreams.add(self.redis, stream, header.to_bytes(), body[: numel * 4])
+                examples += header.num_examples
+                loss_sum += header.loss * header.num_examples
+                done, step = done + 1, step + 1
+            del body
+        finally:
+            shm.release(memory)
+        return examples, loss_sum, done
+
+    async def _close(self, trainer: TrainerLease, job: Job, grad_shm: str) -> None:
+        try:
+            await trainer.request({"op": "grad_close", "job_id": job.job_id})
+        finally:
+            if grad_shm:
+                shm.remove(grad_shm)
+
+    def _result(self, job: Job, status: str, **fields: Any) -> Result:
+        return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
+                      round=job.round, client_id=job.client_id, status=status,
+                      agent_id=self.agent_id, **fields)
+
+    async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
+        key = None if self.keyring is None else self.keyring.get(result.client_id)
+        payload = (result if key is None else signed(result, key)).to_bytes()
+        await streams.publish(self.redis, self.keys.results(job.slot_id), payload)
+        await streams.ack(self.redis, entry.stream, JOBS_GROUP, [entry.entry_id])
+
+    async def close(self) -> None:
+        for slot_id in list(self._downlinks):
+            await self._downlinks.pop(slot_id).stop()
