@@ -69,6 +69,7 @@ class GradientSlotRunner:
         default_factory=asyncio.Queue)
     finished: bool = False
     _background: asyncio.Task[None] | None = None
+    _latest: tuple[int, dict[str, torch.Tensor]] | None = None
     _layout: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +82,13 @@ class GradientSlotRunner:
     @property
     def state(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
+
+    def latest_model(self) -> tuple[int, dict[str, torch.Tensor], bytes | None]:
+        """Read-only, for downloads: (round, state, None) of the model the last round ended
+        with; round first_round - 1 (the state it started from) before any ended."""
+        if self._latest is not None:
+            return (*self._latest, None)
+        return self.first_round - 1, self.model.state_dict(), None
 
     def deliver(self, delivery: Delivery) -> None:
         """A session result (the dispatcher already returned the lease)."""
@@ -309,6 +317,7 @@ class GradientSlotRunner:
         """Evaluate and checkpoint in the background; the next lease need not wait."""
         previous = self._background
         state, optimizer_state = self.model.state_dict(), self.model.optimizer_state()
+        self._latest = (session.round, state)
         log.info("aggregation_finished", slot_id=self.slot_id, round=session.round,
                  num_updates=session.steps_done, num_examples=session.num_examples,
                  duration_s=round(duration_s, 6))
