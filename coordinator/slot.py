@@ -21,6 +21,8 @@ from bus.blobs import BlobRef
 from bus.connection import raise_if_cancelled
 from coordinator.context import Delivery, RunContext
 from coordinator.jobs import JobRecord, new_job_id
+from coordinator.population.config import SlotConfig
+from coordinator.population.hooks import Population, Snapshot
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
 from coordinator.strategies import Strategy
 from coordinator.updates import UpdateRejected, fetch_and_fold
@@ -61,6 +63,9 @@ class SlotRunner:
     _open: OpenRound | None = None
     _background: asyncio.Task[None] | None = None
     finished: bool = False
+    config: SlotConfig | None = None  # None: the command line's training settings
+    population: Population | None = None  # PBT / merges at the round boundary
+    latest: Snapshot | None = None  # the model as it left the last round boundary
 
     @property
     def status(self) -> Any:
@@ -76,6 +81,8 @@ class SlotRunner:
             try:
                 for round_ in range(self.first_round, self.ctx.settings.rounds + 1):
                     await self._complete_round(round_)
+                    if self.population is not None:
+                        await self.population.round_closed(self, round_)
                 if self._background is not None:
                     await self._background
             finally:
@@ -150,15 +157,22 @@ class SlotRunner:
             job = Job(job_id=record.job_id, run_id=ctx.settings.run_id, slot_id=self.slot_id,
                       round=record.round, client_id=record.client_id, model_digest=ref.digest,
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
-                      task_options=ctx.task_options, config=ctx.job_config(record),
+                      task_options=ctx.task_options, config=self._job_config(record),
                       published_ts=time.time())
             items.append((ctx.keys.jobs(record.client_id), job.to_bytes()))
         await ctx.publish_many(items)
         for record in records:
             log.info("job_published", slot_id=self.slot_id, round=record.round,
                      client_id=record.client_id, job_id=record.job_id,
-                     seed=ctx.job_config(record)["seed"])
+                     seed=self._job_config(record)["seed"])
         ctx.status.counters["jobs_published"] += len(records)
+
+    def _job_config(self, record: JobRecord) -> dict[str, Any]:
+        """The run's job config (its seed per job) with this slot's training settings."""
+        config = self.ctx.job_config(record)
+        if self.config is not None:
+            config.update(self.config.training.job_config(config["seed"]))
+        return config
 
     async def _collect(self, opened: OpenRound) -> Closure:
         """Handle deliveries until the quorum closes the round."""
@@ -242,6 +256,7 @@ class SlotRunner:
                  duration_s=round(time.perf_counter() - start, 6))
         old_ref = self.model_ref
         self.state, self._payload, self.model_ref = new_state, payload, None
+        self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)
         await self._retire_blobs(opened, old_ref)
         await self._after_round(opened, payload, strategy_state)
 
@@ -296,6 +311,25 @@ class SlotRunner:
                  num_examples=metrics.get("num_examples"),
                  duration_s=round(time.perf_counter() - start, 6))
         return metrics
+
+    async def settle(self) -> None:
+        """Wait for the last round's evaluation and checkpoint."""
+        if self._background is not None:
+            await self._background
+
+    async def replace_model(self, state: dict[str, torch.Tensor], strategy: Strategy,
+                            config: SlotConfig, round_: int) -> None:
+        """PBT or a merge replaced the model the next round starts from: checkpointed as
+        round `round_`, so a resumed run goes on from it with this configuration."""
+        await self.settle()
+        payload = await asyncio.to_thread(encode, state)
+        strategy_state = strategy.state_dict()
+        self.state, self.strategy, self.config = state, strategy, config
+        self._payload, self.model_ref = payload, None
+        self.latest = Snapshot(round_, state, strategy_state, 0)
+        self.status.config = config.flat()
+        self.ctx.state_doc.setdefault("slot_configs", {})[str(self.slot_id)] = config.flat()
+        await self.ctx.checkpoint(self.slot_id, round_, payload, strategy_state, {})
 
     async def drop_after_finish(self, delivery: Delivery) -> None:
         """A late result for a slot that has finished all its rounds: dropped and acked."""
