@@ -128,7 +128,8 @@ class Population:
         taken = donor.latest
         if taken is None:
             return
-        assert donor.config is not None and slot.config is not None
+        assert donor.config is not None
+        assert slot.config is not None
         copied = {**donor.config.flat(), "seed": slot.config.seed}  # the seed names the slot
         explored = pbt.explore(copied, self.bounds, self.pbt_settings, self.rng)
         config = from_flat(donor.config, slot.slot_id, explored)
@@ -181,7 +182,8 @@ class Population:
         pending = self._merged
         if pending is None or self._adopted.get(slot.slot_id, 0) >= pending.epoch:
             return
-        assert slot.latest is not None and slot.config is not None
+        assert slot.latest is not None
+        assert slot.config is not None
         self._adopted[slot.slot_id] = pending.epoch
         taken = pending.taken.get(slot.slot_id)
         current = slot.latest.state
