@@ -229,13 +229,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (args.reuse and path.exists()):
                 path = run_mode(args, mode, seed)
             results.append(result_of(mode, seed, path))
+            _save(args.out, results)  # what is done so far survives a stopped benchmark
     rows = table(results)
     print(render(rows))
-    (args.out / "results.json").write_text(json.dumps(
-        {"rows": rows, "runs": [asdict(r) for r in results]}, indent=1))
     print(json.dumps({**verdict(rows), "seeds": args.seeds, "rounds": args.rounds,
                       "max_steps": args.max_steps}))
     return 0
+
+
+def _save(out: Path, results: list[RunResult]) -> None:
+    (out / "results.json").write_text(json.dumps(
+        {"rows": table(results), "runs": [asdict(r) for r in results]}, indent=1))
 
 
 if __name__ == "__main__":
