@@ -329,6 +329,9 @@ class SlotRunner:
         self.latest = Snapshot(round_, state, strategy_state, 0)
         self.status.config = config.flat()
         self.ctx.state_doc.setdefault("slot_configs", {})[str(self.slot_id)] = config.flat()
+        if not strategy_state:  # a stateless strategy now: no stale moments for --resume
+            self.ctx.checkpoints.model_path(self.slot_id, round_, "strategy").unlink(
+                missing_ok=True)
         await self.ctx.checkpoint(self.slot_id, round_, payload, strategy_state, {})
 
     async def drop_after_finish(self, delivery: Delivery) -> None:

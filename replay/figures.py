@@ -55,7 +55,7 @@ def _style(ax: Any) -> None:
 
 def timeline(run: Run) -> bytes:
     """Who did what when: coordinator, slots' rounds, clients' leases and training."""
-    slots = run.slot_ids()
+    slots = [s for s in run.slot_ids() if s in run.rounds]  # not the merged models' scores
     colour = {slot: _colour(i) for i, slot in enumerate(slots)}
     clients = sorted(run.clients, key=lambda c: (len(c), c))
     labels = ["coordinator", *(f"slot {s} rounds" for s in slots), *clients]
