@@ -109,3 +109,11 @@ def test_command_line_errors_stop_before_anything_starts(argv: list[str], messag
     """Inconsistent options exit with a message, before any Redis or agent is started."""
     with pytest.raises(SystemExit, match=message):
         settings(*argv)
+
+
+def test_status_shows_each_slot_configuration() -> None:
+    """/status carries each slot's current configuration (PBT changes it as it goes)."""
+    from coordinator.status import SlotStatus
+
+    config = resolve(BASE, 1, {"lr": 0.1}).flat()
+    assert SlotStatus(1, 5, config=config).as_dict()["config"] == config
