@@ -90,6 +90,7 @@ class Population:
     _merged: PendingMerge | None = None
     _adopted: dict[int, int] = field(default_factory=dict)
     _evaluations: set[asyncio.Task[None]] = field(default_factory=set)
+    _evaluating: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model to evaluate on
 
     async def round_closed(self, slot: SlotHandle, round_: int) -> None:
         """Called by `slot` after it closed `round_` (not after its last round)."""
@@ -174,7 +175,8 @@ class Population:
 
     async def _evaluate_merge(self, epoch: int, round_: int, state: State) -> None:
         assert self.evaluate is not None
-        metrics = await asyncio.to_thread(self.evaluate, state)
+        async with self._evaluating:
+            metrics = await asyncio.to_thread(self.evaluate, state)
         log.info("merge_evaluated", slot_id="merged", epoch=epoch, round=round_,
                  accuracy=metrics.get("accuracy"), loss=metrics.get("loss"))
 
