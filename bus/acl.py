@@ -46,9 +46,10 @@ from bus.keys import DEFAULT_NAMESPACE
 _CONNECTION = ("+@connection", "-@admin", "-@dangerous")
 _TRANSACTIONS = ("multi", "exec", "discard")
 _STREAM_CONSUMER = ("xreadgroup", "xack", "xautoclaim", "xpending", "xgroup|create")
-AGENT_COMMANDS = ("get", "set", "pexpire", "hget", "hset", "unlink", "xadd",
+# Blobs are read as STRLEN + GETRANGE (bounded by their claimed size: `bus.blobs`).
+AGENT_COMMANDS = ("get", "strlen", "getrange", "set", "pexpire", "hget", "hset", "unlink", "xadd",
                   *_STREAM_CONSUMER, *_TRANSACTIONS)
-COORDINATOR_COMMANDS = (*AGENT_COMMANDS, "hgetall", "mget", "getrange", "xinfo|groups",
+COORDINATOR_COMMANDS = (*AGENT_COMMANDS, "hgetall", "mget", "xinfo|groups",
                         "xtrim")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]*")
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")

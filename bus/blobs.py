@@ -9,6 +9,15 @@ needs only the `BlobRef` and never the writer's `chunk_bytes`: the base key's
 value is the blob itself when its length is `BlobRef.nbytes`, else the
 manifest. Every key carries the TTL; putting stored bytes only refreshes it.
 
+Reads are bounded by the reference, since whoever may write blob keys (any silo)
+could store anything under a digest that a result or job names: each read is a
+STRLEN and a GETRANGE of at most the claimed length, pipelined in one round trip,
+so a stored value longer than claimed is never read past the claim, and a length
+other than the claim (or, for a chunk, than its share of it) raises
+BlobSizeMismatch. A manifest's chunk size is checked too (at least
+MIN_CHUNK_BYTES and below the blob's size), so a forged manifest cannot make a
+reader walk millions of keys.
+
 Why the default chunk is small (4 MiB): measured on the 2-core machine kind,
 a 45 MB blob moves 1.2-1.6x faster as 4 MiB chunks on 2-4 connections than as
 one SET / GET (big single commands pay for buffer growth and cache misses in
@@ -27,7 +36,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from bus.connection import as_bytes, redis_errors
-from bus.errors import BlobMissing
+from bus.errors import BlobMissing, BlobSizeMismatch
 from bus.keys import Keys
 
 DEFAULT_TTL_MS = 30 * 60 * 1000
@@ -65,12 +74,16 @@ def _byte_view(data: bytes | memoryview) -> bytes | memoryview:
     return data
 
 
-def _chunk_size(value: bytes) -> int | None:
-    """The chunk size a manifest records, or None when `value` is not a manifest."""
+def _chunk_size(value: bytes, nbytes: int) -> int | None:
+    """The chunk size a manifest records for a blob of `nbytes`, or None when `value` is no
+    manifest or records a size no writer uses (below MIN_CHUNK_BYTES: a forged manifest
+    would make a reader walk up to `nbytes` keys; at least `nbytes`: no chunks)."""
     if len(value) != _MANIFEST.size:
         return None
     magic, chunk_bytes = _MANIFEST.unpack(value)
-    return int(chunk_bytes) if magic == _MAGIC and chunk_bytes > 0 else None
+    if magic != _MAGIC or not MIN_CHUNK_BYTES <= chunk_bytes < nbytes:
+        return None
+    return int(chunk_bytes)
 
 
 class BlobStore:
@@ -128,34 +141,52 @@ class BlobStore:
             return all(await pipe.execute())
 
     async def get(self, ref: BlobRef, *, verify: bool = False) -> bytes | bytearray:
-        """The blob's bytes; raises BlobMissing. `verify` re-hashes against the digest."""
+        """The blob's bytes, never reading more than `ref.nbytes` of them.
+
+        Raises BlobMissing, or BlobSizeMismatch when it is stored with another length.
+        `verify` re-hashes against the digest.
+        """
+        if ref.nbytes <= 0:
+            raise BlobSizeMismatch(f"blob {ref.digest}: a reference of {ref.nbytes} bytes")
         with redis_errors():
-            reply = await self._r.get(self._keys.blob(ref.digest))
-            if reply is None:
+            stored, value = await self._bounded_read(self._keys.blob(ref.digest), ref.nbytes)
+            if stored == 0:
                 raise BlobMissing(f"blob {ref.digest} is not stored (expired or never put)")
-            value = as_bytes(reply)
-            data = value if len(value) == ref.nbytes else await self._get_chunked(ref, value)
+            whole = stored == ref.nbytes == len(value)
+            data = value if whole else await self._get_chunked(ref, stored, value)
         if verify and await _digest(data) != ref.digest:
             raise BlobMissing(f"blob {ref.digest}: the stored bytes have another digest")
         return data
 
-    async def _get_chunked(self, ref: BlobRef, manifest: bytes) -> bytearray:
-        size = _chunk_size(manifest)
+    async def _bounded_read(self, key: str, limit: int) -> tuple[int, bytes]:
+        """(STRLEN, at most the first `limit` > 0 bytes) of a string key, in one round trip
+        (STRLEN and GETRANGE of a missing key: 0 and b"")."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.strlen(key)
+            pipe.getrange(key, 0, limit - 1)  # limit > 0: an end of -1 means "to the end"
+            stored, value = await pipe.execute()
+        return int(stored), as_bytes(value)
+
+    async def _get_chunked(self, ref: BlobRef, stored: int, manifest: bytes) -> bytearray:
+        size = _chunk_size(manifest, ref.nbytes) if stored == _MANIFEST.size else None
         if size is None:
-            raise BlobMissing(f"blob {ref.digest} is stored with {len(manifest)} bytes, "
-                              f"not {ref.nbytes}")
-        keys = self._chunk_keys(ref.digest, ref.nbytes, size)
+            raise BlobSizeMismatch(f"blob {ref.digest} is stored with {stored} bytes (and no "
+                                   f"usable manifest), not {ref.nbytes}")
         out = bytearray(ref.nbytes)
 
         async def get_chunk(i: int) -> None:
-            part = await self._r.get(keys[i])
             start = i * size
-            part = None if part is None else as_bytes(part)
-            if part is None or len(part) != min(size, ref.nbytes - start):
-                raise BlobMissing(f"blob {ref.digest}: chunk {i} is missing or truncated")
-            out[start : start + len(part)] = part
+            expected = min(size, ref.nbytes - start)
+            stored, part = await self._bounded_read(self._keys.blob_chunk(ref.digest, i),
+                                                    expected)
+            if stored == 0:
+                raise BlobMissing(f"blob {ref.digest}: chunk {i} is missing")
+            if stored != expected or len(part) != expected:
+                raise BlobSizeMismatch(f"blob {ref.digest}: chunk {i} is stored with "
+                                       f"{stored} bytes, not {expected}")
+            out[start : start + expected] = part
 
-        await self._each(len(keys), get_chunk)
+        await self._each(-(-ref.nbytes // size), get_chunk)
         return out
 
     async def delete(self, ref: BlobRef) -> None:
@@ -163,7 +194,7 @@ class BlobStore:
         base = self._keys.blob(ref.digest)
         with redis_errors():
             head = as_bytes(await self._r.getrange(base, 0, _MANIFEST.size - 1))
-            size = _chunk_size(head) if ref.nbytes != len(head) else None
+            size = _chunk_size(head, ref.nbytes) if ref.nbytes != len(head) else None
             keys = set(self._chunk_keys(ref.digest, ref.nbytes, size or self._chunk_bytes))
             await self._r.unlink(base, *keys)
 

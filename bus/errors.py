@@ -3,6 +3,7 @@
     BusError                      anything the bus cannot do
     +-- RedisUnavailable          Redis cannot be reached (after retries)
     +-- BlobMissing               a referenced blob is not (or no longer) stored
+    |   +-- BlobSizeMismatch      it is stored with another length than claimed (not read)
     +-- EmbeddedRedisError        no redis-server binary, or it would not start
     +-- CredentialsError          a secret (password, key, token) is missing or unusable
 
@@ -22,6 +23,12 @@ class RedisUnavailable(BusError):
 
 class BlobMissing(BusError):
     """A blob that a message references is not stored (expired, unlinked, never put)."""
+
+
+class BlobSizeMismatch(BlobMissing):
+    """A blob (or one of its chunks) is stored with another length than its reference
+    claims; it was not read. A BlobMissing, so callers that only need the bytes treat
+    it as absent."""
 
 
 class EmbeddedRedisError(BusError):

@@ -4,7 +4,7 @@ Start-up connects, picks the run (given, or the active one), starts the trainer
 processes and registers the clients. The main loop heartbeats, reads jobs for
 its clients only as fast as its trainers can take them (plus one ahead, so the
 next model download overlaps training), reclaims jobs a dead agent left
-pending, and runs each job (`client_agent.jobs`). Shutdown stops taking jobs,
+pending, and runs each job (`client_agent.job_runner`). Shutdown stops taking jobs,
 finishes those in hand (or leaves them pending for a replacement after
 `drain_timeout_s`), unregisters and stops the trainers.
 """
@@ -23,7 +23,7 @@ from bus.blobs import BlobStore
 from bus.connection import connect, raise_if_cancelled, wait_ready
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
-from client_agent.jobs import JobRunner
+from client_agent.job_runner import JobRunner
 from client_agent.model_cache import ModelCache
 from client_agent.settings import AgentSettings
 from client_agent.trainers import TrainerPool

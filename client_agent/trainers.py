@@ -95,7 +95,7 @@ class _Trainer:
 
 
 @dataclass(eq=False)
-class _Slot:
+class TrainerSlot:
     """A device's place in the pool; its trainer is None while none is running."""
 
     device: str
@@ -116,7 +116,7 @@ class TrainerPool:
         self.start_timeout_s = 120.0
         self._ctx = multiprocessing.get_context("spawn")
         self._spawned = 0
-        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._idle: asyncio.Queue[TrainerSlot] = asyncio.Queue()
         self._live: set[_Trainer] = set()
         self._outstanding: set[str] = set()  # update segments handed out, not yet released
         self._closed = False
@@ -143,7 +143,7 @@ class TrainerPool:
                 raise exc.exceptions[0] from None
             raise
         for device, spawn in zip(self.devices, spawns, strict=True):
-            self._idle.put_nowait(_Slot(device, spawn.result()))
+            self._idle.put_nowait(TrainerSlot(device, spawn.result()))
 
     async def train(self, request: TrainRequest) -> TrainReply:
         """Run one job on the next free trainer; failures come back as failed replies."""
@@ -175,7 +175,7 @@ class TrainerPool:
         if self._closed:
             raise RuntimeError("the trainer pool is closed")
 
-    async def _train_on(self, slot: _Slot, request: TrainRequest) -> TrainReply:
+    async def _train_on(self, slot: TrainerSlot, request: TrainRequest) -> TrainReply:
         try:
             trainer = await self._running(slot)
         except (TimeoutError, TrainerStartError) as exc:
@@ -192,7 +192,7 @@ class TrainerPool:
             return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
         return self._reply(message, slot.device, request)
 
-    async def _running(self, slot: _Slot) -> _Trainer:
+    async def _running(self, slot: TrainerSlot) -> _Trainer:
         """The slot's trainer, replaced first if it died while idle or failed to restart."""
         if slot.trainer is not None and slot.trainer.process.exitcode is not None:
             await self._bury(slot.trainer, "")

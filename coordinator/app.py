@@ -30,14 +30,18 @@ from coordinator.clients import ClientTracker
 from coordinator.context import RunContext
 from coordinator.evaluation import Evaluator, load_task
 from coordinator.http import StatusServer
+from coordinator.job_table import JobTable
 from coordinator.leases import LeaseBroker
 from coordinator.local_agents import AgentAccess, LocalAgents
+from coordinator.models import PublishedModels
 from coordinator.population import pbt
 from coordinator.population.config import SlotConfig, run_configs
 from coordinator.population.final import run_final_merge
 from coordinator.population.hooks import Population
 from coordinator.progress import Progress
-from coordinator.results import ResultDispatcher
+from coordinator.results.dispatcher import ResultDispatcher
+from coordinator.results.validation import Rejections, ResultValidator
+from coordinator.run_state import RunState
 from coordinator.scheduling import ClientPool
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.slot import SlotRunner
@@ -51,7 +55,10 @@ AGENTS_LEAVE_S = 5.0  # how long the end waits for agents to see it (they look e
 
 
 @dataclass(frozen=True)
-class RunSummary:
+class RunOutcome:
+    """How a coordinator run ended, as `python -m coordinator` prints it (the replay's
+    `replay.summary.RunSummary` is the log's account of a run, a different thing)."""
+
     run_id: str
     status: str
     wall_s: float
@@ -80,6 +87,7 @@ class Coordinator:
         self.configs: dict[int, SlotConfig] = run_configs(
             settings, (resume_state or {}).get("slot_configs"))
         self.population: Population | None = None
+        self._runners: dict[int, SlotRunner] = {}
 
     def _status_json(self) -> dict[str, Any]:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
@@ -92,7 +100,7 @@ class Coordinator:
         if self._task is not None:
             self._task.cancel()
 
-    async def run(self) -> RunSummary:
+    async def run(self) -> RunOutcome:
         structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
         self._task = asyncio.current_task()
         started = time.monotonic()
@@ -125,12 +133,19 @@ class Coordinator:
                           min_clients=s.min_clients, rng=random.Random(s.seed),
                           prefer_unused=s.client_choice == "least-used", slot_caps=caps)
         states = await asyncio.to_thread(self._initial_states, evaluator)
+        blobs = BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms)
+        jobs = JobTable()
+        validator = ResultValidator(
+            run_id=s.run_id, jobs=jobs, known_clients=self.status.clients,
+            results_stream=keys.results, schema=evaluator.schema(states[0][0]),
+            max_update_bytes=s.max_update_bytes, verify_digests=s.verify_digests,
+            keyring=self._secrets.keyring, late_policy=s.late_policy)
         self.ctx = RunContext(
-            settings=s, redis=redis, keys=keys,
-            blobs=BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms), broker=LeaseBroker(pool),
-            evaluator=evaluator, checkpoints=CheckpointStore(s.run_dir, s.keep_checkpoints),
-            schema=evaluator.schema(states[0][0]), status=self.status,
-            keyring=self._secrets.keyring)
+            settings=s, redis=redis, keys=keys, blobs=blobs, broker=LeaseBroker(pool),
+            evaluator=evaluator,
+            run_state=RunState(CheckpointStore(s.run_dir, s.keep_checkpoints), redis, keys),
+            status=self.status, jobs=jobs, validator=validator,
+            rejections=Rejections(self.status), models=PublishedModels(blobs))
         self._make_runners(states)
         await self._announce()
 
@@ -159,8 +174,9 @@ class Coordinator:
             self.status.slots[slot_id] = SlotStatus(slot_id, s.rounds, round=first_round,
                                                    rounds_done=first_round - 1,
                                                    config=config.flat())
-            self.ctx.runners[slot_id] = SlotRunner(self.ctx, slot_id, strategy, state, first_round,
-                                                   config=config)
+            runner = SlotRunner(self.ctx, slot_id, strategy, state, first_round, config=config)
+            self._runners[slot_id] = runner
+            self.ctx.inboxes.add(slot_id, runner)
         self.population = self._population()
 
     def _population(self) -> Population | None:
@@ -172,18 +188,18 @@ class Coordinator:
         pbt_settings = (pbt.PbtSettings(every=s.pbt_every, fraction=s.pbt_fraction)
                         if s.population == "pbt" else None)
         population = Population(
-            slots=ctx.runners, last_round=s.rounds, pbt_settings=pbt_settings,
+            slots=self._runners, last_round=s.rounds, pbt_settings=pbt_settings,
             bounds={k: (float(v[0]), float(v[1])) for k, v in s.explore_bounds.items()},
             merge_every=s.merge_every if s.merge == "every" else 0,
             evaluate=lambda state: ctx.evaluator.evaluate(-1, state),
             rng=random.Random(f"{s.seed}:population:{len(s.slot_overrides)}"))
-        for runner in ctx.runners.values():
+        for runner in self._runners.values():
             runner.population = population
         return population
 
     def _restore_strategy(self, slot_id: int, round_: int, strategy: Any) -> None:
         assert self.ctx is not None
-        path = self.ctx.checkpoints.model_path(slot_id, round_, "strategy")
+        path = self.ctx.run_state.store.model_path(slot_id, round_, "strategy")
         if round_ > 0 and path.exists():
             state = decode(path.read_bytes())[0]
             strategy.load_state_dict({k: v.clone() for k, v in state.items()})
@@ -191,12 +207,11 @@ class Coordinator:
     async def _announce(self) -> None:
         assert self.ctx is not None
         s, ctx = self.settings, self.ctx
-        ctx.state_doc = self._state_doc()
-        await asyncio.to_thread(ctx.checkpoints.write_state, ctx.state_doc)
+        await ctx.run_state.announce(self._state_doc())
         await set_active_run(ctx.redis, s.run_id)
         await ctx.redis.hset(ctx.keys.state(), mapping={"status": "running",
                                                         "slots": s.slots, "rounds": s.rounds})
-        model_nbytes = sum(t.numel() * t.element_size() for t in ctx.runners[0].state.values())
+        model_nbytes = sum(t.numel() * t.element_size() for t in self._runners[0].state.values())
         event = "run_resumed" if self._resume else "run_started"
         log.info(event, slots=s.slots, rounds=s.rounds, expected_clients=s.expected_clients,
                  policy=s.policy, client_choice=s.client_choice, quorum=s.quorum,
@@ -208,7 +223,7 @@ class Coordinator:
                  slot_configs=[self.configs[i].flat() for i in sorted(self.configs)],
                  population=s.population, merge=s.merge, merge_every=s.merge_every,
                  shared_init=s.shared_init,
-                 rounds_done={i: r.first_round - 1 for i, r in ctx.runners.items()})
+                 rounds_done={i: r.first_round - 1 for i, r in self._runners.items()})
         if self._secrets.api_token_file is not None:
             log.info("api_token_generated", path=self._secrets.api_token_file)
         await self._http.start(fallback_to_any_port=s.http_port == 8765)
@@ -232,7 +247,7 @@ class Coordinator:
         await tracker.poll()  # clients known before any result is judged (a resumed run's)
         async with asyncio.TaskGroup() as services:
             service_tasks = [services.create_task(tracker.run(), name="client-tracker"),
-                             services.create_task(ResultDispatcher(ctx).run(), name="results"),
+                             services.create_task(self._dispatcher(ctx).run(), name="results"),
                              services.create_task(progress.run(), name="progress")]
             try:
                 if await self._start_local_agents():
@@ -241,7 +256,7 @@ class Coordinator:
                         self._agents.watch(self._run_open), name="local-agents"))
                 await self._wait_for_clients(tracker)
                 async with asyncio.TaskGroup() as slots:
-                    for runner in ctx.runners.values():
+                    for runner in self._runners.values():
                         slots.create_task(runner.run(), name=f"slot-{runner.slot_id}")
                 await self._after_slots()
             finally:
@@ -256,9 +271,15 @@ class Coordinator:
             await self.population.wait_evaluations()
         if self.settings.merge == "final":
             slots = {i: (r.state, self.status.slots[i].last_accuracy or 0.0)
-                     for i, r in ctx.runners.items()}
+                     for i, r in self._runners.items()}
             await run_final_merge(slots, lambda state: ctx.evaluator.evaluate(-1, state),
-                                  ctx.checkpoints)
+                                  ctx.run_state.store)
+
+    @staticmethod
+    def _dispatcher(ctx: RunContext) -> ResultDispatcher:
+        return ResultDispatcher(redis=ctx.redis, keys=ctx.keys, slots=ctx.settings.slots,
+                                validator=ctx.validator, rejections=ctx.rejections,
+                                leases=ctx.broker, inboxes=ctx.inboxes)
 
     async def _start_local_agents(self) -> bool:
         s = self.settings
@@ -322,8 +343,8 @@ class Coordinator:
         while await registry.alive(await registry.clients()):  # noqa: ASYNC110 - Redis, polled
             await asyncio.sleep(0.1)
 
-    def _summary(self, wall_s: float) -> RunSummary:
-        return RunSummary(
+    def _summary(self, wall_s: float) -> RunOutcome:
+        return RunOutcome(
             run_id=self.settings.run_id, status=self.status.state, wall_s=wall_s,
             slots=[s.as_dict() for s in self.status.slots.values()],
             rejected=dict(self.status.rejected), events_path=str(self.settings.events_path),

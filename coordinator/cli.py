@@ -92,10 +92,27 @@ def _add_job_options(g: argparse._ArgumentGroup) -> None:
                    metavar="KEY=VALUE",
                    help="task option, e.g. alpha=0.5, data_dir=/data, download=true (repeatable)")
     g.add_argument("--strategy", default="fedavg",
-                   help="aggregation: fedavg, fedadam, fedyogi, fedadagrad, median, "
-                        "trimmed_mean, krum, or module:Class (default fedavg)")
+                   help="aggregation: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, "
+                        "trimmed_mean, krum, bulyan, geomed (alias rfa), or module:Class "
+                        "(default fedavg). median, trimmed_mean, bulyan and krum's choice "
+                        "count each update once: num_examples is the client's own claim "
+                        "and their bounds count updates, so they ignore it and the "
+                        "staleness weight of late updates (use --late-policy drop to keep "
+                        "late updates out); multi-krum's average and geomed weight by "
+                        "num_examples x staleness. "
+                        "A round with too few updates for krum, bulyan or trimmed_mean takes "
+                        "the median or keeps the model, and logs strategy_bounds_unmet. "
+                        "Options, defaults and papers: docs/strategies.md")
     g.add_argument("--strategy-option", type=_key_value, action="append", default=[],
-                   metavar="KEY=VALUE", help="strategy option, e.g. eta=0.01 (repeatable)")
+                   metavar="KEY=VALUE",
+                   help="strategy option, value parsed as JSON, e.g. eta=0.01, "
+                        "num_byzantine=2, flower_compat=true (repeatable; default: the "
+                        "strategy's own defaults). fedavgm: server_lr, momentum, nesterov; "
+                        "fedadam/fedyogi/fedadagrad: eta, eta_l, beta_1, beta_2, tau, "
+                        "flower_compat (Flower 1.41's v0=0 and bias correction); "
+                        "krum: num_byzantine, num_selected, fallback; bulyan: num_byzantine, "
+                        "fallback; trimmed_mean: beta, num_byzantine, fallback; "
+                        "geomed: nu, max_iter, eps, weighted")
     g.add_argument("--seed", type=int, default=0,
                    help="run seed: slot i starts from model seed SEED+i (default 0)")
     g.add_argument("--resume", metavar="RUN_ID",

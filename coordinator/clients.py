@@ -17,7 +17,8 @@ from bus.connection import raise_if_cancelled
 from bus.errors import BusError
 from bus.keys import JOBS_GROUP, RESULTS_GROUP
 from bus.registry import Registry
-from coordinator.context import Delivery, RunContext
+from coordinator.context import RunContext
+from coordinator.delivery import Delivery
 from serialization import Result
 
 log = structlog.get_logger()
@@ -87,9 +88,7 @@ class ClientTracker:
             failed = Result(job_id=record.job_id, run_id=ctx.settings.run_id,
                             slot_id=record.slot_id, round=record.round, client_id=client_id,
                             status="failed", error=f"client lost ({reason})")
-            runner = ctx.runners[record.slot_id]
-            if not runner.finished:
-                runner.deliver(Delivery(record, failed))
+            ctx.inboxes.post_failure(Delivery(record, failed))
         self.live_changed.set()
 
     async def _trim(self) -> None:

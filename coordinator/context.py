@@ -1,67 +1,55 @@
-"""What every part of a running coordinator shares: settings, Redis, blobs, pool, jobs.
+"""What the parts of a running coordinator share: settings, Redis, blobs, pool, jobs.
 
-Also the few writes that must land whatever happens (acks, checkpoints), which
-are shielded from cancellation.
+Also the ack of a handled result, which must land whatever happens and is
+shielded from cancellation. The context knows no slot runner: results reach
+slots through `inboxes` (`coordinator.delivery`), live models are in `models`
+(`coordinator.models`), what a result must be to be accepted is `validator`'s
+decision (`coordinator.results.validation`), and checkpoints with the state
+document are `run_state`'s (`coordinator.run_state`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
-import structlog
 
 from bus import streams
-from bus.blobs import BlobRef, BlobStore
-from bus.credentials import Keyring
+from bus.blobs import BlobStore
 from bus.keys import RESULTS_GROUP, Keys
-from coordinator.checkpoints import CheckpointStore, json_safe
+from coordinator.delivery import Delivery, SlotInboxes
 from coordinator.evaluation import Evaluator
-from coordinator.jobs import JobRecord, JobTable
+from coordinator.job_table import JobRecord, JobTable
 from coordinator.leases import LeaseBroker
+from coordinator.models import PublishedModels
 from coordinator.quorum import QuorumRule
+from coordinator.results.validation import Rejections, ResultValidator
+from coordinator.run_state import RunState
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import RunStatus
-from serialization import Result, TensorSpec, encode
-
-if TYPE_CHECKING:
-    from coordinator.slot import SlotRunner
-
-log = structlog.get_logger()
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A result routed to its slot, with the stream entry to ack once handled."""
-
-    record: JobRecord
-    result: Result
-    stream: str | None = None  # None: made up by the coordinator (a lost client)
-    entry_id: str | None = None
-    recovered: bool = False  # the real result of a job already answered as lost: late
 
 
 @dataclass
 class RunContext:
+    """The run's shared services; each part takes the few it uses (see the module docstring)."""
+
     settings: CoordinatorSettings
     redis: aioredis.Redis
     keys: Keys
     blobs: BlobStore
     broker: LeaseBroker
     evaluator: Evaluator
-    checkpoints: CheckpointStore
-    schema: dict[str, TensorSpec]
+    run_state: RunState
     status: RunStatus
-    keyring: Keyring | None = None  # None: results are not signed
-    jobs: JobTable = field(default_factory=JobTable)
-    runners: dict[int, SlotRunner] = field(default_factory=dict)
-    state_doc: dict[str, Any] = field(default_factory=dict)
-    _state_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    jobs: JobTable
+    validator: ResultValidator
+    rejections: Rejections
+    models: PublishedModels
+    inboxes: SlotInboxes = field(default_factory=SlotInboxes)
 
     @property
     def quorum_rule(self) -> QuorumRule:
@@ -89,48 +77,4 @@ class RunContext:
 
     def reject(self, delivery: Delivery | None, reason: str, detail: str, **fields: Any) -> None:
         """Log and count a rejected update or message; the process goes on serving."""
-        self.status.reject(reason)
-        # Claimed ids come from untrusted messages (up to 1 MiB): the log keeps a prefix.
-        fields = {k: v[:200] if isinstance(v, str) else v for k, v in fields.items()}
-        if delivery is not None:
-            record = delivery.record
-            fields |= {"slot_id": record.slot_id, "round": record.round,
-                       "client_id": record.client_id, "job_id": record.job_id}
-        log.warning("update_rejected", reason=reason, detail=detail, **fields)
-
-    def published_digests(self) -> set[str]:
-        refs = (r.model_ref for r in self.runners.values())
-        return {ref.digest for ref in refs if ref is not None}
-
-    async def retire_blob(self, ref: BlobRef) -> None:
-        """Unlink a blob nobody needs any more (TTL covers the rest)."""
-        if ref.digest not in self.published_digests():
-            await self.blobs.delete(ref)
-
-    async def checkpoint(self, slot_id: int, round_: int, payload: bytes,
-                         strategy_state: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Write the slot's model and the run's state; shielded from cancellation."""
-        await asyncio.shield(self._checkpoint(slot_id, round_, payload, strategy_state, metrics))
-
-    async def _checkpoint(self, slot_id: int, round_: int, payload: bytes,
-                          strategy_state: dict[str, Any], metrics: dict[str, float]) -> None:
-        start = time.perf_counter()
-        write = self.checkpoints.write_model
-        path = await asyncio.to_thread(write, slot_id, round_, payload)
-        if strategy_state:
-            extra = await asyncio.to_thread(encode, strategy_state)
-            await asyncio.to_thread(write, slot_id, round_, extra, "strategy")
-        slot_state = {"round": round_, "metrics": metrics, "path": str(path)}
-        await self._save_state(slot_id, round_, slot_state)
-        await asyncio.to_thread(self.checkpoints.prune, slot_id)
-        log.info("checkpoint_written", slot_id=slot_id, round=round_, path=str(path),
-                 nbytes=len(payload), duration_s=round(time.perf_counter() - start, 6))
-
-    async def _save_state(self, slot_id: int, round_: int, slot_state: dict[str, Any]) -> None:
-        """Update the run's state document; writes are serialised so none is lost."""
-        self.state_doc.setdefault("slots", {})[str(slot_id)] = slot_state
-        async with self._state_lock:
-            snapshot = json_safe(self.state_doc)
-            await asyncio.to_thread(self.checkpoints.write_state, snapshot)
-        await self.redis.hset(self.keys.state(), f"slot:{slot_id}:round", str(round_))
-
+        self.rejections.report(delivery, reason, detail, **fields)

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from bus.errors import BusError, RedisUnavailable
-from coordinator.app import Coordinator, RunSummary
+from coordinator.app import Coordinator, RunOutcome
 from coordinator.evaluation import TaskLoadError
 from coordinator.http import HttpServerError
 from coordinator.local_agents import LocalAgentFailed
@@ -29,7 +29,7 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-async def _run(coordinator: Coordinator) -> RunSummary:
+async def _run(coordinator: Coordinator) -> RunOutcome:
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None

@@ -19,13 +19,15 @@ import torch
 
 from bus.blobs import BlobRef
 from bus.connection import raise_if_cancelled
-from coordinator.context import Delivery, RunContext
-from coordinator.jobs import JobRecord, new_job_id
+from coordinator.context import RunContext
+from coordinator.delivery import Delivery
+from coordinator.job_table import JobRecord, new_job_id
 from coordinator.population.config import SlotConfig
 from coordinator.population.hooks import Population, Snapshot
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
+from coordinator.results.fold import fetch_and_fold
+from coordinator.results.validation import UpdateRejected
 from coordinator.strategies import Strategy
-from coordinator.updates import UpdateRejected, fetch_and_fold
 from serialization import Job, encode
 
 log = structlog.get_logger()
@@ -59,13 +61,17 @@ class SlotRunner:
     first_round: int = 1
     inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _payload: bytes | None = None
-    model_ref: BlobRef | None = None
     _open: OpenRound | None = None
     _background: asyncio.Task[None] | None = None
     finished: bool = False
     config: SlotConfig | None = None  # None: the command line's training settings
     population: Population | None = None  # PBT / merges at the round boundary
     latest: Snapshot | None = None  # the model as it left the last round boundary
+
+    @property
+    def model_ref(self) -> BlobRef | None:
+        """The model this slot serves now (None between a round's close and the next publish)."""
+        return self.ctx.models.of_slot(self.slot_id)
 
     @property
     def status(self) -> Any:
@@ -140,7 +146,8 @@ class SlotRunner:
             payload = await asyncio.to_thread(encode, self.state)
         encode_s = time.perf_counter() - start
         ref = await self.ctx.blobs.put(payload)
-        self._payload, self.model_ref = payload, ref
+        self._payload = payload
+        self.ctx.models.publish(self.slot_id, ref)
         self.ctx.status.counters["bytes_published"] += ref.nbytes
         log.info("model_published", slot_id=self.slot_id, round=round_, digest=ref.digest,
                  nbytes=ref.nbytes, encode_s=round(encode_s, 6),
@@ -208,11 +215,13 @@ class SlotRunner:
 
     async def _fold(self, delivery: Delivery, opened: OpenRound, scale: float) -> bool:
         try:
-            stats = await fetch_and_fold(self.ctx, self.strategy, opened.aggregate,
-                                         delivery, scale)
+            stats = await fetch_and_fold(self.ctx.blobs, self.ctx.validator, self.strategy,
+                                         opened.aggregate, delivery, scale)
         except UpdateRejected as exc:
-            self.ctx.reject(delivery, exc.reason, exc.detail)
+            self.ctx.reject(delivery, exc.reason, exc.detail, **exc.fields)
             return False
+        self.ctx.status.counters["bytes_received"] += stats["nbytes"]
+        self.ctx.status.counters["updates_folded"] += 1
         opened.num_updates += 1
         opened.num_examples += delivery.result.num_examples
         opened.update_refs.append(BlobRef(delivery.result.update_digest,
@@ -225,8 +234,7 @@ class SlotRunner:
         """An update whose round has closed (or whose job already counted as failed when its
         client was lost): it waited in the inbox for the next round."""
         record = delivery.record
-        fold = (self.ctx.settings.late_policy == "fold" and delivery.result.status == "ok"
-                and opened is not None)
+        fold = self.ctx.validator.folds_late(delivery.result, round_open=opened is not None)
         current = opened.round if opened is not None else None
         staleness = (current or self.status.round) - record.round
         action = "folded" if fold else "dropped"
@@ -235,7 +243,7 @@ class SlotRunner:
                  staleness=staleness)
         self.ctx.status.counters[f"late_{action}"] += 1
         if not fold and delivery.result.status == "ok":
-            self.ctx.status.reject("closed_round")  # an update that will never be aggregated
+            self.ctx.rejections.closed_round()
         if fold and opened is not None:
             scale = staleness_weight(staleness, self.ctx.settings.staleness)
             await self._fold(delivery, opened, scale=scale)
@@ -255,7 +263,8 @@ class SlotRunner:
                  num_updates=opened.num_updates, num_examples=opened.num_examples,
                  duration_s=round(time.perf_counter() - start, 6))
         old_ref = self.model_ref
-        self.state, self._payload, self.model_ref = new_state, payload, None
+        self.state, self._payload = new_state, payload
+        self.ctx.models.withdraw(self.slot_id)
         self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)
         await self._retire_blobs(opened, old_ref)
         await self._after_round(opened, payload, strategy_state)
@@ -271,7 +280,7 @@ class SlotRunner:
             else:
                 refs[old_model.digest] = old_model
         for ref in refs.values():
-            await self.ctx.retire_blob(ref)
+            await self.ctx.models.retire(ref)
 
     async def _after_round(self, opened: OpenRound, payload: bytes,
                            strategy_state: dict[str, torch.Tensor]) -> None:
@@ -290,8 +299,8 @@ class SlotRunner:
                                        strategy_state: dict[str, torch.Tensor]) -> None:
         with structlog.contextvars.bound_contextvars(slot_id=self.slot_id):
             metrics = await self._evaluate(opened.round, state)
-            await self.ctx.checkpoint(self.slot_id, opened.round, payload, strategy_state,
-                                      metrics)
+            await self.ctx.run_state.checkpoint(self.slot_id, opened.round, payload,
+                                                strategy_state, metrics)
             accuracy = metrics.get("accuracy") if metrics else None
             self.status.rounds_done = opened.round
             if accuracy is not None:
@@ -325,14 +334,15 @@ class SlotRunner:
         payload = await asyncio.to_thread(encode, state)
         strategy_state = strategy.state_dict()
         self.state, self.strategy, self.config = state, strategy, config
-        self._payload, self.model_ref = payload, None
+        self._payload = payload
+        self.ctx.models.withdraw(self.slot_id)
         self.latest = Snapshot(round_, state, strategy_state, 0)
         self.status.config = config.flat()
-        self.ctx.state_doc.setdefault("slot_configs", {})[str(self.slot_id)] = config.flat()
+        run_state = self.ctx.run_state
+        run_state.doc.setdefault("slot_configs", {})[str(self.slot_id)] = config.flat()
         if not strategy_state:  # a stateless strategy now: no stale moments for --resume
-            self.ctx.checkpoints.model_path(self.slot_id, round_, "strategy").unlink(
-                missing_ok=True)
-        await self.ctx.checkpoint(self.slot_id, round_, payload, strategy_state, {})
+            run_state.store.model_path(self.slot_id, round_, "strategy").unlink(missing_ok=True)
+        await run_state.checkpoint(self.slot_id, round_, payload, strategy_state, {})
 
     async def drop_after_finish(self, delivery: Delivery) -> None:
         """A late result for a slot that has finished all its rounds: dropped and acked."""

@@ -50,6 +50,7 @@ OTHER_EVENTS = frozenset(
         "stream_group_recreated", "stream_entries_deleted_while_pending",
         "stream_entries_dead_lettered", "stream_trim_failed", "trainer_bad_message",
         "trainer_job_failed", "trainer_reply_dropped", "trainer_restart_failed",
+        "strategy_bounds_unmet",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS

@@ -60,7 +60,9 @@ class SimResult:
 
 
 @dataclass
-class _Slot:
+class SimSlot:
+    """One simulated weight slot: its round, quorum and jobs out, on the what-if clock."""
+
     slot_id: int
     round: int = 1
     quorum: RoundQuorum | None = None
@@ -88,7 +90,7 @@ class Simulation:
                                prefer_unused=setting.client_choice == "least-used")
         self.rule = QuorumRule(fraction=setting.quorum, min_updates=setting.min_clients,
                                deadline_s=setting.deadline_s)
-        self.slots = [_Slot(i) for i in range(setting.slots)]
+        self.slots = [SimSlot(i) for i in range(setting.slots)]
         self._lanes = {agent: [0.0] * n for agent, n in profile.trainers.items()}
         self._busy: list[Span] = []
         self._leased_at: dict[str, float] = {}
@@ -131,7 +133,7 @@ class Simulation:
 
     # -- leases ----------------------------------------------------------------------------
 
-    def _wait(self, slot: _Slot) -> None:
+    def _wait(self, slot: SimSlot) -> None:
         self.pool.slot_waiting(slot.slot_id, self.now)
         self._dispatch()
 
@@ -153,13 +155,13 @@ class Simulation:
         self._busy.append((start, start + duration_s))
         return start + duration_s
 
-    def _open_round(self, slot: _Slot, clients: tuple[str, ...]) -> None:
+    def _open_round(self, slot: SimSlot, clients: tuple[str, ...]) -> None:
         publish_s = 0.0 if slot.published else self._choice(self.profile.publish_s, 0.0)
         slot.published = True
         start = self._work(self.now, publish_s)
         self._at(start, lambda: self._start_round(slot, clients))
 
-    def _start_round(self, slot: _Slot, clients: tuple[str, ...]) -> None:
+    def _start_round(self, slot: SimSlot, clients: tuple[str, ...]) -> None:
         slot.attempt += 1
         slot.started_at = self.now
         slot.quorum = RoundQuorum(self.rule, len(clients), self.now)
@@ -171,12 +173,12 @@ class Simulation:
         attempt = slot.attempt
         self._at(slot.quorum.deadline_at, lambda: self._deadline(slot, attempt))
 
-    def _send_job(self, slot: _Slot, job_id: str, client_id: str) -> None:
+    def _send_job(self, slot: SimSlot, job_id: str, client_id: str) -> None:
         job = self._job_sample(client_id)
         self._at(self.now + self.profile.latency_s / 2,
                  lambda: self._train(slot, job_id, client_id, job))
 
-    def _train(self, slot: _Slot, job_id: str, client_id: str, job: JobSample) -> None:
+    def _train(self, slot: SimSlot, job_id: str, client_id: str, job: JobSample) -> None:
         """FIFO (in the order jobs reach the agent) on its trainers: the earliest-free one
         takes the job once the model is fetched."""
         lanes = self._lanes.setdefault(self.profile.agent_of.get(client_id, client_id), [0.0])
@@ -185,7 +187,7 @@ class Simulation:
         arrival = lanes[lane] + job.upload_s + self.profile.latency_s / 2
         self._at(arrival, lambda: self._arrive(slot, job_id, client_id, job.ok))
 
-    def _arrive(self, slot: _Slot, job_id: str, client_id: str, ok: bool) -> None:
+    def _arrive(self, slot: SimSlot, job_id: str, client_id: str, ok: bool) -> None:
         self._release(client_id)
         if slot.quorum is None or job_id not in slot.jobs:
             return  # late: its round closed; dropped (a late fold's cost is not modelled)
@@ -195,22 +197,22 @@ class Simulation:
         attempt = slot.attempt
         self._at(done, lambda: self._record(slot, attempt, job_id, ok))
 
-    def _record(self, slot: _Slot, attempt: int, job_id: str, ok: bool) -> None:
+    def _record(self, slot: SimSlot, attempt: int, job_id: str, ok: bool) -> None:
         if slot.quorum is not None and slot.attempt == attempt:
             slot.quorum.record(job_id, ok)
             self._check(slot)
 
-    def _deadline(self, slot: _Slot, attempt: int) -> None:
+    def _deadline(self, slot: SimSlot, attempt: int) -> None:
         if slot.quorum is not None and slot.attempt == attempt:
             self._check(slot)
 
-    def _check(self, slot: _Slot) -> None:
+    def _check(self, slot: SimSlot) -> None:
         assert slot.quorum is not None
         closure = slot.quorum.closure(self.now)
         if closure is not None:
             self._closed(slot, closure)
 
-    def _closed(self, slot: _Slot, closure: Closure) -> None:
+    def _closed(self, slot: SimSlot, closure: Closure) -> None:
         slot.quorum, slot.jobs = None, {}
         if not closure.ok:
             self._failed_rounds += 1
@@ -221,7 +223,7 @@ class Simulation:
         self._at(aggregated, lambda: self._aggregated(slot, sample.evaluation_s
                                                       + sample.checkpoint_s))
 
-    def _aggregated(self, slot: _Slot, background_s: float) -> None:
+    def _aggregated(self, slot: SimSlot, background_s: float) -> None:
         """Evaluate and checkpoint in the background, after the slot's previous ones."""
         start = max(self.now, slot.background_end)
         slot.background_end = self._work(start, background_s)
@@ -233,14 +235,14 @@ class Simulation:
         slot.round += 1
         self._at(start, lambda: self._wait(slot))
 
-    def _finish(self, slot: _Slot) -> None:
+    def _finish(self, slot: SimSlot) -> None:
         slot.end = self.now
         self.pool.slot_retired(slot.slot_id)
         self._dispatch()
 
     # -- sampling --------------------------------------------------------------------------
 
-    def _round_sample(self, slot: _Slot) -> RoundSample:
+    def _round_sample(self, slot: SimSlot) -> RoundSample:
         """Ordered: the same slot's same round as recorded, when there was one."""
         recorded = self.profile.round_of.get((slot.slot_id, slot.round))
         if recorded is not None and self.draw == "ordered":

@@ -13,8 +13,10 @@ a good one, which it must still train.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +35,7 @@ from bus.registry import Registry
 from coordinator.settings import TrainingSettings
 from serialization import Job, Registration, Result, decode, encode
 from serialization.messages import MAX_MESSAGE_BYTES
+from tests.conftest import RedisFactory
 from tests.e2e import Run, start_coordinator
 from tests.faults import start_agent, stop_agents
 from trainer_worker.tasks.synthetic import SyntheticTask
@@ -112,9 +115,8 @@ class FakeAgent:
         await self.r.xadd(self.keys.results(0), fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def fake_run(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[Run, FakeAgent]]:
-    """A coordinator (one slot, ten clients, three rounds) and the fake agent hosting them."""
+@contextlib.asynccontextmanager
+async def _faked_run(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[Run, FakeAgent]]:
     run = start_coordinator(redis_url, tmp_path, "bad-input", "--task", "synthetic",
                             "--slots", "1", "--clients", "10", "--rounds", "3",
                             "--quorum", "0.9", "--late-policy", "drop")
@@ -127,6 +129,13 @@ async def fake_run(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[Run, F
     finally:
         beating.cancel()
         await r.aclose()
+
+
+@pytest.fixture
+async def fake_run(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[Run, FakeAgent]]:
+    """A coordinator (one slot, ten clients, three rounds) and the fake agent hosting them."""
+    async with _faked_run(redis_url, tmp_path) as faked:
+        yield faked
 
 
 def _edited(state: StateDict, how: str) -> bytes:
@@ -225,6 +234,52 @@ async def test_every_bad_result_is_rejected_counted_and_the_run_goes_on(
     assert await asyncio.to_thread(run.wait, 60) == 0, run.output()[-3000:]
     folded = [e["job_id"] for e in run.events("update_folded")]
     assert len(folded) == len(set(folded)) == 1 + 9 + 9
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident set so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+HUGE_BYTES = 400 * 10**6
+
+
+async def test_a_huge_blob_under_a_small_claim_is_rejected_unread(
+        redis_factory: RedisFactory, tmp_path: Path) -> None:
+    """A 400 MB value stored under the digest a small result claims is rejected as
+    size_mismatch without being read: the coordinator's peak memory and Redis's bytes sent
+    stay far below 400 MB, and the round still closes."""
+    # A private server: the 400 MB go when it stops. Its proto-max-bulk-len (512 MB by
+    # default) already allows the value, which SETRANGE builds inside Redis.
+    server = redis_factory()
+    async with _faked_run(server.url, tmp_path) as (run, agent):
+        await agent.take_jobs(10)
+        payload, _ = await agent.model()
+        digest = hashlib.sha256(b"400 MB of zeros, claimed as a small update").hexdigest()
+        await agent.r.setrange(agent.keys.blob(digest), HUGE_BYTES - 1, b"\0")
+        assert await agent.r.strlen(agent.keys.blob(digest)) == HUGE_BYTES
+        peak_before = _peak_rss_bytes(run.proc.pid)
+        sent_before = int((await agent.r.info("stats"))["total_net_output_bytes"])
+        await agent.answer("0", update_digest=digest, update_nbytes=len(payload))
+        events = await wait_for(run, lambda ev: any(e["event"] == "update_rejected"
+                                                    for e in ev))
+        peak_after = _peak_rss_bytes(run.proc.pid)
+        sent = int((await agent.r.info("stats"))["total_net_output_bytes"]) - sent_before
+        measured = (f"coordinator peak RSS {peak_before / 2**20:.1f} MiB before, "
+                    f"{peak_after / 2**20:.1f} MiB after; Redis sent {sent} bytes meanwhile")
+        logging.getLogger(__name__).info(measured)
+        [rejected] = [e for e in events if e["event"] == "update_rejected"]
+        assert (rejected["reason"], rejected["client_id"]) == ("size_mismatch", "0")
+        assert str(HUGE_BYTES) in rejected["detail"]
+        assert peak_after - peak_before < 50 * 2**20, measured
+        assert sent < 10 * 2**20, measured
+        for client in CLIENTS[1:]:
+            await agent.answer(client, payload)
+        await wait_for(run, _closed(1))
+        assert _status(run)["rejected"] == {"size_mismatch": 1}
 
 
 async def test_agent_rejects_bad_job_entries_and_still_trains(redis_url: str,

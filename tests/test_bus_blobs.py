@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bus.blobs import DEFAULT_CHUNK_BYTES, THREAD_BYTES, BlobRef, BlobStore, digest_of
-from bus.errors import BlobMissing
+from bus.errors import BlobMissing, BlobSizeMismatch
 from bus.keys import Keys
 
 
@@ -147,6 +147,52 @@ async def test_delete_unlinks_every_key(redis_client: aioredis.Redis, run_keys: 
     assert await run_key_count(redis_client, run_keys) == 0
     with pytest.raises(BlobMissing):
         await store.get(ref)
+
+
+async def _bytes_sent(r: aioredis.Redis) -> int:
+    """What Redis has written to its clients so far (INFO stats)."""
+    return int((await r.info("stats"))["total_net_output_bytes"])
+
+
+async def test_a_value_longer_than_claimed_is_not_read(redis_client: aioredis.Redis,
+                                                       run_keys: Keys) -> None:
+    """An 8 MiB value under a blob that a reference claims is 1000 bytes: rejected unread."""
+    digest = "ab" * 32
+    await redis_client.setrange(run_keys.blob(digest), 8 * 2**20 - 1, b"x")
+    before = await _bytes_sent(redis_client)
+    with pytest.raises(BlobSizeMismatch, match=f"{8 * 2**20} bytes"):
+        await BlobStore(redis_client, run_keys).get(BlobRef(digest, 1000))
+    assert await _bytes_sent(redis_client) - before < 64 * 1024
+
+
+async def test_a_chunk_longer_than_its_share_is_not_read(redis_client: aioredis.Redis,
+                                                         run_keys: Keys) -> None:
+    """A chunk stored longer than the blob's manifest and size say: rejected unread."""
+    store = BlobStore(redis_client, run_keys, chunk_bytes=1024)
+    ref = await store.put(os.urandom(3000))
+    await redis_client.setrange(run_keys.blob_chunk(ref.digest, 1), 8 * 2**20 - 1, b"x")
+    before = await _bytes_sent(redis_client)
+    with pytest.raises(BlobSizeMismatch, match="chunk 1"):
+        await store.get(ref)
+    assert await _bytes_sent(redis_client) - before < 64 * 1024
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1023, 3000, 2**40])
+async def test_a_manifest_with_an_unusable_chunk_size_is_refused(
+        redis_client: aioredis.Redis, run_keys: Keys, chunk_bytes: int) -> None:
+    """A forged manifest (chunks below the floor, or not smaller than the blob) is refused
+    before any chunk is looked up."""
+    digest = "cd" * 32
+    await redis_client.set(run_keys.blob(digest), b"PWFLCHNK" + chunk_bytes.to_bytes(8, "little"))
+    with pytest.raises(BlobSizeMismatch, match="no usable manifest"):
+        await BlobStore(redis_client, run_keys).get(BlobRef(digest, 3000))
+
+
+async def test_a_reference_of_no_bytes_is_refused(redis_client: aioredis.Redis,
+                                                  run_keys: Keys) -> None:
+    """A reference claiming 0 bytes never reaches Redis (GETRANGE 0 -1 would read it all)."""
+    with pytest.raises(BlobSizeMismatch):
+        await BlobStore(redis_client, run_keys).get(BlobRef("ef" * 32, 0))
 
 
 def test_chunk_size_has_a_floor(run_keys: Keys) -> None:

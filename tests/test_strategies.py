@@ -115,10 +115,13 @@ def cluster_with_outlier() -> list[State]:
 
 
 def test_krum_picks_a_clustered_point_never_the_outlier() -> None:
-    """Krum with f=1 selects from the cluster; multi-Krum's m best exclude the outlier."""
+    """Krum with f=1 selects from the cluster; multi-Krum's m best exclude the outlier.
+    The four corners tie on score; the tie goes by sorted distances, not by index."""
     distances = pairwise_squared_distances(cluster_with_outlier())
     assert distances[0, 4].item() == pytest.approx(5000.0)
-    assert krum_select(distances, num_byzantine=1) == [0]
+    assert krum_select(distances, num_byzantine=1) == [3]
+    reversed_order = distances.flip(0).flip(1)
+    assert krum_select(reversed_order, num_byzantine=1) == [1]  # the same point, [0.1, 0.1]
     assert 4 not in krum_select(distances, num_byzantine=1, num_selected=4)
 
 
@@ -380,7 +383,9 @@ def test_krum_and_multi_krum_strategies() -> None:
     """Krum returns a clustered model; multi-Krum averages the best ones, weighted."""
     start = {"p": torch.zeros(2)}
     updates = [(s, 1) for s in cluster_with_outlier()]
-    assert run_round(Krum(num_byzantine=1), start, updates)["p"].tolist() == [0.0, 0.0]
+    assert run_round(Krum(num_byzantine=1), start, updates)["p"].tolist() == pytest.approx(
+        [0.1, 0.1]
+    )
     multi = run_round(Krum(num_byzantine=1, num_selected=4), start, updates)["p"]
     torch.testing.assert_close(multi, torch.tensor([0.05, 0.05]))
 

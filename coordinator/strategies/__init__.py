@@ -1,8 +1,10 @@
 """Aggregation strategies: the `Strategy` interface, the built-ins, and `make_strategy`.
 
-A strategy is chosen by a built-in name (`STRATEGIES`) or a ``"module:Class"`` import
-path to a `Strategy` subclass; options are passed to its constructor. Make one per
-slot: a server optimiser's state belongs to one global model.
+A strategy is chosen by a built-in name (`STRATEGIES`, `ALIASES`) or a
+``"module:Class"`` import path to a `Strategy` subclass; options are passed to its
+constructor. Make one per slot: a server optimiser's state belongs to one global
+model. docs/strategies.md lists the built-ins, their options and papers;
+`coordinator.strategies.examples` is a custom strategy to copy.
 """
 
 from __future__ import annotations
@@ -13,26 +15,45 @@ from typing import Any
 
 from coordinator.strategies.base import Aggregate, Strategy, StrategyError
 from coordinator.strategies.fedavg import FedAvg
-from coordinator.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
-from coordinator.strategies.robust import Krum, Median, RobustStrategy, TrimmedMean
+from coordinator.strategies.fedavgm import FedAvgM
+from coordinator.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi, ServerOptimiser
+from coordinator.strategies.robust import (
+    Bulyan,
+    GeometricMedian,
+    Krum,
+    Median,
+    RobustStrategy,
+    TrimmedMean,
+)
 
 BUILTINS: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, Krum)
-}
+    cls.name: cls
+    for cls in (
+        FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad,
+        Median, TrimmedMean, Krum, Bulyan, GeometricMedian,
+    )
+}  # fmt: skip
 STRATEGIES = tuple(BUILTINS)
+# Other names users know a built-in by (RFA is the paper's name for the geometric median).
+ALIASES = {"rfa": "geomed"}
 
 __all__ = [
+    "ALIASES",
     "BUILTINS",
     "STRATEGIES",
     "Aggregate",
+    "Bulyan",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedOpt",
     "FedYogi",
+    "GeometricMedian",
     "Krum",
     "Median",
     "RobustStrategy",
+    "ServerOptimiser",
     "Strategy",
     "StrategyError",
     "TrimmedMean",
@@ -42,7 +63,8 @@ __all__ = [
 
 
 def resolve_strategy(name_or_path: str) -> type[Strategy]:
-    """The class named by a built-in name or a ``"module:Class"`` path."""
+    """The class named by a built-in name (or alias) or a ``"module:Class"`` path."""
+    name_or_path = ALIASES.get(name_or_path, name_or_path)
     if name_or_path in BUILTINS:
         return BUILTINS[name_or_path]
     module_name, sep, attr = name_or_path.partition(":")

@@ -11,6 +11,7 @@ integer tensors (BatchNorm's ``num_batches_tracked``), so sums stay exact enough
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -69,10 +70,16 @@ def trim_count(n: int, beta: float) -> int:
 
 def trimmed_mean(stack: Tensor, beta: float) -> Tensor:
     """Coordinate-wise mean over dim 0 after dropping the int(beta*n) lowest and highest."""
+    return trimmed_mean_by_count(stack, trim_count(stack.shape[0], beta))
+
+
+def trimmed_mean_by_count(stack: Tensor, cut: int) -> Tensor:
+    """Coordinate-wise mean over dim 0 after dropping the `cut` lowest and highest."""
     n = stack.shape[0]
-    cut = trim_count(n, beta)
     if cut == 0:
         return stack.mean(dim=0)
+    if 2 * cut >= n:
+        raise ValueError(f"cannot trim {cut} at each end of {n} values")
     return stack.sort(dim=0).values[cut : n - cut].mean(dim=0)
 
 
@@ -106,9 +113,16 @@ def krum_scores(distances: Tensor, num_byzantine: int) -> Tensor:
 
 
 def krum_select(distances: Tensor, num_byzantine: int, num_selected: int = 1) -> list[int]:
-    """Indices of the `num_selected` lowest Krum scores (multi-Krum), ties by index."""
+    """Indices of the `num_selected` lowest Krum scores (multi-Krum).
+
+    Equal scores are common (two mutual nearest neighbours score alike when one distance
+    counts, as in Bulyan's last picks), so ties go to the point whose sorted distances to
+    the others are smaller, then to the lower index: the choice never depends on the order
+    the updates arrived in, unless two points are exactly alike.
+    """
     scores = krum_scores(distances, num_byzantine).tolist()
-    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    others = distances.clone().fill_diagonal_(float("inf")).sort(dim=1).values.tolist()
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], others[i], i))
     return order[: max(1, num_selected)]
 
 
@@ -139,3 +153,77 @@ def yogi_second_moment(v: Tensor, delta: Tensor, beta_2: float) -> Tensor:
 def adaptive_step(x: Tensor, m: Tensor, v: Tensor, eta: float, tau: float) -> Tensor:
     """x_{t+1} = x + eta * m / (sqrt(v) + tau)."""
     return x + eta * m / (v.sqrt() + tau)
+
+
+def server_momentum(v: Tensor, delta: Tensor, momentum: float) -> Tensor:
+    """v_t = momentum * v + delta (Hsu et al., 2019; heavy ball on the pseudo-gradient)."""
+    return v * momentum + delta
+
+
+# -- Bulyan (El Mhamdi et al., "The Hidden Vulnerability of Distributed Learning in
+# Byzantium", 2018) -------------------------------------------------------------------
+
+
+def bulyan_select(distances: Tensor, num_byzantine: int) -> list[int]:
+    """Indices of the theta = n - 2f updates Krum picks one at a time, each from those left."""
+    remaining = list(range(distances.shape[0]))
+    chosen: list[int] = []
+    for _ in range(distances.shape[0] - 2 * num_byzantine):
+        sub = distances[remaining][:, remaining]
+        best = remaining[krum_select(sub, num_byzantine)[0]]
+        chosen.append(best)
+        remaining.remove(best)
+    return chosen
+
+
+def mean_around_median(stack: Tensor, num_kept: int) -> Tensor:
+    """Coordinate-wise mean of the `num_kept` values closest to the coordinate median."""
+    distance = (stack - coordinate_median(stack)).abs()
+    closest = distance.sort(dim=0, stable=True).indices[:num_kept]
+    return stack.gather(0, closest).mean(dim=0)
+
+
+# -- geometric median (Pillutla et al., "Robust Aggregation for Federated Learning",
+# 2022, the smoothed Weiszfeld algorithm of RFA) ------------------------------------------
+
+
+def distances_to(stacks: Mapping[str, Tensor], point: Mapping[str, Tensor]) -> Tensor:
+    """Euclidean distance (float64) of each stacked state to `point`, over all tensors."""
+    total: Tensor | None = None
+    for name, stack in stacks.items():
+        diff = (stack - point[name].unsqueeze(0)).to(torch.float64)
+        part = diff.reshape(diff.shape[0], -1).square().sum(dim=1)
+        total = part if total is None else total + part
+    assert total is not None, "distances_to needs at least one tensor"
+    return total.sqrt()
+
+
+def geometric_median(
+    stacks: Mapping[str, Tensor], weights: Tensor, *, nu: float, max_iter: int, eps: float
+) -> tuple[dict[str, Tensor], int]:
+    """Smoothed Weiszfeld: argmin_z sum_i a_i max(nu, ||z - w_i||), started at the weighted
+    mean; stops after `max_iter` steps or when a step moves the point by at most `eps`
+    times its norm (or by nu). Returns the point and the number of steps taken.
+
+    The stop looks at the point, not at the objective: one far outlier dominates the
+    objective, so a relative objective tolerance would stop while the point still moves.
+    """
+    alpha = weights.to(torch.float64)
+    alpha = alpha / alpha.sum() if float(alpha.sum()) > 0.0 else torch.ones_like(alpha)
+    point = {name: weighted_mean(stack, alpha) for name, stack in stacks.items()}
+    steps = 0
+    while steps < max_iter:
+        beta = alpha / distances_to(stacks, point).clamp(min=nu)
+        moved = {name: weighted_mean(stack, beta / beta.sum()) for name, stack in stacks.items()}
+        step, size = _distance_and_norm(moved, point)
+        point, steps = moved, steps + 1
+        if step <= max(eps * size, nu):
+            break
+    return point, steps
+
+
+def _distance_and_norm(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, float]:
+    """||a - b|| and ||a|| over all tensors, in float64."""
+    return math.sqrt(squared_distance(a, b)), math.sqrt(
+        sum(float(t.to(torch.float64).square().sum()) for t in a.values())
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.jobs import JobRecord, JobTable
+from coordinator.job_table import JobRecord, JobTable
 
 
 def _table(*records: JobRecord) -> JobTable:

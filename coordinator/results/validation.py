@@ -1,0 +1,230 @@
+"""Whether a result is acceptable: the whole decision, in one place.
+
+A result is judged in the order it is handled, each step before any work the
+next one costs:
+
+1. `ResultValidator.admit` (the dispatcher, on the small stream message): it
+   decodes; it answers an outstanding job of this run (or the real result of a
+   job answered as lost), not a replayed one (``duplicate``), an unknown one
+   (``unknown_job``, ``unknown_client``) or one of another slot, round or client
+   (``mismatch``); with signing on it carries its client's signature
+   (``bad_signature``). Admitting answers the job: a job id is admitted once.
+2. `claimed_blob` (the slot, before a byte is fetched): a sha256 digest, a size
+   within the model's bound and the run's limit, a sane ``num_examples``.
+3. `fetch` / `decode_update` / `fold`: the blob is there and stored with the
+   claimed size (``missing_blob``, ``size_mismatch``: checked before it is read),
+   hashes to its digest, decodes to the slot's schema with finite values, and the
+   strategy takes it (``bad_update``).
+4. `folds_late`: an update whose round has closed is folded or dropped
+   (``closed_round``), as the late policy says.
+
+A rejection is an `UpdateRejected`; `Rejections.report` logs it
+(``update_rejected``) and counts it in the run's status, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Container, Mapping
+from typing import Any, Protocol
+
+import structlog
+import torch
+
+from bus.blobs import BlobRef
+from bus.credentials import Keyring
+from bus.errors import BlobMissing, BlobSizeMismatch
+from bus.streams import Entry
+from coordinator.delivery import Delivery
+from coordinator.job_table import JobRecord, JobTable
+from coordinator.status import RunStatus
+from coordinator.strategies import Strategy, StrategyError
+from serialization import DTYPES, PayloadError, Result, TensorSpec, decode
+from serialization.signing import signature_problem
+from serialization.tensors import ALIGN
+
+log = structlog.get_logger()
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_NUM_EXAMPLES = 10**9
+HEADER_ALLOWANCE = 1024 * 1024
+LOGGED_CHARS = 200  # claimed ids come from untrusted messages (up to 1 MiB): a prefix is logged
+
+
+class UpdateRejected(Exception):
+    """This result or update is not folded; `reason` labels the counter."""
+
+    def __init__(self, reason: str, detail: str, **fields: Any) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.fields = fields
+
+
+class BlobReader(Protocol):
+    async def get(self, ref: BlobRef) -> bytes | bytearray: ...
+
+
+def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
+    """The most bytes an encoded state dict of this schema can take: its tensors, each
+    aligned, and a header allowance far above what names, shapes and meta need."""
+    tensors = sum(math.prod(spec.shape) * DTYPES[spec.dtype].itemsize + ALIGN
+                  for spec in schema.values())
+    return tensors + HEADER_ALLOWANCE + 512 * len(schema)
+
+
+class Rejections:
+    """Logs (``update_rejected``) and counts every rejection; the process goes on serving."""
+
+    def __init__(self, status: RunStatus) -> None:
+        self._status = status
+
+    def report(self, delivery: Delivery | None, reason: str, detail: str, **fields: Any) -> None:
+        self._status.reject(reason)
+        fields = {k: v[:LOGGED_CHARS] if isinstance(v, str) else v for k, v in fields.items()}
+        if delivery is not None:
+            record = delivery.record
+            fields |= {"slot_id": record.slot_id, "round": record.round,
+                       "client_id": record.client_id, "job_id": record.job_id}
+        log.warning("update_rejected", reason=reason, detail=detail, **fields)
+
+    def closed_round(self) -> None:
+        """An update that will never be aggregated (its round closed); `update_late` says so."""
+        self._status.reject("closed_round")
+
+
+class ResultValidator:
+    """Judges results and their updates for one run (see the module docstring)."""
+
+    def __init__(self, *, run_id: str, jobs: JobTable, known_clients: Container[str],
+                 results_stream: Callable[[int], str], schema: Mapping[str, TensorSpec],
+                 max_update_bytes: int, verify_digests: bool = True,
+                 keyring: Keyring | None = None, late_policy: str = "drop") -> None:
+        self._run_id = run_id
+        self._jobs = jobs
+        self._known_clients = known_clients
+        self._results_stream = results_stream
+        self._schema = schema
+        self._max_update_bytes = max_update_bytes
+        self._verify_digests = verify_digests
+        self._keyring = keyring  # None: results are not signed
+        self._late_policy = late_policy
+
+    @property
+    def update_limit(self) -> int:
+        """The most bytes an update may claim: the model's bound, within the run's limit."""
+        return min(self._max_update_bytes, payload_bound(self._schema))
+
+    # --- 1. the result message -----------------------------------------------------------
+
+    def admit(self, entry: Entry) -> Delivery:
+        """The delivery of an acceptable result entry, its job now answered; else rejected."""
+        try:
+            result = Result.from_bytes(entry.payload)
+        except PayloadError as exc:
+            raise UpdateRejected(exc.reason, exc.detail, stream=entry.stream,
+                                 entry_id=entry.entry_id) from None
+        record, recovered = self._job_of(result)
+        same = (record.client_id, record.slot_id, record.round) == (
+            result.client_id, result.slot_id, result.round)
+        if not same or entry.stream != self._results_stream(record.slot_id):
+            raise UpdateRejected("mismatch", "result does not match its job",
+                                 job_id=result.job_id, client_id=result.client_id)
+        self._check_signature(result, record)
+        if recovered:
+            self._jobs.recover(result.job_id)
+        else:
+            self._jobs.answer(result.job_id)
+        return Delivery(record, result, entry.stream, entry.entry_id, recovered=recovered)
+
+    def _job_of(self, result: Result) -> tuple[JobRecord, bool]:
+        """The result's outstanding job, or its job answered as lost (True); else rejected."""
+        if result.run_id == self._run_id:
+            record = self._jobs.get(result.job_id)
+            if record is not None:
+                return record, False
+            record = self._jobs.lost(result.job_id)
+            if record is not None:
+                return record, True
+            if self._jobs.was_answered(result.job_id):
+                raise UpdateRejected("duplicate", "job already answered", job_id=result.job_id)
+        if result.client_id not in self._known_clients:
+            raise UpdateRejected("unknown_client", "no such client in this run",
+                                 job_id=result.job_id, client_id=result.client_id)
+        raise UpdateRejected("unknown_job", "no such job in this run", job_id=result.job_id,
+                             client_id=result.client_id)
+
+    def _check_signature(self, result: Result, record: JobRecord) -> None:
+        """With signing on: the result carries the signature of its job's client.
+
+        Checked before the job counts as answered, so a forged result cannot use up
+        the job: the client's own result is still accepted when it comes.
+        """
+        if self._keyring is None:
+            return
+        problem = signature_problem(result, self._keyring.get(record.client_id))
+        if problem is not None:
+            raise UpdateRejected("bad_signature", problem, job_id=result.job_id,
+                                 client_id=record.client_id, agent_id=result.agent_id)
+
+    # --- 2. the claimed update blob ------------------------------------------------------
+
+    def claimed_blob(self, result: Result) -> BlobRef:
+        """The update blob the result claims, checked before a byte of it is fetched."""
+        if not _DIGEST.match(result.update_digest):
+            raise UpdateRejected("bad_digest", f"update digest {result.update_digest[:80]!r}")
+        limit = self.update_limit
+        if not 0 < result.update_nbytes <= limit:
+            raise UpdateRejected("too_large", f"update of {result.update_nbytes} bytes, "
+                                              f"limit {limit}")
+        if not 0 < result.num_examples <= MAX_NUM_EXAMPLES:
+            raise UpdateRejected("bad_num_examples", f"num_examples={result.num_examples}")
+        return BlobRef(result.update_digest, result.update_nbytes)
+
+    # --- 3. the update's bytes -----------------------------------------------------------
+
+    async def fetch(self, blobs: BlobReader, ref: BlobRef) -> bytes | bytearray:
+        """The claimed blob's bytes, exactly `ref.nbytes` of them; else rejected.
+
+        The blob store reads no more than the claim: a blob stored with another length
+        is rejected (``size_mismatch``) unread.
+        """
+        try:
+            data = await blobs.get(ref)
+        except BlobSizeMismatch as exc:
+            raise UpdateRejected("size_mismatch", str(exc)) from None
+        except BlobMissing as exc:
+            raise UpdateRejected("missing_blob", str(exc)) from None
+        if len(data) != ref.nbytes:
+            raise UpdateRejected("truncated", f"blob is {len(data)} bytes, result says "
+                                              f"{ref.nbytes}")
+        return data
+
+    def decode_update(self, data: bytes | bytearray, digest: str) -> dict[str, torch.Tensor]:
+        """Blocking (call from a thread): the bytes hash to their digest and decode to the
+        slot's schema with finite values."""
+        if self._verify_digests and hashlib.sha256(data).hexdigest() != digest:
+            raise UpdateRejected("digest_mismatch", "blob bytes do not hash to their digest")
+        try:
+            state, _meta = decode(data, schema=self._schema, finite=True,
+                                  max_bytes=self._max_update_bytes)
+        except PayloadError as exc:
+            raise UpdateRejected(exc.reason, exc.detail) from None
+        return state
+
+    @staticmethod
+    def fold(strategy: Strategy, aggregate: Any, state: dict[str, torch.Tensor],
+             num_examples: int, scale: float) -> None:
+        """Blocking: fold into the aggregate; an update the strategy refuses is rejected."""
+        try:
+            strategy.fold(aggregate, state, num_examples, scale)
+        except StrategyError as exc:
+            raise UpdateRejected("bad_update", str(exc)) from None
+
+    # --- 4. late updates -----------------------------------------------------------------
+
+    def folds_late(self, result: Result, *, round_open: bool) -> bool:
+        """Whether an update whose round has closed is folded into the open round."""
+        return self._late_policy == "fold" and result.status == "ok" and round_open
