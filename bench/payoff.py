@@ -51,6 +51,7 @@ class RunResult:
     seed: int
     wall_s: float  # first round started to the last evaluation
     time_to: dict[str, float | None]  # target -> seconds since the first round
+    jobs_to: dict[str, int | None]  # target -> client jobs aggregated by then (load-free)
     curve: list[tuple[float, float]]  # (s since first round, best accuracy so far)
     final_best: float | None
     client_busy: float
@@ -113,13 +114,24 @@ def accuracy_at(curve: list[tuple[float, float]], t_s: float) -> float | None:
     return reached[-1] if reached else None
 
 
+def jobs_by(summary: RunSummary, t_s: float | None) -> int | None:
+    """Client updates aggregated (rounds past their quorum) by `t_s` since the first round."""
+    if t_s is None:
+        return None
+    start = summary.first_round_s or 0.0
+    return sum(r.num_updates for slot in summary.slots for r in slot.round_details
+               if r.start_s is not None and r.quorum_wait_s is not None
+               and r.start_s + r.quorum_wait_s - start <= t_s + 1e-9)
+
+
 def result_of(mode: str, seed: int, path: Path) -> RunResult:
     summary = summarise(rebuild_runs(read_log(path))[0], 0.85)
     curve = best_curve(summary)
+    times = {f"{t:g}": time_to(curve, t) for t in TARGETS}
     finals = [s.final_accuracy for s in summary.slots if s.final_accuracy is not None]
     return RunResult(
         mode=mode, seed=seed, wall_s=curve[-1][0] if curve else 0.0,
-        time_to={f"{t:g}": time_to(curve, t) for t in TARGETS}, curve=curve,
+        time_to=times, jobs_to={k: jobs_by(summary, t) for k, t in times.items()}, curve=curve,
         final_best=max(finals, default=None),
         client_busy=1.0 - summary.client_idle_fraction_after_first_round,
         coordinator_busy=summary.coordinator_busy_fraction_after_first_round,
@@ -137,6 +149,10 @@ def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None, 
     return statistics.fmean(present), statistics.pstdev(present), len(values) - len(present)
 
 
+def _num(value: int | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     """Per mode: each metric's mean, spread and missing count over the seeds."""
     seeds = sorted({r.seed for r in results})
@@ -146,6 +162,7 @@ def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
         mine = [r for r in results if r.mode == mode]
         metrics: dict[str, list[float | None]] = {
             **{f"time_to_{k}": [r.time_to[k] for r in mine] for k in mine[0].time_to},
+            **{f"jobs_to_{k}": [_num(r.jobs_to[k]) for r in mine] for k in mine[0].jobs_to},
             "accuracy_at_equal_time": [accuracy_at(r.curve, equal_t[r.seed]) for r in mine],
             "final_best_accuracy": [r.final_best for r in mine],
             "client_busy": [r.client_busy for r in mine],
@@ -191,13 +208,16 @@ def _cell(stat: dict[str, Any], scale: float = 1.0, unit: str = "") -> str:
 
 
 def render(rows: dict[str, dict[str, Any]]) -> str:
-    header = ["mode", *(f"to {k[8:]}" for k in rows[next(iter(rows))] if k.startswith("time_to")),
+    first = rows[next(iter(rows))]
+    header = ["mode", *(f"to {k[8:]}" for k in first if k.startswith("time_to")),
+              *(f"jobs to {k[8:]}" for k in first if k.startswith("jobs_to")),
               "acc @ equal t", "final best", "client busy", "coord busy", "wall", "jobs"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for mode, row in rows.items():
         times = [_cell(v, unit="s") for k, v in row.items() if k.startswith("time_to")]
+        jobs = [_cell(v) for k, v in row.items() if k.startswith("jobs_to")]
         lines.append(" | ".join([
-            mode, *times, _cell(row["accuracy_at_equal_time"], 100, "%"),
+            mode, *times, *jobs, _cell(row["accuracy_at_equal_time"], 100, "%"),
             _cell(row["final_best_accuracy"], 100, "%"), _cell(row["client_busy"], 100, "%"),
             _cell(row["coordinator_busy"], 100, "%"), _cell(row["wall_s"], unit="s"),
             _cell(row["jobs"])]))
