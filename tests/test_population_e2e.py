@@ -78,8 +78,9 @@ def test_pbt_run_logs_exploits_that_replay_shows_as_lineage(launch: Callable[...
 
 
 def test_periodic_merge_run_merges_and_evaluates(launch: Callable[..., Run]) -> None:
-    """--merge every=2 with --shared-init: one merge, adopted by every slot, evaluated."""
-    run = launch("pop-merge", *COMMON, "--rounds", "3", "--slots", "3", "--shared-init",
+    """--merge every=2 with --shared-init: one merge (none after the last round), adopted by
+    every slot at its next boundary, and evaluated."""
+    run = launch("pop-merge", *COMMON, "--rounds", "4", "--slots", "3", "--shared-init",
                  "--merge", "every=2")
     events = finished(run)
     assert [e["epoch"] for e in events if e["event"] == "slots_merged"] == [1]
