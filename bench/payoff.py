@@ -57,6 +57,7 @@ class RunResult:
     client_busy: float
     coordinator_busy: float
     jobs: int
+    status: str = "finished"  # the run's end as its log says; others are not a wall-time bound
 
 
 def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[str]:
@@ -135,7 +136,7 @@ def result_of(mode: str, seed: int, path: Path) -> RunResult:
         final_best=max(finals, default=None),
         client_busy=1.0 - summary.client_idle_fraction_after_first_round,
         coordinator_busy=summary.coordinator_busy_fraction_after_first_round,
-        jobs=sum(c.jobs_done for c in summary.clients))
+        jobs=sum(c.jobs_done for c in summary.clients), status=summary.status)
 
 
 # -- aggregation ---------------------------------------------------------------------------
@@ -156,7 +157,8 @@ def _num(value: int | None) -> float | None:
 def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     """Per mode: each metric's mean, spread and missing count over the seeds."""
     seeds = sorted({r.seed for r in results})
-    equal_t = {s: min(r.wall_s for r in results if r.seed == s) for s in seeds}
+    equal_t = {s: min((r.wall_s for r in results if r.seed == s and r.status == "finished"),
+                      default=0.0) for s in seeds}
     rows: dict[str, dict[str, Any]] = {}
     for mode in dict.fromkeys(r.mode for r in results):
         mine = [r for r in results if r.mode == mode]
@@ -252,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _save(args.out, results)  # what is done so far survives a stopped benchmark
     rows = table(results)
     print(render(rows))
+    for r in results:
+        if r.status != "finished":
+            print(f"note: {r.mode}-seed{r.seed} ended {r.status} after {r.wall_s:.0f} s; its "
+                  "numbers are up to then (see its log)")
     print(json.dumps({**verdict(rows), "seeds": args.seeds, "rounds": args.rounds,
                       "max_steps": args.max_steps}))
     return 0
