@@ -6,7 +6,7 @@ Uses `serialization`; nothing else of ours.
 from bus.blobs import BlobRef, BlobStore, digest_of
 from bus.connection import RedisSettings, connect, raise_if_cancelled, redis_errors, wait_ready
 from bus.embedded import EmbeddedRedis, find_redis_server
-from bus.errors import BlobMissing, BusError, EmbeddedRedisError, RedisUnavailable
+from bus.errors import BlobMissing, BusError, EmbeddedRedisError, RedisRefused, RedisUnavailable
 from bus.keys import Keys
 from bus.registry import Registry, get_active_run, set_active_run
 from bus.streams import Entry, ack, consume, ensure_group, publish, publish_many, reclaim, trim
@@ -20,6 +20,7 @@ __all__ = [
     "EmbeddedRedisError",
     "Entry",
     "Keys",
+    "RedisRefused",
     "RedisSettings",
     "RedisUnavailable",
     "Registry",

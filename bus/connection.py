@@ -16,18 +16,28 @@ A client logs `redis_unreachable` when its first command fails for want of Redis
 and `redis_reconnected` (with the outage's length) once one succeeds again: one
 pair per outage, not one line per retried command.
 
-redis-py's exceptions become ours here and nowhere else (`redis_errors`):
+redis-py's exceptions become ours here and nowhere else (`redis_errors`, and
+`refused` for whatever reaches an entry point unmapped):
 
-    redis.AuthenticationError, AuthorizationError,
-      MaxConnectionsError                       -> BusError (never retried)
-    redis.ConnectionError, redis.TimeoutError   -> RedisUnavailable (after the retries)
-    any other redis.RedisError                  -> BusError
+    redis.AuthenticationError, AuthorizationError  -> RedisRefused "auth"   (never retried)
+    redis.NoPermissionError (NOPERM)               -> RedisRefused "noperm"
+    a TLS failure (an ssl.SSLError behind a
+      redis.ConnectionError: bad CA, wrong host
+      name, no client certificate)                 -> RedisRefused "tls"    (never retried)
+    redis.MaxConnectionsError                      -> BusError (never retried)
+    redis.ConnectionError, redis.TimeoutError      -> RedisUnavailable (after the retries)
+    any other redis.RedisError                     -> BusError
+
+A refusal is permanent: retrying a wrong password or an ACL denial for the whole
+outage budget would only make a misconfigured process look like a run that never
+ends. Connection refused, resets and timeouts are transient and retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,11 +50,23 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from bus.errors import BusError, RedisUnavailable
+from bus.errors import BusError, RedisRefused, RedisUnavailable
 
 _RETRIED = (rex.ConnectionError, rex.TimeoutError)
 # ConnectionError subclasses that waiting cannot fix: fail at once, as BusError.
 _NOT_RETRIED = (rex.AuthenticationError, rex.AuthorizationError, rex.MaxConnectionsError)
+# TLS errors that a restart or a dropped connection causes: not the configuration's fault.
+_SSL_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError,
+                  ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_REFUSED = {
+    "auth": ("Redis refused the login", "Check --redis-user and the password "
+             "(--redis-password-file, $PWFL_REDIS_PASSWORD_FILE or $PWFL_REDIS_PASSWORD)"),
+    "noperm": ("Redis denied a command by its ACL", "The Redis user may not do this: check "
+               "--redis-user, and that its ACL (python -m bus.acl) covers --clients"),
+    "tls": ("TLS with Redis failed", "Check --redis-ca-file (the CA that signed the server's "
+            "certificate), that the URL's host name is in the certificate, and "
+            "--redis-cert-file/--redis-key-file if the server requires client certificates"),
+}
 T = TypeVar("T")
 # A Redis restart loading a large AOF, or a managed failover, takes minutes, not seconds.
 DEFAULT_OUTAGE_S = 300.0
@@ -68,7 +90,7 @@ class _Retry(Retry):
         with_failure_count: bool = False,
     ) -> T:
         def retryable(exc: Exception) -> bool:
-            if isinstance(exc, _NOT_RETRIED):
+            if isinstance(exc, _NOT_RETRIED) or refusal_reason(exc) is not None:
                 return False
             return is_retryable is None or is_retryable(exc)
 
@@ -188,7 +210,7 @@ async def _pinged(client: aioredis.Redis, errors: list[BaseException]) -> bool:
         try:
             return bool(await client.ping())
         except _RETRIED as exc:  # BusyLoadingError (Redis loading its AOF) is one too
-            if isinstance(exc, _NOT_RETRIED):
+            if isinstance(exc, _NOT_RETRIED) or refusal_reason(exc) is not None:
                 raise
             errors.append(exc)
             return False
@@ -216,14 +238,56 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def refusal_reason(exc: BaseException) -> str | None:
+    """"auth", "noperm" or "tls" when `exc`, or an exception it was raised from or while
+    handling, is a refusal that waiting cannot fix; None for anything else."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RedisRefused):
+            return current.reason
+        if isinstance(current, rex.AuthenticationError | rex.AuthorizationError):
+            return "auth"
+        if isinstance(current, rex.NoPermissionError):
+            return "noperm"
+        if isinstance(current, ssl.SSLError) and not isinstance(current, _SSL_TRANSIENT):
+            return "tls"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def refused(exc: BaseException) -> RedisRefused | None:
+    """The refusal that `exc` is or holds (mapped or still redis-py's, maybe inside an
+    exception group), for an entry point to stop on; None if it holds none."""
+    if isinstance(exc, BaseExceptionGroup):
+        return next((r for r in map(refused, exc.exceptions) if r is not None), None)
+    if isinstance(exc, RedisRefused):
+        return exc
+    reason = refusal_reason(exc)
+    return None if reason is None else _refusal(reason, exc)
+
+
+def _refusal(reason: str, exc: BaseException) -> RedisRefused:
+    what, check = _REFUSED[reason]
+    detail = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    return RedisRefused(f"{what}: {detail}. {check}.", reason)
+
+
+def bus_error(exc: rex.RedisError) -> BusError:
+    """The bus's exception for one of redis-py's (see the module docstring)."""
+    reason = refusal_reason(exc)
+    if reason is not None:
+        return _refusal(reason, exc)
+    if isinstance(exc, _RETRIED) and not isinstance(exc, _NOT_RETRIED):
+        return RedisUnavailable(str(exc))
+    return BusError(str(exc))
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Re-raise redis-py's exceptions as the bus's (see the module docstring)."""
     try:
         yield
-    except _NOT_RETRIED as exc:
-        raise BusError(str(exc)) from exc
-    except _RETRIED as exc:
-        raise RedisUnavailable(str(exc)) from exc
     except rex.RedisError as exc:
-        raise BusError(str(exc)) from exc
+        raise bus_error(exc) from exc

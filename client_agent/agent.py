@@ -20,7 +20,8 @@ import structlog
 
 from bus import streams
 from bus.blobs import BlobStore
-from bus.connection import connect, raise_if_cancelled, wait_ready
+from bus.connection import connect, raise_if_cancelled, redis_errors, wait_ready
+from bus.errors import RedisRefused
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
 from client_agent.job_runner import JobRunner
@@ -101,11 +102,12 @@ class Agent:
         try:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
-                               s.name, keyring=s.keyring)
+                               s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
+                               allowed_tasks=s.allowed_tasks)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,
-                     signing=s.keyring is not None)
+                     signing=s.keyring is not None, allowed_tasks=sorted(s.allowed_tasks))
             await self._main(redis, keys, registry, runner)
         finally:
             await self._shutdown(registry, registration, pool, cache)
@@ -128,6 +130,8 @@ class Agent:
             raise_if_cancelled()
             try:
                 await registry.heartbeat(self.settings.client_ids)
+            except RedisRefused:
+                raise  # a login or ACL refusal does not come back: stop the agent
             except Exception as exc:  # noqa: BLE001 - Redis away: keep beating, it comes back
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(interval_s)
@@ -145,7 +149,10 @@ class Agent:
 
     async def _run_over(self, redis: object, keys: Keys) -> bool:
         try:
-            status = await redis.hget(keys.state(), "status")  # type: ignore[attr-defined]
+            with redis_errors():
+                status = await redis.hget(keys.state(), "status")  # type: ignore[attr-defined]
+        except RedisRefused:
+            raise
         except Exception:  # noqa: BLE001 - unknown counts as not over
             return False
         return status in FINISHED_STATES

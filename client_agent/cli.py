@@ -11,6 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from bus.connection import refused
 from bus.credentials import (
     CLIENT_KEYS_ENV,
     REDIS_PASSWORD_ENV,
@@ -20,9 +23,11 @@ from bus.credentials import (
     redis_option_values,
     secret_from,
 )
-from bus.errors import CredentialsError
+from bus.errors import EXIT_REFUSED, CredentialsError
+from client_agent.limits import MIN_AUTO_LIMIT_S
 from client_agent.settings import AgentSettings
 from serialization.events import configure_events
+from serialization.tasks import BUILTIN_TASKS, task_spec
 
 DESCRIPTION = """\
 Serve PWFL jobs for the clients this machine hosts. The agent registers its
@@ -40,8 +45,14 @@ examples:
   python -m client_agent --redis redis://coordinator:6379 --clients 0,1,2 --devices cpu
   python -m client_agent --redis rediss://redis.example:6380 --clients 7 --devices cuda:0,cuda:1
   PWFL_REDIS_PASSWORD_FILE=silo-a.pw python -m client_agent --redis rediss://redis.example:6380 \\
-      --redis-user silo-a --redis-ca-file ca.crt --client-keys keys/ --clients 0,1,2
+      --redis-user silo-a --redis-ca-file ca.crt --client-keys keys/ --clients 0,1,2 \\
+      --allow-task mysilo.tasks:XrayTask
+
+exit status: 0 stopped or done; 78 Redis refused the login, a command (ACL) or
+TLS (one line says what to check; retrying cannot fix it); 130 a second signal.
 """
+
+log = structlog.get_logger()
 
 SECURITY = f"""\
 Secrets are read from files or the environment, never from the command line.
@@ -49,6 +60,13 @@ Redis password: --redis-password-file, ${REDIS_PASSWORD_FILE_ENV} or ${REDIS_PAS
 Signing keys: --client-keys DIR (or ${CLIENT_KEYS_ENV}) holding CLIENT_ID.key for each
 hosted client; without it results are not signed (the single-machine default), and
 a coordinator that checks signatures rejects them."""
+
+TRAIN_TIMEOUT_HELP = (
+    "kill and restart a trainer whose training call takes longer than this, and report the "
+    "job failed (train_timeout), so a stuck call does not hold the agent's other clients. "
+    "Default: the time left to the job's round deadline plus one more round deadline (a late "
+    f"update can still be folded into the next round), at least {MIN_AUTO_LIMIT_S:g} s. Give "
+    "it when you know how long training takes")
 
 
 def _devices(text: str) -> tuple[str, ...]:
@@ -98,8 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reclaim-idle-ms", type=int, default=60_000,
                    help="take over jobs another agent for these clients left pending this "
                         "long (a dead agent's jobs) (default 60000)")
+    p.add_argument("--train-timeout-s", type=_positive, metavar="SECONDS",
+                   help=TRAIN_TIMEOUT_HELP)
+    p.add_argument("--allow-task", action="append", type=_task_spec, default=[], metavar="SPEC",
+                   help="also run jobs of this task (module:factory, or a built-in name); "
+                        "repeatable. The built-in tasks "
+                        f"({', '.join(BUILTIN_TASKS)}) are always allowed; a job naming any "
+                        "other task is refused (logged as job_refused, reported failed as "
+                        "task_not_allowed) and its code is never imported")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics (jobs, trainer restarts, model cache hits, "
+                        "shared memory) at http://HOST:PORT/metrics; 0 picks a free port "
+                        "(default: off; silo hosts are often outbound-only)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default 127.0.0.1: a Prometheus on "
+                        "this host; 0.0.0.0 to be scraped from elsewhere)")
     _add_security_options(p.add_argument_group("security", SECURITY))
     return p
+
+
+def _task_spec(text: str) -> str:
+    spec = task_spec(text.strip())
+    module, _, factory = spec.partition(":")
+    if not module or not factory:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor module:factory")
+    return spec
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 def _add_security_options(g: argparse._ArgumentGroup) -> None:
@@ -132,7 +181,9 @@ def settings_from_args(args: argparse.Namespace,
                          exit_with_parent=args.exit_with_parent,
                          heartbeat_ttl_ms=args.heartbeat_ttl_ms,
                          drain_timeout_s=args.drain_timeout,
-                         reclaim_idle_ms=args.reclaim_idle_ms)
+                         reclaim_idle_ms=args.reclaim_idle_ms,
+                         train_timeout_s=args.train_timeout_s,
+                         allowed_tasks=frozenset([*BUILTIN_TASKS.values(), *args.allow_task]))
 
 
 async def _run(settings: AgentSettings) -> None:
@@ -157,9 +208,15 @@ async def _run(settings: AgentSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until stopped: 0, 130 on a second signal, EXIT_REFUSED (78) when Redis refuses
+    the agent (login, ACL or TLS: no use retrying; the message says what to check)."""
     args = build_parser().parse_args(argv)
     configure_events("agent", log_file=args.log_file, console_level=args.log_level)
     settings = settings_from_args(args)  # after the events: secret-file warnings are logged
+    if args.metrics_port is not None:
+        from client_agent.metrics import serve_metrics
+
+        serve_metrics(args.metrics_host, args.metrics_port)  # a daemon thread, ends with us
     factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop
@@ -172,6 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(_run(settings))
     except asyncio.CancelledError:
         return 130
+    except Exception as exc:
+        refusal = refused(exc)
+        if refusal is None:
+            raise
+        log.error("redis_refused", reason=refusal.reason, error=str(refusal))
+        sys.stderr.write(f"error: {refusal}\n")
+        return EXIT_REFUSED
     return 0
 
 

@@ -1,6 +1,8 @@
 """One job, start to finish, on the agent: model, trainer, upload, result, ack.
 
-The result entry is added before the job is acked (at-least-once; the
+A job is refused (logged as `job_refused`, reported failed) when its task is not
+on the agent's allowlist or, with keys, when it is not signed with its client's
+key. The result entry is added before the job is acked (at-least-once; the
 coordinator aggregates a job id at most once), and both writes are shielded
 from cancellation so a job in hand is never half-reported. With signing on,
 each result carries its client's HMAC signature (`serialization.signing`).
@@ -20,12 +22,17 @@ from bus.blobs import BlobRef, BlobStore
 from bus.credentials import Keyring
 from bus.errors import BlobMissing
 from bus.keys import JOBS_GROUP, Keys
+from client_agent.limits import train_time_limit_s
 from client_agent.model_cache import ModelCache, ModelSegment
 from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
 from serialization import Job, Result
-from serialization.signing import signed
+from serialization.signing import job_signature_problem, signed
+from serialization.tasks import BUILTIN_TASKS
 
 log = structlog.get_logger()
+# Reasons a job is refused (the prefix of its failed result's error).
+TASK_NOT_ALLOWED = "task_not_allowed"
+BAD_JOB_SIGNATURE = "bad_job_signature"
 
 
 @dataclass
@@ -39,6 +46,8 @@ class JobRunner:
     cache: ModelCache
     agent_id: str
     keyring: Keyring | None = None  # signs each result with its client's key; None: unsigned
+    train_timeout_s: float | None = None  # None: derived from each job's deadline
+    allowed_tasks: frozenset[str] = frozenset(BUILTIN_TASKS.values())
     _fetching: dict[str, asyncio.Future[ModelSegment]] = field(default_factory=dict)
 
     async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
@@ -50,6 +59,12 @@ class JobRunner:
         await asyncio.shield(self._report(job, result, entry))
 
     async def _execute(self, job: Job, received_at: float) -> Result:
+        refusal = self._refusal(job)
+        if refusal is not None:
+            reason, detail = refusal
+            log.warning("job_refused", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
+                        client_id=job.client_id, task=job.task, reason=reason, detail=detail)
+            return self._failed(job, f"{reason}: {detail}", {})
         if job.deadline_ts < time.time():
             return self._failed(job, "deadline passed before the job started", {})
         fetch_start = time.perf_counter()
@@ -65,6 +80,22 @@ class JobRunner:
             self.cache.release(segment.digest)
         timings = {"fetch_s": round(fetch_s, 6), **reply.timings}
         return await self._upload(job, reply, timings, received_at)
+
+    def _refusal(self, job: Job) -> tuple[str, str] | None:
+        """Why this agent will not run `job` (reason, detail), or None.
+
+        With keys, a job must be signed with its client's key (else nothing in it is to
+        be trusted, its task least of all); and its task must be on the allowlist, so a
+        job can never make the agent import code its operator did not choose.
+        """
+        if self.keyring is not None:
+            problem = job_signature_problem(job, self.keyring.get(job.client_id))
+            if problem is not None:
+                return BAD_JOB_SIGNATURE, problem
+        if job.task not in self.allowed_tasks:
+            return TASK_NOT_ALLOWED, (f"task {job.task!r} is not allowed on this agent "
+                                      "(--allow-task)")
+        return None
 
     async def _model(self, job: Job) -> ModelSegment:
         """The job's model in shared memory: fetched once per digest, however many ask."""
@@ -101,7 +132,9 @@ class JobRunner:
 
     async def _train(self, job: Job, segment: ModelSegment) -> TrainReply:
         request = TrainRequest(job_id=job.job_id, client_id=job.client_id, task=job.task,
-                               task_options=job.task_options, config=job.config, model=segment)
+                               task_options=job.task_options, config=job.config, model=segment,
+                               time_limit_s=lambda: train_time_limit_s(
+                                   job, self.train_timeout_s, time.time()))
         log.info("job_started", job_id=job.job_id, client_id=job.client_id)
         reply = await self.pool.train(request)
         log.info("job_finished", job_id=job.job_id, client_id=job.client_id,

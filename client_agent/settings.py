@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from bus.connection import DEFAULT_OUTAGE_S, RedisSettings
 from bus.credentials import Keyring
+from serialization.tasks import BUILTIN_TASKS
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class AgentSettings:
     redis_key_file: str | None = None
     redis_outage_s: float = DEFAULT_OUTAGE_S
     keyring: Keyring | None = None  # this agent's clients' signing keys; None: no signing
+    train_timeout_s: float | None = None  # per training call; None: from the job's deadline
+    # Task specs (module:factory) this agent runs; a job naming another is refused.
+    allowed_tasks: frozenset[str] = frozenset(BUILTIN_TASKS.values())
 
     @property
     def name(self) -> str:

@@ -9,7 +9,11 @@ watched with `loop.add_reader`, together with the process sentinel.
 A trainer that dies in the middle of a job (killed, crashed, out of memory) is
 logged (`trainer_exited`), replaced on the same device, and the job returns a
 failed `TrainReply`; task failures are failed replies too, so `train` does not
-raise for them. Every update segment a trainer makes is named after the pool
+raise for them. A training call that outlasts its request's time limit (a stuck
+user call, a deadlocked data loader) is logged (`train_timeout`), its trainer is
+killed and replaced the same way, and the job fails with reason `train_timeout`:
+the trainer serves the agent's other clients again instead of holding them too.
+Every update segment a trainer makes is named after the pool
 and that trainer, so whatever a dead trainer leaves behind can be found and
 unlinked.
 """
@@ -36,11 +40,14 @@ from trainer_worker import protocol, shm, worker
 
 log = structlog.get_logger()
 
+
 class TrainerStartError(RuntimeError):
     """A trainer process exited before it said it was ready."""
 
 
 SHM_DIR = Path(shm.SHM_DIR)
+# The reason a job fails with when its training call outlasts its time limit.
+TRAIN_TIMEOUT = "train_timeout"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class TrainRequest:
     task_options: dict[str, Any]
     config: dict[str, Any]
     model: ModelSegment
+    # Seconds the training call may take, asked when a trainer takes the job (so time spent
+    # waiting for a free trainer does not count); None: no limit.
+    time_limit_s: Callable[[], float | None] | None = None
 
 
 @dataclass
@@ -180,17 +190,33 @@ class TrainerPool:
             trainer = await self._running(slot)
         except (TimeoutError, TrainerStartError) as exc:
             return _failed(request, slot.device, f"trainer could not start: {exc!r}")
+        limit_s = None if request.time_limit_s is None else request.time_limit_s()
         try:
             trainer.conn.send_bytes(protocol.pack(_train_message(request)))
-            message = await self._reply_for(trainer, request.job_id)
+            async with asyncio.timeout(limit_s):
+                message = await self._reply_for(trainer, request.job_id)
+        except TimeoutError:  # before OSError, which it subclasses
+            log.warning("train_timeout", agent_id=self.agent_id, job_id=request.job_id,
+                        client_id=request.client_id, device=slot.device,
+                        trainer_pid=trainer.process.pid, limit_s=limit_s)
+            await self._replace(slot, trainer, request.job_id, grace_s=0)
+            return _failed(request, slot.device,
+                           f"{TRAIN_TIMEOUT}: no result within {limit_s:g} s; the trainer "
+                           f"on {slot.device} was killed and restarted")
         except (EOFError, OSError):
-            exitcode = await self._bury(trainer, request.job_id)
-            slot.trainer = None
-            if not self._closed:  # a trainer stopped by close() is not replaced
-                with contextlib.suppress(TimeoutError, TrainerStartError):
-                    slot.trainer = await self._restart(slot.device)
+            exitcode = await self._replace(slot, trainer, request.job_id, grace_s=5)
             return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
         return self._reply(message, slot.device, request)
+
+    async def _replace(self, slot: TrainerSlot, trainer: _Trainer, job_id: str, *,
+                       grace_s: float) -> int | None:
+        """Reap (or kill) the slot's trainer and start another; the old one's exit code."""
+        exitcode = await self._bury(trainer, job_id, grace_s=grace_s)
+        slot.trainer = None
+        if not self._closed:  # a trainer stopped by close() is not replaced
+            with contextlib.suppress(TimeoutError, TrainerStartError):
+                slot.trainer = await self._restart(slot.device)
+        return exitcode
 
     async def _running(self, slot: TrainerSlot) -> _Trainer:
         """The slot's trainer, replaced first if it died while idle or failed to restart."""
@@ -244,9 +270,10 @@ class TrainerPool:
                 shm.remove(str(message["update_shm"]))
             log.info("trainer_reply_dropped", job_id=message.get("job_id"), expected=job_id)
 
-    async def _bury(self, trainer: _Trainer, job_id: str) -> int | None:
-        """Reap a trainer that died mid-job; unlink what it left. Returns its exit code."""
-        await self._stop(trainer, 5, job_id=job_id, level="warning")
+    async def _bury(self, trainer: _Trainer, job_id: str, *, grace_s: float = 5) -> int | None:
+        """Reap a trainer that died mid-job (or kill one that hangs: `grace_s` 0); unlink
+        what it left. Returns its exit code."""
+        await self._stop(trainer, grace_s, job_id=job_id, level="warning")
         for name in _segments(trainer.shm_prefix + "-") - self._outstanding:
             shm.remove(name)
         return trainer.process.exitcode

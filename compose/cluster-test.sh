@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The compose cluster, tested for real: build the image, bring up Redis, the coordinator
-# and three agents on the synthetic task, `docker kill` one agent mid-run, check that
-# every slot still finishes its rounds, then tear everything down.
+# The compose cluster, tested for real: build the image, then from a fresh checkout with
+# nothing written first (no compose/.env, no password in the environment) run
+# `docker compose -f compose/docker-compose.yml up` on the synthetic task, `docker kill`
+# one agent mid-run, check that every slot still finishes its rounds and that the Redis
+# password was generated into the secrets volume, then tear everything down.
 #
 #   compose/cluster-test.sh            # exit 0 pass, 1 fail, 77 cannot run here (says why)
 #
@@ -28,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-COMPOSE_FILE=$ROOT/compose/docker-compose.yml
+COMPOSE_FILE=$ROOT/compose/docker-compose.yml  # replaced by the fresh checkout's
 
 OUT=${PWFL_TEST_OUT:-$(mktemp -d /tmp/pwfl-cluster-test.XXXXXX)}
 mkdir -p "$OUT"
@@ -42,6 +44,7 @@ KILLED=agent-b
 
 STARTED_DAEMON=0
 WHEEL_SERVER=
+UP_PID=
 COMPOSE=()
 T0=$(date +%s.%N)
 declare -A TIMES
@@ -157,12 +160,71 @@ pick_compose() {
   COMPOSE+=(-f "$COMPOSE_FILE" -p "$PROJECT")
 }
 
+# What `git clone` of this tree would hold: tracked files and new ones git does not
+# ignore, as they are now (uncommitted edits included), and nothing else: no compose/.env.
+fresh_checkout() {
+  local fresh=$OUT/checkout
+  command -v git >/dev/null && git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 \
+    || fail "the fresh-checkout run needs git and a git checkout at $ROOT"
+  rm -rf "$fresh"
+  mkdir -p "$fresh"
+  git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+    | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$fresh" -xf -
+  [[ -f $fresh/compose/docker-compose.yml ]] || fail "copying the checkout to $fresh"
+  [[ ! -e $fresh/compose/.env ]] || fail "$fresh/compose/.env exists: git should ignore it"
+  COMPOSE_FILE=$fresh/compose/docker-compose.yml
+  log "fresh checkout in $fresh (no compose/.env)"
+}
+
+# Only what sizes the test run; the Redis password is left to the cluster to generate.
 cluster_env() {
   export PWFL_IMAGE=$IMAGE PWFL_TASK=synthetic PWFL_ROUNDS=$ROUNDS
   export PWFL_HTTP_PORT=${PWFL_HTTP_PORT:-$(free_port)} PWFL_HTTP_BIND=127.0.0.1
   export PWFL_COORDINATOR_ARGS="--summary-json $TASK_ARGS"
-  PWFL_REDIS_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
-  export PWFL_REDIS_PASSWORD
+  unset PWFL_REDIS_PASSWORD PWFL_REDIS_PASSWORD_FILE
+  # docker-compose 1.x gives up on a daemon call after 60 s; removing a container under
+  # vfs on a busy machine can take longer.
+  export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-300}
+}
+
+# `up` in the foreground, as a person types it; its output (every service's log, the
+# coordinator's final table last) goes to up.log. It returns once the containers stop.
+compose_up() {
+  (cd "$(dirname "$COMPOSE_FILE")/.." && exec "${COMPOSE[@]}" up) >"$OUT/up.log" 2>&1 9>&- &
+  UP_PID=$!
+  local deadline=$((SECONDS + 600))
+  until status_json >/dev/null; do
+    kill -0 "$UP_PID" 2>/dev/null || fail "compose up exited: $(tail -5 "$OUT/up.log")"
+    ((SECONDS < deadline)) || fail "the coordinator did not answer within 600 s of up"
+    sleep 0.5
+  done
+}
+
+stop_up() {
+  [[ -n $UP_PID ]] || return 0
+  for _ in $(seq 120); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.5; done
+  kill "$UP_PID" 2>/dev/null
+  wait "$UP_PID" 2>/dev/null
+}
+
+project_container() {  # the id of SERVICE's container, running or not (v1 and v2 alike)
+  docker ps -a -q --filter "label=com.docker.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=$1" | head -n 1
+}
+
+# The generated password: the secrets step exited 0, the file is 0600 and pwfl's, and no
+# long-running container has the password in its environment.
+check_secret() {
+  local id others=0 svc
+  SECRETS_EXIT=$(docker inspect -f '{{.State.ExitCode}}' "$(project_container secrets)")
+  SECRET_FILE=$(docker run --rm --network none --entrypoint stat \
+    -v "${PROJECT}_secrets:/s:ro" "$IMAGE" -c '%a %U %s' /s/redis-password 2>&1 || true)
+  for svc in redis coordinator agent-a agent-b agent-c; do
+    id=$(project_container "$svc")
+    if docker inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$id" \
+        | grep -q '^PWFL_REDIS_PASSWORD='; then others=$((others + 1)); fi
+  done
+  PASSWORD_IN_ENV=$others
 }
 
 status_json() {
@@ -204,7 +266,8 @@ collect() {
   "${COMPOSE[@]}" ps >"$OUT/ps.txt" 2>&1 || true
   "${COMPOSE[@]}" logs --no-color >"$OUT/compose.log" 2>&1 || true
   local id
-  id=$("${COMPOSE[@]}" ps -q coordinator 2>/dev/null) || return 0
+  id=$(project_container coordinator)
+  [[ -n $id ]] || return 0
   docker logs "$id" 2>/dev/null | grep '^{"run_id"' | tail -n 1 >"$OUT/summary.json" || true
   docker cp "$id:/data/runs" "$OUT/runs" >/dev/null 2>&1 || true
   find "$OUT/runs" -name events.jsonl -exec cp {} "$OUT/events.jsonl" \; 2>/dev/null || true
@@ -216,6 +279,7 @@ teardown() {
   if ((${#COMPOSE[@]})); then
     collect
     timed down timeout 600 "${COMPOSE[@]}" down -v --remove-orphans >>"$OUT/down.log" 2>&1
+    stop_up
   fi
   [[ -n $WHEEL_SERVER ]] && kill "$WHEEL_SERVER" 2>/dev/null
   tidy_images >/dev/null 2>&1
@@ -252,9 +316,11 @@ verdict() {
   local restarts
   restarts=$(docker inspect -f '{{.RestartCount}}' "$KILLED_ID" 2>/dev/null || echo "?")
   python3 - "$OUT" "$COORDINATOR_EXIT" "$KILLED" "$restarts" "$ROUNDS" \
-    "$(docker image inspect -f '{{.Size}}' "$IMAGE")" "$REDIS_NOAUTH" <<'EOF'
-import json, pathlib, sys
-out, exit_code, killed, restarts, rounds, image_bytes, noauth = sys.argv[1:]
+    "$(docker image inspect -f '{{.Size}}' "$IMAGE")" "$REDIS_NOAUTH" "$SECRETS_EXIT" \
+    "$SECRET_FILE" "$PASSWORD_IN_ENV" "$COMPOSE_FILE" <<'EOF'
+import json, pathlib, re, sys
+(out, exit_code, killed, restarts, rounds, image_bytes, noauth, secrets_exit, secret_file,
+ in_env, compose_file) = sys.argv[1:]
 out = pathlib.Path(out)
 summary = json.loads((out / "summary.json").read_text() or "{}")
 events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
@@ -266,11 +332,19 @@ result = {
                "last_accuracy": s["last_accuracy"]} for s in summary.get("slots", [])],
     "killed": killed, "killed_restarts": restarts, "clients_lost": lost,
     "image_bytes": int(image_bytes), "redis_ping_without_password": noauth.strip(),
+    "compose_file": compose_file,
+    "env_file_present": (pathlib.Path(compose_file).parent / ".env").exists(),
+    "secrets_exit": int(secrets_exit), "secret_file": secret_file.strip(),
+    "password_in_environment_of": int(in_env),
+    "up_log_tail": re.sub(r"\x1b\[[0-9;]*m", "", (out / "up.log").read_text(
+        errors="replace")).splitlines()[-12:],
 }
 (out / "result.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result))
 ok = (result["coordinator_exit"] == 0 and result["status"] == "finished" and result["slots"]
-      and all(s["rounds_done"] == int(rounds) for s in result["slots"]))
+      and all(s["rounds_done"] == int(rounds) for s in result["slots"])
+      and result["secrets_exit"] == 0 and result["secret_file"].startswith("600 pwfl ")
+      and result["password_in_environment_of"] == 0 and not result["env_file_present"])
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -290,6 +364,7 @@ main() {
   trap teardown EXIT
   timed daemon ensure_daemon
   check_disk
+  fresh_checkout
   pick_compose
   local base base_start run_start
   base_start=$(date +%s.%N)
@@ -300,11 +375,10 @@ main() {
   timed build build_image "$base"
   log "built $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec)"
   cluster_env
-  timed up timeout 600 "${COMPOSE[@]}" up -d --no-build >"$OUT/up.log" 2>&1 \
-    || fail "compose up: $(tail -5 "$OUT/up.log")"
+  timed up compose_up
   log "cluster up (project $PROJECT, status on 127.0.0.1:$PWFL_HTTP_PORT)"
   # Redis must refuse a client without the password.
-  REDIS_NOAUTH=$(docker exec "$("${COMPOSE[@]}" ps -q redis)" redis-cli ping 2>&1 || true)
+  REDIS_NOAUTH=$(docker exec "$(project_container redis)" redis-cli ping 2>&1 || true)
   run_start=$(date +%s.%N)
   wait_mid_run
   kill_agent
@@ -312,8 +386,9 @@ main() {
   TIMES[run]=$(since "$run_start")
   log "coordinator exited with $COORDINATOR_EXIT"
   collect
-  verdict || fail "not every slot finished its rounds (see $OUT/result.json)"
-  log "PASS: every slot finished its $ROUNDS rounds with $KILLED killed mid-run"
+  check_secret
+  verdict || fail "not every slot finished its rounds, or the password was not generated as it should (see $OUT/result.json)"
+  log "PASS: from a fresh checkout with no .env, every slot finished its $ROUNDS rounds with $KILLED killed mid-run"
 }
 
 main "$@"

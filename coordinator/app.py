@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from coordinator.job_table import JobTable
 from coordinator.leases import LeaseBroker
 from coordinator.local_agents import AgentAccess, LocalAgents
 from coordinator.models import PublishedModels
+from coordinator.observability import LatestModel, Observability
 from coordinator.population import pbt
 from coordinator.population.config import SlotConfig, run_configs
 from coordinator.population.final import run_final_merge
@@ -43,6 +45,7 @@ from coordinator.results.dispatcher import ResultDispatcher
 from coordinator.results.validation import Rejections, ResultValidator
 from coordinator.run_state import RunState
 from coordinator.scheduling import ClientPool
+from coordinator.security import job_bytes
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.slot import SlotRunner
 from coordinator.status import RunStatus, SlotStatus
@@ -77,8 +80,12 @@ class Coordinator:
         self._secrets = secrets or CoordinatorSecrets()
         self.status = RunStatus(settings.run_id)
         self._show_progress = show_progress
+        self.observability = Observability(
+            self.status, self._status_json, models=self._latest_model,
+            checkpoints=lambda: self.ctx.run_state.store if self.ctx else None)
         self._http = StatusServer(self._status_json, settings.http_host, settings.http_port,
-                                  token=self._secrets.api_token, on_stop=self.request_stop)
+                                  token=self._secrets.api_token, on_stop=self.request_stop,
+                                  observability=self.observability)
         self._agents: LocalAgents | None = None
         self._run_open = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
@@ -93,6 +100,10 @@ class Coordinator:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
         return self.status.as_dict(leases)
 
+    def _latest_model(self, slot_id: int) -> LatestModel | None:
+        runner = self._runners.get(slot_id)
+        return None if runner is None else LatestModel(*runner.latest_model())
+
     def request_stop(self, source: str) -> None:
         """Stop gracefully, as on SIGTERM: the run ends "interrupted" and can be resumed."""
         log.warning("run_stop_requested", source=source)
@@ -102,6 +113,7 @@ class Coordinator:
 
     async def run(self) -> RunOutcome:
         structlog.contextvars.bind_contextvars(run_id=self.settings.run_id)
+        self.observability.attach()
         self._task = asyncio.current_task()
         started = time.monotonic()
         try:
@@ -145,7 +157,8 @@ class Coordinator:
             evaluator=evaluator,
             run_state=RunState(CheckpointStore(s.run_dir, s.keep_checkpoints), redis, keys),
             status=self.status, jobs=jobs, validator=validator,
-            rejections=Rejections(self.status), models=PublishedModels(blobs))
+            rejections=Rejections(self.status), models=PublishedModels(blobs),
+            job_bytes=functools.partial(job_bytes, keyring=self._secrets.keyring))
         self._make_runners(states)
         await self._announce()
 
@@ -292,14 +305,15 @@ class Coordinator:
         return True
 
     def _agent_access(self) -> AgentAccess:
-        """Local agents log in as the coordinator does and get their clients' keys."""
+        """Local agents log in as the coordinator does, get their clients' keys and run the
+        run's task."""
         s = self.settings
         options = {"--redis-user": s.redis_username, "--redis-ca-file": s.redis_ca_file,
                    "--redis-cert-file": s.redis_cert_file, "--redis-key-file": s.redis_key_file,
                    "--redis-outage-s": f"{s.redis_outage_s:g}"}
         return AgentAccess(redis_options=tuple(x for k, v in options.items() if v for x in (k, v)),
                            redis_password=self._secrets.redis_password,
-                           keyring=self._secrets.keyring)
+                           keyring=self._secrets.keyring, allowed_task=s.task)
 
     async def _wait_for_clients(self, tracker: ClientTracker) -> None:
         assert self.ctx is not None
@@ -331,6 +345,7 @@ class Coordinator:
         if self._agents is not None:
             await self._agents.stop()
         await self._http.stop()
+        self.observability.detach()
         if self.ctx is not None:
             await self.ctx.redis.aclose()
 

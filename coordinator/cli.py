@@ -41,6 +41,11 @@ examples:
 
 Events go to runs/RUN_ID/events.jsonl; `python -m replay` reads them.
 Live status: http://127.0.0.1:8765/status while a run is going.
+
+exit status: 0 every slot finished; 1 stopped (POST /stop) or unfinished; 2 an
+error to fix first (the message says which; Redis gone past --redis-outage-s:
+then --resume); 78 Redis refused the login, a command (ACL) or TLS, which no
+retry fixes; 130 Ctrl-C; 143 SIGTERM.
 """
 
 
@@ -87,7 +92,9 @@ def _add_job_options(g: argparse._ArgumentGroup) -> None:
                         "(default 6)")
     g.add_argument("--task", default="fashion_mnist",
                    help=f"task: {', '.join(TASK_ALIASES)} or an import path module:factory "
-                        "(default fashion_mnist)")
+                        "(default fashion_mnist); agents run a module:factory only if their "
+                        "operator allows it (client_agent --allow-task), --local-agents are "
+                        "given it")
     g.add_argument("--task-option", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="task option, e.g. alpha=0.5, data_dir=/data, download=true (repeatable)")

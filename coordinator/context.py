@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from coordinator.results.validation import Rejections, ResultValidator
 from coordinator.run_state import RunState
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import RunStatus
+from serialization import Job
 
 
 @dataclass
@@ -50,6 +51,8 @@ class RunContext:
     rejections: Rejections
     models: PublishedModels
     inboxes: SlotInboxes = field(default_factory=SlotInboxes)
+    # A job's bytes as published: signed with its client's key when the run signs.
+    job_bytes: Callable[[Job], bytes] = Job.to_bytes
 
     @property
     def quorum_rule(self) -> QuorumRule:

@@ -35,6 +35,7 @@ class AgentAccess:
     redis_options: tuple[str, ...] = ()  # --redis-user NAME, --redis-ca-file FILE, ...
     redis_password: str | None = field(default=None, repr=False)
     keyring: Keyring | None = None
+    allowed_task: str | None = None  # the run's task, which local agents must run
 
     @property
     def has_secrets(self) -> bool:
@@ -96,6 +97,8 @@ class LocalAgents:
                 "--agent-id", agent_id, "--exit-when-done", "--exit-with-parent",
                 "--log-file", str(self._run_dir / f"agent-{index}.jsonl"),
                 *self._access.redis_options, *self._secret_args(index, clients)]
+        if self._access.allowed_task is not None:
+            argv += ["--allow-task", self._access.allowed_task]
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         console = (self._run_dir / f"agent-{index}.console.log").open("ab")
         proc = await asyncio.create_subprocess_exec(*argv, stdout=console, stderr=console,

@@ -9,9 +9,12 @@ import signal
 import sys
 from typing import Any
 
+import structlog
 from rich.console import Console
+from rich.markup import escape
 
-from bus.errors import BusError, RedisUnavailable
+from bus.connection import refused
+from bus.errors import EXIT_REFUSED, BusError, RedisUnavailable
 from coordinator.app import Coordinator, RunOutcome
 from coordinator.evaluation import TaskLoadError
 from coordinator.http import HttpServerError
@@ -19,6 +22,8 @@ from coordinator.local_agents import LocalAgentFailed
 from coordinator.progress import Progress
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.strategies import StrategyError
+
+log = structlog.get_logger()
 
 
 def _loop_factory() -> Any:
@@ -80,7 +85,8 @@ def _redis_gone(exc: BaseException) -> bool:
 def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
                     summary_json: bool = False, secrets: CoordinatorSecrets | None = None) -> int:
     """Run to the end (events already configured); exit 0 when every slot finished, 1 if not
-    (POST /stop included), 130 on Ctrl-C, 143 on SIGTERM, 2 for an error the user can fix."""
+    (POST /stop included), 130 on Ctrl-C, 143 on SIGTERM, 2 for an error the user can fix,
+    EXIT_REFUSED (78) when Redis refuses the coordinator (login, ACL or TLS)."""
     coordinator = Coordinator(settings, resume_state=resume_state,
                               show_progress=None if settings.progress else False,
                               secrets=secrets)
@@ -101,6 +107,11 @@ def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, An
         console.print(f"{how}; resume with: python -m coordinator --resume {settings.run_id}")
         return 1 if coordinator.stop_requested else 143
     except Exception as exc:
+        refusal = refused(exc)
+        if refusal is not None:  # login, ACL or TLS: retrying or resuming will not help
+            log.error("redis_refused", reason=refusal.reason, error=str(refusal))
+            console.print(f"[red]error:[/] {escape(str(refusal))}", soft_wrap=True)
+            return EXIT_REFUSED
         message = _user_error(exc)
         if message is None:
             raise

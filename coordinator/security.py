@@ -30,6 +30,8 @@ from bus.credentials import (
 )
 from bus.errors import CredentialsError
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
+from serialization import Job
+from serialization.signing import signed_job
 
 API_TOKEN_FILE = "api_token"  # noqa: S105 - a file name, not a token
 
@@ -38,8 +40,9 @@ Secrets are read from files or the environment, never from the command line.
 Redis password: --redis-password-file, ${REDIS_PASSWORD_FILE_ENV} or ${REDIS_PASSWORD_ENV}.
 Update signing is OFF unless --client-keys (or ${CLIENT_KEYS_ENV}) or --sign-updates
 is given: without it any agent that can reach Redis may answer any client's job,
-which is fine for the single-machine default. The API token guards POST routes
-(/stop); without one configured, a random token is written to RUN_DIR/{API_TOKEN_FILE}."""
+which is fine for the single-machine default. The API token guards POST routes (/stop)
+and model download (/slots/ID/model, /runs/RUN/checkpoints); without one configured, a
+random token is written to RUN_DIR/{API_TOKEN_FILE}."""
 
 
 def add_options(g: argparse._ArgumentGroup) -> None:
@@ -52,8 +55,8 @@ def add_options(g: argparse._ArgumentGroup) -> None:
                    help="sign updates even without --client-keys: --local-agents get keys "
                         "generated for this run, passed as 0600 files")
     g.add_argument("--api-token-file", type=Path, metavar="FILE",
-                   help=f"bearer token for POST routes (else ${API_TOKEN_FILE_ENV} or "
-                        f"${API_TOKEN_ENV})")
+                   help=f"bearer token for POST routes and model download "
+                        f"(else ${API_TOKEN_FILE_ENV} or ${API_TOKEN_ENV})")
 
 
 def settings_fields(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -78,6 +81,13 @@ def load_secrets(args: argparse.Namespace, settings: CoordinatorSettings,
                                   keyring=_keyring(settings))
     except CredentialsError as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def job_bytes(job: Job, keyring: Keyring | None) -> bytes:
+    """The job as published: signed with its client's key when signing is on (agents with
+    keys run only signed jobs), unsigned for a client without a key or with signing off."""
+    key = None if keyring is None else keyring.get(job.client_id)
+    return (job if key is None else signed_job(job, key)).to_bytes()
 
 
 def _keyring(settings: CoordinatorSettings) -> Keyring | None:

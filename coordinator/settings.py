@@ -12,11 +12,9 @@ from typing import Any
 
 from bus.connection import DEFAULT_OUTAGE_S, RedisSettings
 from bus.credentials import Keyring
+from serialization.tasks import BUILTIN_TASKS
 
-TASK_ALIASES = {
-    "fashion_mnist": "trainer_worker.tasks.fashion_mnist:FashionMnistTask",
-    "synthetic": "trainer_worker.tasks.synthetic:SyntheticTask",
-}
+TASK_ALIASES = BUILTIN_TASKS  # shared with the agents' default allowlist
 
 
 def new_run_id() -> str:

@@ -67,6 +67,7 @@ class SlotRunner:
     config: SlotConfig | None = None  # None: the command line's training settings
     population: Population | None = None  # PBT / merges at the round boundary
     latest: Snapshot | None = None  # the model as it left the last round boundary
+    aggregated_round: int | None = None  # the round `state` comes from (None: first_round - 1)
 
     @property
     def model_ref(self) -> BlobRef | None:
@@ -76,6 +77,13 @@ class SlotRunner:
     @property
     def status(self) -> Any:
         return self.ctx.status.slots[self.slot_id]
+
+    def latest_model(self) -> tuple[int, dict[str, torch.Tensor], bytes | None]:
+        """Read-only, for downloads: (round, state, wire bytes if encoded) of the newest
+        global model; round first_round - 1 before this run aggregated any."""
+        aggregated = self.aggregated_round
+        return (self.first_round - 1 if aggregated is None else aggregated,
+                self.state, self._payload)
 
     def deliver(self, delivery: Delivery) -> None:
         """A result for one of this slot's jobs (the dispatcher already returned the lease)."""
@@ -166,7 +174,7 @@ class SlotRunner:
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
                       task_options=ctx.task_options, config=self._job_config(record),
                       published_ts=time.time())
-            items.append((ctx.keys.jobs(record.client_id), job.to_bytes()))
+            items.append((ctx.keys.jobs(record.client_id), ctx.job_bytes(job)))
         await ctx.publish_many(items)
         for record in records:
             log.info("job_published", slot_id=self.slot_id, round=record.round,
@@ -266,6 +274,7 @@ class SlotRunner:
         self.state, self._payload = new_state, payload
         self.ctx.models.withdraw(self.slot_id)
         self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)
+        self.aggregated_round = opened.round
         await self._retire_blobs(opened, old_ref)
         await self._after_round(opened, payload, strategy_state)
 
@@ -337,6 +346,7 @@ class SlotRunner:
         self._payload = payload
         self.ctx.models.withdraw(self.slot_id)
         self.latest = Snapshot(round_, state, strategy_state, 0)
+        self.aggregated_round = round_
         self.status.config = config.flat()
         run_state = self.ctx.run_state
         run_state.doc.setdefault("slot_configs", {})[str(self.slot_id)] = config.flat()

@@ -35,6 +35,7 @@ evaluation, checkpoint) and accuracy over wall time; per client busy/idle time a
 training time; the coordinator's busy time by kind of work (union of intervals)
 and the time it waited with nothing to do; bytes moved; rejected updates; lease
 violations. Several logs are also compared side by side (ratios to the first).
+--trace writes the timeline as Chrome trace events for Perfetto's UI or chrome://tracing.
 The log is the only input: this runs on any machine, without Redis or torch."""
 
 _EPILOG = """\
@@ -43,6 +44,7 @@ examples:
   python -m replay slots1.jsonl slots3.jsonl --target 0.85      compare two runs
   python -m replay run.jsonl --json | jq .slots                  machine-readable
   python -m replay run.jsonl --report out/                       HTML page + PNGs
+  python -m replay run.jsonl --trace run.trace.json              open in Perfetto's UI
   python -m replay run.jsonl --simulate slots=1,2,3,4 quorum=1.0,0.5
 
 Field meanings: docs/replay.md. Exit codes: 0 ok, 2 unreadable input or bad option."""
@@ -56,6 +58,7 @@ class Settings:
     target: float
     as_json: bool
     report_dir: Path | None
+    trace_path: Path | None
     simulate: list[str]
     sim_seed: int
     sim_rounds: int | None
@@ -72,6 +75,7 @@ class Settings:
             target=args.target,
             as_json=args.json,
             report_dir=args.report,
+            trace_path=args.trace,
             simulate=args.simulate or [],
             sim_seed=args.seed,
             sim_rounds=args.sim_rounds,
@@ -97,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="DIR",
                         help="write DIR/report.html (self-contained, figures embedded) and "
                              "the figures as PNG: timeline, accuracy over time, idle fractions")
+    parser.add_argument("--trace", type=Path, metavar="OUT.json",
+                        help="also write the run(s) as Chrome trace events (JSON Trace Event "
+                             "Format; default: none): a track per slot (rounds, quorum "
+                             "waits), per client (leases, training) and per slot for the "
+                             "coordinator's work (publish, fold, aggregate, evaluate, "
+                             "checkpoint), with slot, round and job id in each event's args; "
+                             "rejected and late updates, failed jobs and lost clients as "
+                             "instant events, accuracy as counters. Open it in Perfetto's UI "
+                             "(ui.perfetto.dev, 'Open trace file'; loaded in the browser, "
+                             "nothing uploaded) or at chrome://tracing ('Load')")
     parser.add_argument("--simulate", nargs="+", action="extend", metavar="KEY=V1,V2",
                         help="what-if: replay the recorded client and server durations "
                              "through coordinator.scheduling / coordinator.quorum for each "
@@ -144,6 +158,8 @@ def _run(settings: Settings) -> int:
     whatifs = _whatifs(settings, runs)
     if settings.report_dir is not None:
         _write_report(settings.report_dir, runs, summaries, whatifs)
+    if settings.trace_path is not None:
+        _write_trace(settings.trace_path, runs)
     if settings.as_json:
         _print_json(summaries, whatifs)
     else:
@@ -174,6 +190,17 @@ def _write_report(directory: Path, runs: list[Run], summaries: list[RunSummary],
 
     page = write_report(directory, runs, summaries, whatifs)
     print(f"replay: report written to {page}", file=sys.stderr)
+
+
+def _write_trace(path: Path, runs: list[Run]) -> None:
+    from replay.trace import write_trace
+
+    try:
+        count = write_trace(path, runs)
+    except OSError as exc:
+        raise ReplayError(f"{path}: cannot write the trace ({exc.strerror or exc})") from exc
+    print(f"replay: trace written to {path} ({count} events, {path.stat().st_size} bytes)",
+          file=sys.stderr)
 
 
 def _print_json(summaries: list[RunSummary], whatifs: list[WhatIf]) -> None:

@@ -45,12 +45,14 @@ OTHER_EVENTS = frozenset(
         "local_agent_started", "local_agent_exited", "clients_missing", "state_write_failed",
         "agent_stopping", "job_error", "job_rejected", "job_reclaimed", "http_listening",
         "http_port_in_use", "embedded_redis_started", "embedded_redis_stopped",
+        "model_downloaded", "metrics_listening",
         "redis_unreachable", "redis_reconnected", "heartbeat_failed", "unregister_failed",
         "registration_undecodable", "secret_file_permissive", "shm_orphans_removed",
         "stream_group_recreated", "stream_entries_deleted_while_pending",
         "stream_entries_dead_lettered", "stream_trim_failed", "trainer_bad_message",
         "trainer_job_failed", "trainer_reply_dropped", "trainer_restart_failed",
         "strategy_bounds_unmet",
+        "train_timeout", "job_refused", "redis_refused",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS

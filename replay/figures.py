@@ -89,8 +89,9 @@ def _draw_coordinator(ax: Any, run: Run, y: int, colour: dict[SlotId, str]) -> N
                        facecolors=colour.get(span.slot_id, "#888888"),
                        alpha=0.9 if span.category == "evaluation" else 0.5, linewidth=0)
     for slot, records in run.rounds.items():
-        ends = [r.quorum_at + r.aggregation_s - run.start for r in records
-                if r.quorum_at is not None and r.aggregation_s > 0]
+        ends = [ready[1] - run.start for r in records
+                if r.quorum_at is not None and r.aggregation_s > 0
+                and (ready := r.span(run.end)) is not None]
         ax.scatter(ends, [y + 0.5] * len(ends), marker="v", s=22, color=colour[slot],
                    edgecolors=_INK, linewidths=0.5, zorder=3)
 
@@ -98,12 +99,11 @@ def _draw_coordinator(ax: Any, run: Run, y: int, colour: dict[SlotId, str]) -> N
 def _draw_rounds(ax: Any, run: Run, slot: SlotId, y: int, colour: str) -> None:
     span_s = max(run.wall_s, 1e-6)
     for index, record in enumerate(run.rounds.get(slot, [])):
-        if record.started_at is None:
+        span = record.span(run.end)
+        if span is None:
             continue
-        end = _round_end(record.quorum_at, record.aggregation_s,
-                         record.closed_at or record.cut_at, run.end)
-        start = record.started_at - run.start
-        width = end - record.started_at
+        start = span[0] - run.start
+        width = span[1] - span[0]
         failed = record.status != "closed"
         ax.broken_barh([(start, width)], (y - 0.32, 0.64), facecolors=colour,
                        alpha=0.95 if index % 2 == 0 else 0.65, hatch="//" if failed else None,
@@ -113,23 +113,15 @@ def _draw_rounds(ax: Any, run: Run, slot: SlotId, y: int, colour: str) -> None:
                     fontsize=7, color="white", fontweight="bold")
 
 
-def _round_end(quorum_at: float | None, aggregation_s: float, closed_at: float | None,
-               run_end: float) -> float:
-    if quorum_at is not None:
-        return quorum_at + aggregation_s
-    return closed_at if closed_at is not None else run_end
-
-
 def _draw_client(ax: Any, run: Run, client_id: str, y: int, colour: dict[SlotId, str]) -> None:
     client = run.clients[client_id]
     for lease in client.leases:
-        end = lease.end if lease.end is not None else run.end
-        ax.broken_barh([(lease.start - run.start, end - lease.start)], (y - 0.34, 0.68),
+        start, end = lease.span(run.end)
+        ax.broken_barh([(start - run.start, end - start)], (y - 0.34, 0.68),
                        facecolors=colour.get(lease.slot_id, "#888888"), alpha=0.28, linewidth=0)
     for job in client.jobs:
-        end = job.received_at - job.upload_s - run.start
-        width = job.trainer_s or job.train_s
-        ax.broken_barh([(end - width, width)], (y - 0.22, 0.44),
+        start, end = job.training_span
+        ax.broken_barh([(start - run.start, end - start)], (y - 0.22, 0.44),
                        facecolors=colour.get(job.slot_id, "#888888"),
                        edgecolor="#C0392B" if not job.ok else "none",
                        linewidth=1.2 if not job.ok else 0)

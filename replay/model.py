@@ -67,6 +67,17 @@ class RoundRecord:
         """Coordinator time after the quorum: aggregate, evaluate, checkpoint."""
         return self.aggregation_s + self.evaluation_s + self.checkpoint_s
 
+    def span(self, run_end: float) -> Span | None:
+        """The round on the timeline: from its start until its aggregate is ready (evaluation
+        and checkpoint overlap the slot's next round); a round cut short ends where it was
+        cut. None for a round that never started."""
+        if self.started_at is None:
+            return None
+        if self.quorum_at is not None:
+            return (self.started_at, self.quorum_at + self.aggregation_s)
+        end = self.closed_at or self.cut_at
+        return (self.started_at, end if end is not None else run_end)
+
 
 @dataclass
 class Lease:
@@ -78,6 +89,10 @@ class Lease:
     start: float
     end: float | None = None
     reason: str = ""
+
+    def span(self, run_end: float) -> Span:
+        """Leased from `start` until returned, or until the run's end if never returned."""
+        return (self.start, self.end if self.end is not None else run_end)
 
 
 @dataclass
@@ -98,6 +113,7 @@ class JobTiming:
     upload_s: float
     total_s: float  # as the agent reported it; 0 when it did not
     nbytes: int
+    job_id: str = ""
 
     @property
     def transfer_s(self) -> float:
@@ -107,6 +123,13 @@ class JobTiming:
     def trainer_s(self) -> float:
         """Time a trainer process was busy with the job: load, train, encode."""
         return self.load_s + self.train_s + self.encode_s
+
+    @property
+    def training_span(self) -> Span:
+        """When a trainer held the job, on the coordinator's clock: the agent's trainer time
+        (its train time if it reported no other part), ending where its upload began."""
+        end = self.received_at - self.upload_s
+        return (end - (self.trainer_s or self.train_s), end)
 
     @property
     def turnaround_s(self) -> float:
@@ -145,6 +168,22 @@ class CoordinatorSpan:
     end: float
     category: str
     slot_id: SlotId
+    round: int = -1
+    event: str = ""  # the event that reported it, e.g. update_folded
+    job_id: str = ""  # the folded update's job, for update_folded
+
+
+@dataclass
+class Incident:
+    """A moment worth marking: an update rejected or late, a job failed, a client lost."""
+
+    at: float
+    event: str
+    client_id: str
+    slot_id: SlotId
+    round: int
+    detail: str  # the reason, action or error the event gave
+    job_id: str = ""
 
 
 @dataclass
@@ -194,6 +233,7 @@ class Run:
     coordinator_spans: list[CoordinatorSpan] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
     late: Counter[str] = field(default_factory=Counter)
+    incidents: list[Incident] = field(default_factory=list)
     violations: list[LeaseViolation] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # PBT and merge events (replay.population.POPULATION_EVENTS): (ts, name, fields)

@@ -20,6 +20,7 @@ from replay.model import (
     AgentInfo,
     ClientRecord,
     CoordinatorSpan,
+    Incident,
     JobTiming,
     Lease,
     LeaseViolation,
@@ -192,6 +193,7 @@ class _Builder:
 
     def _on_client_lost(self, event: Event) -> None:
         client = self._client(event.client_id)
+        self._incident(event, "reason")
         if client.present_since is not None:
             client.presence.append((client.present_since, event.ts))
             client.present_since = None
@@ -228,15 +230,24 @@ class _Builder:
 
     def _on_update_rejected(self, event: Event) -> None:
         self.run.rejected[event.text("reason", "unknown")] += 1
+        self._incident(event, "reason")
         if "client_id" in event.fields:  # a malformed message may name no client
             self._client(event.client_id).rejected += 1
 
     def _on_update_late(self, event: Event) -> None:
         self.run.late[event.text("action", "unknown")] += 1
+        self._incident(event, "action")
         self._client(event.client_id).late += 1
 
     def _on_job_failed(self, event: Event) -> None:
         self._client(event.client_id).failures += 1
+        self._incident(event, "error")
+
+    def _incident(self, event: Event, detail_field: str) -> None:
+        self.run.incidents.append(Incident(
+            at=event.ts, event=event.name, client_id=event.client_id, slot_id=event.slot_id,
+            round=event.round, detail=event.text(detail_field), job_id=event.text("job_id"),
+        ))
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -258,7 +269,8 @@ class _Builder:
     def _span(self, event: Event) -> None:
         start, end = event.interval()
         category = CATEGORY_OF_EVENT[event.name]
-        self.run.coordinator_spans.append(CoordinatorSpan(start, end, category, event.slot_id))
+        self.run.coordinator_spans.append(CoordinatorSpan(
+            start, end, category, event.slot_id, event.round, event.name, event.text("job_id")))
 
     def _on_round_started(self, event: Event) -> None:
         record = self._current.get((event.slot_id, event.round))
@@ -385,4 +397,5 @@ def _job_timing(event: Event, published_at: float | None) -> JobTiming:
         upload_s=part("upload_s"),
         total_s=part("total_s"),
         nbytes=int(event.num("nbytes")),
+        job_id=event.text("job_id"),
     )

@@ -6,16 +6,21 @@ and, filtered by level, as readable lines to stderr. Every JSON line carries
 ``ts`` (unix seconds, float), ``event``, ``level``, ``proc`` (coordinator,
 agent, trainer) and ``pid``, plus whatever was bound with
 `structlog.contextvars.bind_contextvars` (``run_id`` at least).
+
+`observe` hands every event, as it is logged, to an in-process callback too
+(the coordinator's metrics and live dashboard, an agent's metrics): the log
+stays the one source of what happened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -48,6 +53,33 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+Observer = Callable[[Mapping[str, Any]], None]
+_observers: list[Observer] = []
+
+
+def _notify_observers(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+    """Hand the event to each observer; an observer's error never breaks logging."""
+    for observer in tuple(_observers):
+        with contextlib.suppress(Exception):  # a metric must not take the logger down
+            observer(event)
+    return event
+
+
+def observe(observer: Observer) -> Callable[[], None]:
+    """Call `observer(event)` for every event this process logs (after the time stamp and
+    bound context are added; the callback must not change it and must be quick). Works
+    whether or not `configure_events` ran. Returns the function that stops it."""
+    _observers.append(observer)
+    processors = list(structlog.get_config()["processors"])
+    if _notify_observers not in processors:
+        stamps = [i for i, p in enumerate(processors)
+                  if isinstance(p, structlog.processors.TimeStamper)
+                  or p is structlog.contextvars.merge_contextvars]
+        processors.insert(stamps[-1] + 1 if stamps else 0, _notify_observers)
+        structlog.configure(processors=processors)
+    return lambda: _observers.remove(observer) if observer in _observers else None
+
+
 def _console_filter(min_level: int) -> Any:
     def drop_below(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
         if _LEVELS.get(event.get("level", "info"), 20) < min_level:
@@ -71,6 +103,7 @@ def configure_events(
         structlog.processors.TimeStamper(fmt=None, key="ts"),
         _static(proc=proc, pid=os.getpid()),
         structlog.processors.format_exc_info,
+        _notify_observers,
     ]
     if log_file is not None:
         path = Path(log_file)

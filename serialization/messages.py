@@ -132,6 +132,7 @@ class Job(Message):
     task_options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     published_ts: float = 0.0
+    signature: bytes = b""  # the coordinator's HMAC with the client's key (signing on)
 
 
 @dataclass(frozen=True)

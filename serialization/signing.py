@@ -1,15 +1,25 @@
-"""Per-client signatures on results: HMAC-SHA256 with the client's own key.
+"""HMAC-SHA256 signatures with a client's own key: on its results, and on its jobs.
 
-An agent signs each result it sends for one of its clients; the coordinator,
-which holds every client's key, checks the signature before the job counts as
-answered. Every agent can write to the results streams, so without this an
-agent could answer (or fail) another client's job; with it, only the holder of
-that client's key can.
+Results. An agent signs each result it sends for one of its clients; the
+coordinator, which holds every client's key, checks the signature before the job
+counts as answered. Every agent can write to the results streams, so without this
+an agent could answer (or fail) another client's job; with it, only the holder of
+that client's key can. The signed bytes are a msgpack array of a domain tag and
+every field of the result: run, job, slot, round and client, status, update
+digest and size, the example count (its weight in the average), and what goes
+into the coordinator's log (agent id, metrics, timings, error). The blob itself is
+covered through its sha256 digest, which the coordinator checks against the bytes.
 
-The signed bytes are a msgpack array of a domain tag and the fields that decide
-what the update does: run, job and client ids, status, update digest and size,
-and the example count (its weight in the average). The blob itself is covered
-through its sha256 digest, which the coordinator checks against the bytes.
+Jobs. The coordinator signs each job with the key of the client it is for, and an
+agent holding keys runs only jobs that carry a good signature: what a job carries
+that changes what the agent does (run, job, slot, round and client, the model's
+digest and size, deadline, task spec, task options, training config) then comes
+from the coordinator, not from whoever else can write to Redis. One key per client
+serves both directions; the domain tags keep a result's signature from passing
+as a job's.
+
+Maps (options, config, metrics) are signed in a canonical form: keys sorted, at
+every depth, so the bytes do not depend on the order a map was built in.
 """
 
 from __future__ import annotations
@@ -17,25 +27,48 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+from typing import Any
 
 import msgpack
 
-from serialization.messages import Result
+from serialization.messages import Job, Result
 
 SIGNATURE_BYTES = 32
-_DOMAIN = "pwfl-result-v1"
+_RESULT_DOMAIN = "pwfl-result-v2"
+_JOB_DOMAIN = "pwfl-job-v1"
 
 
-def _signed_bytes(result: Result) -> bytes:
-    fields = [_DOMAIN, result.run_id, result.job_id, result.client_id, result.status,
-              result.update_digest, result.update_nbytes, result.num_examples]
-    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+def _canonical(value: Any) -> Any:
+    """`value` with every map's keys sorted (lists and tuples alike become lists)."""
+    if isinstance(value, dict):
+        return {k: _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _packed(fields: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(_canonical(fields), use_bin_type=True)
     return packed
 
 
+def _result_bytes(result: Result) -> bytes:
+    return _packed([_RESULT_DOMAIN, result.run_id, result.job_id, result.slot_id, result.round,
+                    result.client_id, result.status, result.update_digest,
+                    result.update_nbytes, result.num_examples, result.agent_id, result.metrics,
+                    result.timings, result.error])
+
+
+def _job_bytes(job: Job) -> bytes:
+    # Timestamps as floats: an int on one side and a float after the wire pack differently.
+    return _packed([_JOB_DOMAIN, job.run_id, job.job_id, job.slot_id, job.round, job.client_id,
+                    job.model_digest, job.model_nbytes, float(job.deadline_ts), job.task,
+                    job.task_options, job.config, float(job.published_ts)])
+
+
 def result_signature(result: Result, key: bytes) -> bytes:
-    """HMAC-SHA256 of the result's deciding fields under `key` (32 bytes)."""
-    return hmac.new(key, _signed_bytes(result), hashlib.sha256).digest()
+    """HMAC-SHA256 of the result's fields under `key` (32 bytes)."""
+    return hmac.new(key, _result_bytes(result), hashlib.sha256).digest()
 
 
 def signed(result: Result, key: bytes) -> Result:
@@ -50,5 +83,26 @@ def signature_problem(result: Result, key: bytes | None) -> str | None:
     if not result.signature:
         return "result is not signed"
     if not hmac.compare_digest(result.signature, result_signature(result, key)):
+        return "signature does not match the client's key"
+    return None
+
+
+def job_signature(job: Job, key: bytes) -> bytes:
+    """HMAC-SHA256 of what the job asks of the agent, under its client's `key` (32 bytes)."""
+    return hmac.new(key, _job_bytes(job), hashlib.sha256).digest()
+
+
+def signed_job(job: Job, key: bytes) -> Job:
+    """The same job carrying its signature."""
+    return dataclasses.replace(job, signature=job_signature(job, key))
+
+
+def job_signature_problem(job: Job, key: bytes | None) -> str | None:
+    """None when `job` is signed with `key`; otherwise why not (for the refusal log)."""
+    if key is None:
+        return f"no signing key for client {job.client_id!r}"
+    if not job.signature:
+        return "job is not signed"
+    if not hmac.compare_digest(job.signature, job_signature(job, key)):
         return "signature does not match the client's key"
     return None

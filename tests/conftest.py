@@ -5,12 +5,14 @@
     redis_client   an async `bus.connect` client on it, closed after the test
     redis_factory  start extra private servers (AOF, fixed port, ...); all stopped after
     run_keys       `bus.keys.Keys` of a run id unique to the test
+    popen_agents   agent processes (subprocess.Popen) a test starts; killed at teardown
     agents         agent processes a test starts (`tests.faults.start_agent`); any still
                    running at teardown is killed
 """
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -84,3 +86,15 @@ def agents() -> Iterator[list[AgentProc]]:
     started: list[AgentProc] = []
     yield started
     stop_agents(started)
+
+
+@pytest.fixture
+def popen_agents() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Agent processes (`tests.security.start_agent`) a test starts; any still running at
+    teardown is killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

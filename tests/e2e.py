@@ -131,3 +131,37 @@ def by_slot_round(events: list[dict[str, Any]], name: str) -> Iterator[tuple[int
     for e in events:
         if e["event"] == name:
             yield e["slot_id"], e["round"]
+
+
+def retrained_mean(events: list[dict[str, Any]], slot_id: int, round_: int,
+                   previous: dict[str, Any], num_clients: int) -> dict[str, Any]:
+    """The example-weighted mean (float64) of a round's client models, retrained here from the
+    previous round's model with each job's seed on one thread, as the trainers do."""
+    import torch
+
+    from coordinator.settings import TrainingSettings
+    from trainer_worker.task import TrainConfig
+    from trainer_worker.tasks.synthetic import SyntheticTask
+
+    jobs = [e for e in events
+            if e["event"] == "job_published" and (e["slot_id"], e["round"]) == (slot_id, round_)]
+    examples = {e["job_id"]: e["num_examples"] for e in events if e["event"] == "update_received"}
+    task = SyntheticTask(num_clients=num_clients)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trainers: same kernels, same sums
+    try:
+        states, weights = [], []
+        for job in jobs:
+            model = task.build_model(0)
+            model.load_state_dict(previous)
+            config = TrainConfig.from_dict(TrainingSettings().job_config(job["seed"]))
+            outcome = task.train(model, job["client_id"], config, torch.device("cpu"))
+            assert outcome.num_examples == examples[job["job_id"]]
+            states.append(model.state_dict())
+            weights.append(outcome.num_examples)
+    finally:
+        torch.set_num_threads(threads)
+    assert states, f"slot {slot_id} round {round_} published no jobs"
+    total = sum(weights)
+    return {name: sum(s[name].double() * w for s, w in zip(states, weights, strict=True)) / total
+            for name in states[0]}

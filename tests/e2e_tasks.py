@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Any
 
@@ -43,3 +45,34 @@ class FlakyTask(SlowClientTask):
             self._raises_left -= 1
             raise RuntimeError(f"injected failure in user code for client {client_id}")
         return super().train(model, client_id, config, device)
+
+
+class HangingTask(SlowClientTask):
+    """SlowClientTask whose training call never returns (a stuck user call) on the listed
+    clients' `hang_on_job`-th job in a trainer process; with `once_file`, only the first
+    trainer to get there hangs (it creates the file), so a restarted trainer serves again."""
+
+    def __init__(self, hang_clients: list[str] | None = None, hang_on_job: int = 2,
+                 once_file: str = "", **options: Any) -> None:
+        super().__init__(**options)
+        self._hang_clients = set(hang_clients or [])
+        self._hang_on_job = hang_on_job
+        self._once_file = once_file
+        self._jobs: dict[str, int] = {}
+
+    def train(self, model: torch.nn.Module, client_id: str, config: TrainConfig,
+              device: torch.device) -> TrainOutcome:
+        if client_id in self._hang_clients:
+            self._jobs[client_id] = self._jobs.get(client_id, 0) + 1
+            if self._jobs[client_id] == self._hang_on_job and self._first_to_hang():
+                threading.Event().wait()  # forever: only a kill ends this call
+        return super().train(model, client_id, config, device)
+
+    def _first_to_hang(self) -> bool:
+        if not self._once_file:
+            return True
+        try:
+            os.close(os.open(self._once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True

@@ -23,6 +23,10 @@ MATRIX_ENV = "PWFL_FAULT_MATRIX"
 # An upload this close to its slot's last quorum may not have been read before the
 # slot finished (the dispatcher blocks up to 1 s per read); it is not counted as lost.
 READ_SLACK_S = 2.0
+# The test-only tasks (tests/e2e_tasks.py) that agents started here may run, besides the
+# built-in ones: an agent runs no task it was not told to (--allow-task).
+TEST_TASKS = tuple(f"--allow-task=tests.e2e_tasks:{name}"
+                   for name in ("SlowClientTask", "FlakyTask", "HangingTask"))
 
 
 @dataclass
@@ -65,7 +69,7 @@ def start_agent(redis_url: str, run_id: str | None, clients: str, log_dir: Path,
     serve = ["--run-id", run_id, "--exit-when-done"] if run_id is not None else []
     argv = [sys.executable, "-m", "client_agent", "--redis", redis_url, *serve,
             "--clients", clients, "--agent-id", name,
-            "--log-file", str(log_file), "--log-level", "warning", *args]
+            "--log-file", str(log_file), "--log-level", "warning", *TEST_TASKS, *args]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]  # ip execs the agent: same pid
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -157,8 +161,12 @@ def what_happened(events: list[dict[str, Any]], agent_events: list[dict[str, Any
         return sum(seen.values()), ", ".join(f"{k} x{n}" if n > 1 else k for k, n in seen.items())
 
     count("coordinator resumed", sum(1 for _ in _of(events, "run_resumed")))
+    count("training calls timed out, their trainers killed and restarted",
+          sum(1 for _ in _of(agent_events, "train_timeout")))
+    timed_out = {e["job_id"] for e in _of(agent_events, "train_timeout")}
     count("trainers died mid-job and restarted",
-          sum(1 for e in _of(agent_events, "trainer_exited") if e.get("job_id")))
+          sum(1 for e in _of(agent_events, "trainer_exited")
+              if e.get("job_id") and e["job_id"] not in timed_out))
     outages = [e["down_s"] for e in _of(events + agent_events, "redis_reconnected")]
     count("Redis reconnections", len(outages),
           f"coordinator and agents, longest {max(outages):.1f} s" if outages else "")

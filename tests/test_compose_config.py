@@ -2,7 +2,8 @@
 
 `docker-compose config` (or `docker compose config`) validates the compose file where
 either is installed; text checks that need no YAML parser pin what the cluster relies
-on (format 2.4, health-gated start, shm size, no secrets in files), and the Dockerfile,
+on (format 2.4, health-gated start, shm size, a generated Redis password, no secrets in
+files), and the Dockerfile,
 .dockerignore and requirements helper are checked against pyproject.toml.
 """
 
@@ -22,7 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
 COMPOSE_FILE = COMPOSE / "docker-compose.yml"
-SERVICES = {"redis", "coordinator", "agent-a", "agent-b", "agent-c"}
+SERVICES = {"secrets", "redis", "coordinator", "agent-a", "agent-b", "agent-c"}
+PWFL_SERVICES = SERVICES - {"secrets"}
+SECRETS_MOUNT = "secrets:/var/lib/pwfl/secrets"
 AGENTS = sorted(s for s in SERVICES if s.startswith("agent-"))
 FAKE_PASSWORD = "not-a-real-password"
 
@@ -37,7 +40,7 @@ def compose_command() -> list[str] | None:
     return [v1] if v1 else None
 
 
-def run_config(env_file: Path, *args: str, password: str | None = FAKE_PASSWORD
+def run_config(env_file: Path, *args: str, password: str | None = None
                ) -> subprocess.CompletedProcess[str]:
     command = compose_command()
     if command is None:
@@ -72,20 +75,53 @@ def compose_text() -> str:
     return COMPOSE_FILE.read_text()
 
 
-def test_compose_config_is_valid(tmp_path: Path) -> None:
-    """docker-compose validates the file and finds the five services and two volumes."""
+def test_compose_config_is_valid_with_nothing_set(tmp_path: Path) -> None:
+    """With no compose/.env and no password anywhere, docker-compose accepts the file (its
+    service_completed_successfully condition included) and finds six services, three
+    volumes."""
     result = run_config(tmp_path / "env", "--services")
     assert result.returncode == 0, result.stderr
     assert set(result.stdout.split()) == SERVICES
     volumes = run_config(tmp_path / "env", "--volumes")
-    assert set(volumes.stdout.split()) == {"redis-data", "runs"}
+    assert set(volumes.stdout.split()) == {"redis-data", "runs", "secrets"}
+    resolved = run_config(tmp_path / "env")
+    assert resolved.returncode == 0, resolved.stderr
+    assert "condition: service_completed_successfully" in resolved.stdout
 
 
-def test_compose_config_needs_a_password(tmp_path: Path) -> None:
-    """Without PWFL_REDIS_PASSWORD compose refuses to start and says where to set it."""
-    result = run_config(tmp_path / "env", "--services", password=None)
-    assert result.returncode != 0
-    assert "compose/.env" in result.stderr
+def test_a_password_set_in_compose_env_reaches_only_the_secrets_step(tmp_path: Path) -> None:
+    """PWFL_REDIS_PASSWORD (compose/.env) goes to the one-shot secrets service and to no
+    long-running container's environment; they all read the password file instead."""
+    result = run_config(tmp_path / "env", password=FAKE_PASSWORD)
+    assert result.returncode == 0, result.stderr
+    blocks = service_blocks("\n" + result.stdout)  # it may begin with `services:`
+    assert FAKE_PASSWORD in blocks["secrets"]
+    for service in PWFL_SERVICES:
+        assert FAKE_PASSWORD not in blocks[service], service
+        assert "PWFL_REDIS_PASSWORD_FILE: /var/lib/pwfl/secrets/redis-password" in (
+            blocks[service]), service
+
+
+def test_the_secrets_volume_is_mounted_by_redis_and_pwfl_services_only(
+    compose_text: str,
+) -> None:
+    """The secrets step writes the volume; Redis, the coordinator and the agents read it
+    (read-only), and they start only after the step succeeded."""
+    blocks = service_blocks(compose_text)
+    assert re.search(rf"- {SECRETS_MOUNT}\n", blocks["secrets"])
+    for service in ("redis", "coordinator"):
+        assert f"- {SECRETS_MOUNT}:ro" in blocks[service], service
+    anchor = compose_text.split("x-agent: &agent", 1)[1].split("\nservices:", 1)[0]
+    assert f"- {SECRETS_MOUNT}:ro" in anchor
+    # The secrets step, redis, the coordinator and the agents' anchor: no one else.
+    assert compose_text.count("secrets:/var/lib/pwfl/secrets") == 4
+    assert re.search(r"secrets:\n\s+condition: service_completed_successfully",
+                     blocks["redis"])
+    assert 'command: ["pwfl-secrets", "/var/lib/pwfl/secrets/redis-password"]' in (
+        blocks["secrets"])
+    assert 'restart: "no"' in blocks["secrets"]
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    assert "install -d -o pwfl -g pwfl -m 0700 /var/lib/pwfl/secrets" in dockerfile
 
 
 def test_compose_file_format_works_with_compose_v1_and_v2(compose_text: str) -> None:
@@ -119,6 +155,7 @@ def test_coordinator_runs_the_default_job_for_agents_elsewhere(compose_text: str
     assert "/healthz" in block
     assert "runs:/data" in block
     assert "condition: service_healthy" in block
+    # Published on the host's loopback only, unless PWFL_HTTP_BIND says otherwise.
     assert re.search(r'"\$\{PWFL_HTTP_BIND:-127\.0\.0\.1\}:\$\{PWFL_HTTP_PORT:-8765\}:8765"',
                      block)
 
@@ -134,8 +171,11 @@ def test_redis_keeps_an_aof_on_a_named_volume_with_a_health_check(compose_text: 
 
 
 def test_no_secret_is_written_in_the_compose_files(compose_text: str) -> None:
-    """The password comes from compose/.env (git-ignored), never from a tracked file."""
-    assert re.search(r"PWFL_REDIS_PASSWORD: \$\{PWFL_REDIS_PASSWORD:\?", compose_text)
+    """A password of one's own comes from compose/.env (git-ignored), never from a tracked
+    file; unset, it is empty and the secrets step generates one."""
+    assert compose_text.count("${PWFL_REDIS_PASSWORD") == 1
+    assert "PWFL_REDIS_PASSWORD: ${PWFL_REDIS_PASSWORD:-}" in service_blocks(compose_text)[
+        "secrets"]
     assert "requirepass" not in compose_text
     assert not re.search(r"redis://:[^@/]+@", compose_text)  # no password in a URL
     example = (COMPOSE / ".env.example").read_text()
@@ -201,10 +241,42 @@ def test_image_requirements_are_pyprojects_without_torch() -> None:
 
 def test_scripts_are_executable_and_parse() -> None:
     """The shell scripts a person runs are executable and pass `bash -n` / `sh -n`."""
-    scripts = [*COMPOSE.glob("*.sh"), COMPOSE / "bin" / "pwfl-redis"]
+    scripts = [*COMPOSE.glob("*.sh"), *(COMPOSE / "bin").iterdir()]
     for script in scripts:
         assert os.access(script, os.X_OK), script
         shell = "sh" if script.read_text().startswith("#!/bin/sh") else "bash"
         result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True,
                                 check=False)
         assert result.returncode == 0, (script, result.stderr)
+
+
+def run_secrets_step(path: Path, password: str | None = None
+                     ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PWFL_")}
+    if password is not None:
+        env["PWFL_REDIS_PASSWORD"] = password
+    return subprocess.run(["sh", str(COMPOSE / "bin" / "pwfl-secrets"), str(path)], env=env,
+                          capture_output=True, text=True, check=True, timeout=30)
+
+
+def test_the_secrets_step_generates_once_keeps_and_yields_to_compose_env(tmp_path: Path
+                                                                          ) -> None:
+    """pwfl-secrets: a first start writes a random 0600 password file, a second keeps it, a
+    PWFL_REDIS_PASSWORD replaces it; no run prints the password."""
+    path = tmp_path / "secrets" / "redis-password"
+    path.parent.mkdir(mode=0o700)
+    first = run_secrets_step(path)
+    generated = path.read_text().strip()
+    assert len(generated) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "generated" in first.stdout
+    again = run_secrets_step(path)
+    assert path.read_text().strip() == generated
+    assert "kept" in again.stdout
+    own = run_secrets_step(path, password=FAKE_PASSWORD)
+    assert path.read_text().strip() == FAKE_PASSWORD
+    assert path.stat().st_mode & 0o777 == 0o600
+    for result in (first, again, own):
+        assert generated not in result.stdout + result.stderr
+        assert FAKE_PASSWORD not in result.stdout + result.stderr
+    assert sorted(p.name for p in path.parent.iterdir()) == ["redis-password"]

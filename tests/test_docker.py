@@ -1,7 +1,9 @@
 """The compose cluster for real: compose/cluster-test.sh, run and read back.
 
-The script builds the image, brings up Redis, the coordinator and three agents on
-the synthetic task, kills one agent container mid-run and tears it all down,
+The script builds the image, then from a fresh checkout with nothing written first
+(no compose/.env, no password in the environment) runs `docker compose up`: Redis
+(its password generated into the secrets volume), the coordinator and three agents on
+the synthetic task; it kills one agent container mid-run and tears it all down,
 starting (and stopping) a private Docker daemon where none answers. It writes what
 happened to PWFL_TEST_OUT; this test checks it. Where no daemon can be had (not
 root, no dockerd, no way to get a base image) the script exits 77 with the reason,
@@ -79,3 +81,23 @@ def test_the_slots_learned(cluster_run: dict[str, object]) -> None:
 def test_redis_refuses_clients_without_the_password(cluster_run: dict[str, object]) -> None:
     """The cluster's Redis answers an unauthenticated PING with NOAUTH."""
     assert str(cluster_run["redis_ping_without_password"]).startswith("NOAUTH")
+
+
+def test_the_run_came_from_a_fresh_checkout_without_env_file(cluster_run: dict[str, object]
+                                                              ) -> None:
+    """`up` ran on a copy of the checkout that has no compose/.env, and printed to the end."""
+    assert cluster_run["env_file_present"] is False
+    tail = "\n".join(cluster_run["up_log_tail"])  # type: ignore[arg-type]
+    assert "coordinator" in tail
+
+
+def test_the_redis_password_was_generated_into_the_secrets_volume(
+    cluster_run: dict[str, object],
+) -> None:
+    """The one-shot secrets step exited 0, left a 0600 file owned by pwfl, and no
+    long-running container carries the password in its environment."""
+    assert cluster_run["secrets_exit"] == 0
+    mode, owner, size = str(cluster_run["secret_file"]).split()
+    assert (mode, owner) == ("600", "pwfl")
+    assert int(size) >= 32
+    assert cluster_run["password_in_environment_of"] == 0

@@ -14,12 +14,16 @@ import pytest
 import torch
 
 from bus.embedded import EmbeddedRedis
-from coordinator.settings import TrainingSettings
 from serialization import decode
-from tests.e2e import Run, by_slot_round, lease_violations, read_events, start_coordinator
+from tests.e2e import (
+    Run,
+    by_slot_round,
+    lease_violations,
+    read_events,
+    retrained_mean,
+    start_coordinator,
+)
 from tests.faults import ledger_problems
-from trainer_worker.task import TrainConfig
-from trainer_worker.tasks.synthetic import SyntheticTask
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -90,28 +94,10 @@ def _checkpoint(run: Run, slot_id: int, round_: int) -> dict[str, torch.Tensor]:
 def test_aggregate_equals_weighted_mean_computed_independently(basic_run: Run) -> None:
     """Slot 0's round-2 model equals the example-weighted mean of its clients' retrained models."""
     events = basic_run.events()
-    jobs = [e for e in events
-            if e["event"] == "job_published" and (e["slot_id"], e["round"]) == (0, 2)]
-    examples = {e["job_id"]: e["num_examples"] for e in events if e["event"] == "update_received"}
     previous, aggregated = _checkpoint(basic_run, 0, 1), _checkpoint(basic_run, 0, 2)
-    task = SyntheticTask(num_clients=4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the trainers: same kernels, same sums
-    try:
-        states, weights = [], []
-        for job in jobs:
-            model = task.build_model(0)
-            model.load_state_dict(previous)
-            config = TrainConfig.from_dict(TrainingSettings().job_config(job["seed"]))
-            outcome = task.train(model, job["client_id"], config, torch.device("cpu"))
-            assert outcome.num_examples == examples[job["job_id"]]
-            states.append(model.state_dict())
-            weights.append(outcome.num_examples)
-    finally:
-        torch.set_num_threads(threads)
-    total = sum(weights)
+    mean = retrained_mean(events, 0, 2, previous, num_clients=4)
     for name, value in aggregated.items():
-        expected = sum(s[name].double() * w for s, w in zip(states, weights, strict=True)) / total
+        expected = mean[name]
         torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -7,7 +7,6 @@ import json
 import secrets
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +25,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 SYNTHETIC = ("--task", "synthetic", "--slots", "2", "--clients", "4", "--rounds", "2")
 
 
-@pytest.fixture
-def agents() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Agent processes a test starts; any still running at teardown is killed."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-
-
 def _keys(folder: Path, keyring: Keyring, name: str, clients: list[str]) -> str:
     return str(keyring.subset(clients).write_dir(folder / f"{name}-keys"))
 
 
 def test_acl_tls_and_signing_run_end_to_end_without_leaking_secrets(
         redis_factory: RedisFactory, tmp_path: Path,
-        agents: list[subprocess.Popen[bytes]]) -> None:
+        popen_agents: list[subprocess.Popen[bytes]]) -> None:
     """Coordinator and two silos, each its own ACL user over rediss://, finish a signed run;
     Redis denied no command, and no password, key or token appears in any log."""
     vault = tmp_path / "secrets"
@@ -64,16 +52,16 @@ def test_acl_tls_and_signing_run_end_to_end_without_leaking_secrets(
         "--redis-password-file", str(coordinator.password_file), *ca,
         "--client-keys", _keys(vault, keyring, "coordinator", ["0", "1", "2", "3"]),
         "--api-token-file", str(vault / "api.token"))
-    agents.append(start_agent(server.url, logs, "silo-a", "0,1", "--redis-user", silo_a.name,
+    popen_agents.append(start_agent(server.url, logs, "silo-a", "0,1", "--redis-user", silo_a.name,
                               "--redis-password-file", str(silo_a.password_file), *ca,
                               "--client-keys", _keys(vault, keyring, "silo-a", ["0", "1"])))
-    agents.append(start_agent(  # this one takes its secrets from the environment
+    popen_agents.append(start_agent(  # this one takes its secrets from the environment
         server.url, logs, "silo-b", "2,3", *ca,
         env={"PWFL_REDIS_USERNAME": silo_b.name, "PWFL_REDIS_PASSWORD": silo_b.password,
              "PWFL_CLIENT_KEYS": _keys(vault, keyring, "silo-b", ["2", "3"])}))
     with run:
         assert run.wait(300) == 0, run.output()[-4000:]
-    assert [stop(a) for a in agents] == [0, 0]
+    assert [stop(a) for a in popen_agents] == [0, 0]
     assert run.events("run_started")[0]["signing"] is True
     assert len(run.events("update_folded")) == 8
     assert run.events("update_rejected") == []
@@ -111,7 +99,7 @@ def _rejected_clients(events: list[dict[str, Any]]) -> set[str]:
 
 def test_updates_forged_or_unsigned_are_rejected_and_stop_needs_the_token(
         redis_server: EmbeddedRedis, tmp_path: Path,
-        agents: list[subprocess.Popen[bytes]]) -> None:
+        popen_agents: list[subprocess.Popen[bytes]]) -> None:
     """An agent signing as another client, or not at all, is rejected as bad_signature and
     counted in /status; POST /stop needs the token and leaves a run that resumes to the end."""
     vault, runs = tmp_path / "secrets", tmp_path / "runs"
@@ -125,11 +113,11 @@ def test_updates_forged_or_unsigned_are_rejected_and_stop_needs_the_token(
         "--client-keys", _keys(vault, keyring, "coordinator", ["0", "1", "2"]),
         "--api-token-file", str(tmp_path / "api.token"))
     only_run = ("--run-id", "forged")
-    agents.append(start_agent(redis_server.url, tmp_path, "honest", "0", *only_run,
+    popen_agents.append(start_agent(redis_server.url, tmp_path, "honest", "0", *only_run,
                               "--client-keys", _keys(vault, keyring, "honest", ["0"])))
-    agents.append(start_agent(redis_server.url, tmp_path, "mallory", "1", *only_run,
+    popen_agents.append(start_agent(redis_server.url, tmp_path, "mallory", "1", *only_run,
                               "--client-keys", str(mallory.write_dir(vault / "mallory"))))
-    agents.append(start_agent(redis_server.url, tmp_path, "unsigned", "2", *only_run))
+    popen_agents.append(start_agent(redis_server.url, tmp_path, "unsigned", "2", *only_run))
     with run:
         run.wait_for(lambda ev: _rejected_clients(ev) == {"1", "2"} and any(
             e["event"] == "update_received" and e["client_id"] == "0" for e in ev), 120)
@@ -141,7 +129,7 @@ def test_updates_forged_or_unsigned_are_rejected_and_stop_needs_the_token(
     assert run.events("run_finished")[-1]["status"] == "interrupted"
     with redis.Redis.from_url(redis_server.url) as r:
         assert r.hget(Keys("forged").state(), "status") == b"interrupted"
-    assert [stop(a) for a in agents] == [0, 0, 0]
+    assert [stop(a) for a in popen_agents] == [0, 0, 0]
     resumed = start_coordinator(redis_server.url, runs, "forged", "--resume", "forged",
                                 "--local-agents", "2")
     with resumed:

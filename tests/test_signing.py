@@ -1,4 +1,4 @@
-"""Per-client HMAC signatures on results."""
+"""Per-client HMAC signatures on results (agent to coordinator) and jobs (the other way)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,16 @@ import dataclasses
 
 import pytest
 
-from serialization import Result
-from serialization.signing import SIGNATURE_BYTES, signature_problem, signed
+from serialization import Job, Result
+from serialization.signing import (
+    SIGNATURE_BYTES,
+    job_signature,
+    job_signature_problem,
+    result_signature,
+    signature_problem,
+    signed,
+    signed_job,
+)
 
 KEY, OTHER = b"a" * 32, b"b" * 32
 RESULT = Result(job_id="s0-r1-c3-abcd", run_id="run", slot_id=0, round=1, client_id="3",
@@ -32,10 +40,21 @@ def test_any_deciding_field_changed_breaks_the_signature(field: str, value: obje
     assert signature_problem(forged, KEY) == "signature does not match the client's key"
 
 
-def test_fields_outside_the_signature_may_differ() -> None:
-    """Timings, metrics and the agent name are informative and not signed."""
-    sent = dataclasses.replace(signed(RESULT, KEY), timings={"train_s": 1.0}, agent_id="x")
-    assert signature_problem(sent, KEY) is None
+@pytest.mark.parametrize(("field", "value"), [
+    ("metrics", {"train_loss": 0.1}), ("timings", {"train_s": 1.0}), ("error", "made up"),
+    ("agent_id", "x"), ("slot_id", 1), ("round", 2),
+])
+def test_what_the_coordinator_logs_is_signed_too(field: str, value: object) -> None:
+    """Metrics, timings, error and agent name go into the run's log: changing one is a forgery."""
+    forged = dataclasses.replace(signed(RESULT, KEY), **{field: value})
+    assert signature_problem(forged, KEY) == "signature does not match the client's key"
+
+
+def test_map_order_does_not_change_a_signature() -> None:
+    """Metrics signed in one key order verify in another (the map is signed canonically)."""
+    sent = signed(dataclasses.replace(RESULT, metrics={"b": 1.0, "a": {"y": 2, "x": 3}}), KEY)
+    reordered = dataclasses.replace(sent, metrics={"a": {"x": 3, "y": 2}, "b": 1.0})
+    assert signature_problem(reordered, KEY) is None
 
 
 def test_wrong_key_missing_signature_or_unknown_client_are_problems() -> None:
@@ -44,3 +63,42 @@ def test_wrong_key_missing_signature_or_unknown_client_are_problems() -> None:
         "signature does not match the client's key")
     assert signature_problem(RESULT, KEY) == "result is not signed"
     assert signature_problem(signed(RESULT, KEY), None) == "no signing key for client '3'"
+
+
+JOB = Job(job_id="s0-r1-c3-abcd", run_id="run", slot_id=0, round=1, client_id="3",
+          model_digest="f" * 64, model_nbytes=1000, deadline_ts=1700000000.5,
+          task="trainer_worker.tasks.synthetic:SyntheticTask",
+          task_options={"num_clients": 4}, config={"lr": 0.01, "epochs": 1},
+          published_ts=1699999999.25)
+
+
+def test_signed_job_verifies_after_the_wire() -> None:
+    """A job signed with its client's key passes the agent's check after the wire."""
+    sent = signed_job(JOB, KEY)
+    assert len(sent.signature) == SIGNATURE_BYTES
+    assert job_signature_problem(Job.from_bytes(sent.to_bytes()), KEY) is None
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("task", "evil.module:Factory"), ("task_options", {"num_clients": 5}),
+    ("config", {"lr": 10.0, "epochs": 1}), ("model_digest", "e" * 64), ("job_id", "other"),
+    ("client_id", "4"), ("run_id", "other"), ("deadline_ts", 1800000000.0), ("round", 2),
+])
+def test_any_field_that_changes_what_the_agent_does_breaks_a_job_signature(
+        field: str, value: object) -> None:
+    """Task spec, options, training config, model digest, ids, deadline: each is signed."""
+    forged = dataclasses.replace(signed_job(JOB, KEY), **{field: value})
+    assert job_signature_problem(forged, KEY) == "signature does not match the client's key"
+
+
+def test_unsigned_or_wrongly_keyed_jobs_are_problems() -> None:
+    """No signature, another client's key, or no key here: each says why."""
+    assert job_signature_problem(JOB, KEY) == "job is not signed"
+    assert job_signature_problem(signed_job(JOB, OTHER), KEY) == (
+        "signature does not match the client's key")
+    assert job_signature_problem(signed_job(JOB, KEY), None) == "no signing key for client '3'"
+
+
+def test_a_result_signature_never_passes_as_a_job_signature() -> None:
+    """The two directions use distinct domain tags under the same client key."""
+    assert job_signature(JOB, KEY) != result_signature(RESULT, KEY)

@@ -8,11 +8,8 @@ import pytest
 import torch
 
 from bus.embedded import EmbeddedRedis
-from coordinator.settings import TrainingSettings
 from serialization import decode
-from tests.e2e import start_coordinator
-from trainer_worker.task import TrainConfig
-from trainer_worker.tasks.synthetic import SyntheticTask
+from tests.e2e import retrained_mean, start_coordinator
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -37,29 +34,10 @@ def test_example_strategy_by_import_path_end_to_end(
         assert run.wait(240) == 0, run.output()[-4000:]
     events = run.events()
     assert events[0]["strategy"] == EXAMPLE
-    jobs = [e for e in events if e["event"] == "job_published" and e["round"] == 2]
-    examples = {e["job_id"]: e["num_examples"] for e in events if e["event"] == "update_received"}
     previous, new = checkpoint(tmp_path, run.run_id, 1), checkpoint(tmp_path, run.run_id, 2)
-    task = SyntheticTask(num_clients=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the trainers: same kernels, same sums
-    try:
-        states, weights = [], []
-        for job in jobs:
-            model = task.build_model(0)
-            model.load_state_dict(previous)
-            config = TrainConfig.from_dict(TrainingSettings().job_config(job["seed"]))
-            outcome = task.train(model, job["client_id"], config, torch.device("cpu"))
-            assert outcome.num_examples == examples[job["job_id"]]
-            states.append(model.state_dict())
-            weights.append(outcome.num_examples)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(states) == 2
+    means = retrained_mean(events, 0, 2, previous, num_clients=2)
     for name, value in new.items():
-        mean = sum(s[name].double() * w for s, w in zip(states, weights, strict=True)) / sum(
-            weights
-        )
+        mean = means[name]
         expected = previous[name].double() + 0.5 * (mean - previous[name].double())
         if not value.dtype.is_floating_point:
             expected = mean.round()

@@ -9,7 +9,7 @@ import redis
 
 from bus.connection import RedisSettings, connect, wait_ready
 from bus.embedded import ServerTls
-from bus.errors import RedisUnavailable
+from bus.errors import RedisRefused
 from tests.conftest import RedisFactory
 from tests.security import make_tls
 
@@ -47,12 +47,13 @@ def test_the_tls_port_refuses_plain_connections(redis_factory: RedisFactory,
 async def test_a_server_signed_by_another_ca_is_not_trusted(redis_factory: RedisFactory,
                                                            tls: ServerTls,
                                                            tmp_path: Path) -> None:
-    """Certificate verification is on: a client trusting another CA never gets through."""
+    """Certificate verification is on: a client trusting another CA never gets through, and
+    is refused at once (RedisRefused "tls"), not retried as an outage."""
     server = redis_factory(tls=tls)
     other = make_tls(tmp_path / "other")
     client = connect(RedisSettings(server.url, tls_ca_file=str(other.ca_file), retries=0))
     try:
-        with pytest.raises(RedisUnavailable, match="certificate verify failed"):
+        with pytest.raises(RedisRefused, match="certificate verify failed"):
             await wait_ready(client, timeout_s=2)
     finally:
         await client.aclose()
@@ -60,7 +61,8 @@ async def test_a_server_signed_by_another_ca_is_not_trusted(redis_factory: Redis
 
 async def test_mutual_tls_needs_a_client_certificate(redis_factory: RedisFactory,
                                                      tmp_path: Path) -> None:
-    """With client certificates required, only a client presenting one signed by the CA gets in."""
+    """With client certificates required, only a client presenting one signed by the CA gets in
+    (one without is refused at once)."""
     mutual = make_tls(tmp_path / "mutual", require_client_cert=True)
     server = redis_factory(tls=mutual)
     anonymous = connect(RedisSettings(server.url, tls_ca_file=str(mutual.ca_file), retries=0))
@@ -68,7 +70,7 @@ async def test_mutual_tls_needs_a_client_certificate(redis_factory: RedisFactory
                                   tls_cert_file=str(mutual.cert_file),
                                   tls_key_file=str(mutual.key_file)))
     try:
-        with pytest.raises(RedisUnavailable):
+        with pytest.raises(RedisRefused, match="certificate required"):
             await wait_ready(anonymous, timeout_s=2)
         await wait_ready(known, timeout_s=5)
     finally:

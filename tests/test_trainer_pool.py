@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -163,3 +164,35 @@ async def test_trainer_dead_while_idle_is_replaced_before_the_job(
     assert [r.status for r in replies] == ["ok", "ok"]
     assert victim not in pool.pids
     assert len(pool.pids) == 2
+
+
+def _limited(request: TrainRequest, limit_s: float) -> TrainRequest:
+    return dataclasses.replace(request, time_limit_s=lambda: limit_s)
+
+
+async def test_a_training_call_past_its_time_limit_is_killed_and_the_next_job_runs(
+        model: ModelSegment) -> None:
+    """A call over its limit is logged (train_timeout), its trainer killed and restarted, the
+    job fails with reason train_timeout; a job queued behind it runs on the new trainer (its
+    own limit counts from when a trainer takes it, not from the wait)."""
+    pool = TrainerPool(["cpu"], agent_id="test-agent")
+    await pool.start(timeout_s=60)
+    try:
+        first_pid = pool.pids[0]
+        with capture_logs() as events:
+            hung, queued = await asyncio.gather(
+                pool.train(_limited(_request(model, "hung", epochs=100_000), 1.0)),
+                pool.train(_limited(_request(model, "queued"), 30.0)))
+        queued.release()
+        assert hung.status == "failed"
+        assert hung.error.startswith("train_timeout: no result within 1 s")
+        assert (queued.status, queued.error) == ("ok", "")
+        assert queued.timings["wait_s"] > 1.0
+        timeouts = [e for e in events if e["event"] == "train_timeout"]
+        assert [(e["job_id"], e["trainer_pid"], e["limit_s"]) for e in timeouts] == [
+            ("hung", first_pid, 1.0)]
+        assert first_pid not in pool.pids
+        assert len(pool.pids) == 1
+    finally:
+        await pool.close()
+    assert _segments(pool.shm_prefix) == []

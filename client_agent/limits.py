@@ -1,0 +1,29 @@
+"""How long one training call may take before its trainer counts as hung.
+
+A stuck training call (user code waiting forever, a deadlocked data loader) holds
+its trainer, and with it every other client of the agent that waits for that
+trainer; its client's lease is never returned either. So every call gets a bound:
+`--train-timeout-s` when the operator knows how long training takes, otherwise
+one derived from the job's deadline (`train_time_limit_s`).
+
+The derived bound is the time left until the job's round deadline plus one more
+round deadline (the round's length, `deadline_ts - published_ts`), and at least
+`MIN_AUTO_LIMIT_S`. A call past its own deadline is not yet hung: its update can
+still be folded late into the slot's next round (`--late-policy fold`), so it gets
+one more round's time; a call still running after that is taken for hung. The
+floor keeps short test deadlines from killing ordinary stragglers.
+"""
+
+from __future__ import annotations
+
+from serialization import Job
+
+MIN_AUTO_LIMIT_S = 60.0
+
+
+def train_time_limit_s(job: Job, fixed_s: float | None, now_ts: float) -> float:
+    """Seconds a training call for `job` starting at `now_ts` may take (see the module)."""
+    if fixed_s is not None:
+        return fixed_s
+    round_s = job.deadline_ts - job.published_ts if job.published_ts else 0.0
+    return max(MIN_AUTO_LIMIT_S, job.deadline_ts - now_ts + max(round_s, 0.0))

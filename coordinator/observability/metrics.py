@@ -1,0 +1,240 @@
+"""The coordinator's Prometheus metrics, kept up to date from its own events.
+
+Each logged event (docs/events.md) updates counters and histograms as it
+happens; what `RunStatus` already holds (rounds, clients alive, accuracy) is read
+when Prometheus scrapes. Every coordinator has its own `CollectorRegistry`, so
+several in one process (tests) never mix. Labels are bounded: slot ids, client
+ids, rejection reasons and kinds of work, never job ids. docs/monitoring.md
+lists every metric.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from coordinator.status import RunStatus
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# From a fold on a small model (ms) to a slow round on real silos (minutes).
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                      60.0, 120.0, 300.0, 600.0, float("inf"))
+# The coordinator's kinds of work, as the replay counts its busy time.
+BUSY_KIND_OF_EVENT = {"model_published": "publish", "update_folded": "fold",
+                      "aggregation_finished": "aggregate", "evaluation_finished": "evaluate",
+                      "checkpoint_written": "checkpoint"}
+JOB_OUTCOME_OF_RETURN = {"result": "done", "failed": "failed", "lost": "lost"}
+RUN_INFO_FIELDS = ("strategy", "policy", "task", "late_policy")
+
+
+def _slot(event: Mapping[str, Any]) -> str:
+    return str(event.get("slot_id"))
+
+
+def event_ts(event: Mapping[str, Any]) -> float:
+    """The event's time stamp (now, where the logger adds none)."""
+    value = event.get("ts")
+    return float(value) if isinstance(value, int | float) else time.time()
+
+
+def event_seconds(event: Mapping[str, Any], key: str = "duration_s") -> float | None:
+    value = event.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value >= 0 else None
+
+
+class CoordinatorMetrics:
+    """Metric objects on a private registry; `observe(event)` is the structlog observer."""
+
+    def __init__(self, status: RunStatus) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._model_nbytes: dict[str, int] = {}  # slot -> size of its latest published model
+        self._lease_started: dict[tuple[str, str], float] = {}  # (client, slot) -> ts
+        self._run_info: dict[str, str] = {}  # from run_started, shown in pwfl_run_info
+        self._define()
+        self.registry.register(_StatusCollector(status, self._run_info))
+
+    def _define(self) -> None:
+        r = self.registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, ("slot",), buckets=DURATION_BUCKETS_S, registry=r)
+
+        self.rounds = counter("pwfl_slot_rounds_completed", "Rounds closed", ("slot",))
+        self.rounds_failed = counter("pwfl_slot_rounds_failed",
+                                     "Round attempts that missed their quorum", ("slot",))
+        self.round_s = histogram("pwfl_round_duration_seconds",
+                                 "From round_started to round_closed (evaluation included)")
+        self.quorum_wait_s = histogram("pwfl_quorum_wait_seconds",
+                                       "From round_started until its quorum closed it")
+        self.aggregation_s = histogram("pwfl_aggregation_duration_seconds",
+                                       "Finalising a round's aggregate")
+        self.evaluation_s = histogram("pwfl_evaluation_duration_seconds",
+                                      "Evaluating a new global model")
+        self.jobs = counter("pwfl_client_jobs", "Jobs answered per client, by outcome "
+                            "(done, failed, lost: the client vanished)", ("client", "outcome"))
+        self.jobs_published = counter("pwfl_jobs_published", "Jobs published", ("slot",))
+        self.client_busy_s = counter("pwfl_client_busy_seconds",
+                                     "Seconds a client was leased to a slot (closed leases)",
+                                     ("client",))
+        self.folded = counter("pwfl_updates_folded", "Updates folded into an aggregate",
+                              ("slot",))
+        self.rejected = counter("pwfl_updates_rejected", "Updates and messages rejected, by "
+                                "reason (docs/events.md lists them)", ("reason",))
+        self.late = counter("pwfl_updates_late", "Updates for a closed round, by outcome",
+                            ("slot", "outcome"))
+        self.transfer = counter("pwfl_transfer_bytes", "Bytes moved: down = model bytes times "
+                                "jobs, up = update bytes received", ("direction",))
+        self.busy_s = counter("pwfl_coordinator_busy_seconds",
+                              "Coordinator work by kind (sums; kinds overlap in time)",
+                              ("kind",))
+        self.reconnections = counter("pwfl_redis_reconnections",
+                                     "Redis outages survived (a command succeeded again)")
+        self.unauthorized = counter("pwfl_http_unauthorized",
+                                    "HTTP requests refused for a missing or wrong token",
+                                    ("route",))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this coordinator's metrics."""
+        return generate_latest(self.registry)
+
+    def observe(self, event: Mapping[str, Any]) -> None:
+        handler = self._handlers.get(str(event.get("event")))
+        if handler is not None:
+            handler(self, event)
+        kind = BUSY_KIND_OF_EVENT.get(str(event.get("event")))
+        seconds = event_seconds(event)
+        if kind is not None and seconds is not None:
+            self.busy_s.labels(kind).inc(seconds)
+
+    # --- one handler per event ------------------------------------------------------------
+
+    def _run_started(self, event: Mapping[str, Any]) -> None:
+        self._run_info.update({k: str(event.get(k, "")) for k in RUN_INFO_FIELDS})
+        slots = event.get("slots")
+        for slot in range(slots if isinstance(slots, int) else 0):  # series exist from 0
+            for metric in (self.rounds, self.rounds_failed, self.round_s, self.quorum_wait_s,
+                           self.aggregation_s, self.evaluation_s, self.jobs_published,
+                           self.folded):
+                metric.labels(str(slot))
+
+    def _round_closed(self, event: Mapping[str, Any]) -> None:
+        self.rounds.labels(_slot(event)).inc()
+        if (seconds := event_seconds(event)) is not None:
+            self.round_s.labels(_slot(event)).observe(seconds)
+
+    def _round_failed(self, event: Mapping[str, Any]) -> None:
+        self.rounds_failed.labels(_slot(event)).inc()
+
+    def _quorum_reached(self, event: Mapping[str, Any]) -> None:
+        if (seconds := event_seconds(event, "wait_s")) is not None:
+            self.quorum_wait_s.labels(_slot(event)).observe(seconds)
+
+    def _aggregation_finished(self, event: Mapping[str, Any]) -> None:
+        if (seconds := event_seconds(event)) is not None:
+            self.aggregation_s.labels(_slot(event)).observe(seconds)
+
+    def _evaluation_finished(self, event: Mapping[str, Any]) -> None:
+        if (seconds := event_seconds(event)) is not None:
+            self.evaluation_s.labels(_slot(event)).observe(seconds)
+
+    def _model_published(self, event: Mapping[str, Any]) -> None:
+        self._model_nbytes[_slot(event)] = int(event.get("nbytes") or 0)
+
+    def _job_published(self, event: Mapping[str, Any]) -> None:
+        self.jobs_published.labels(_slot(event)).inc()
+        self.transfer.labels("down").inc(self._model_nbytes.get(_slot(event), 0))
+
+    def _lease_taken(self, event: Mapping[str, Any]) -> None:
+        self._lease_started[(str(event.get("client_id")), _slot(event))] = event_ts(event)
+
+    def _lease_returned(self, event: Mapping[str, Any]) -> None:
+        client = str(event.get("client_id"))
+        outcome = JOB_OUTCOME_OF_RETURN.get(str(event.get("reason")))
+        if outcome is not None:
+            self.jobs.labels(client, outcome).inc()
+        keys = [k for k in self._lease_started if k[0] == client
+                and (event.get("slot_id") is None or k[1] == _slot(event))]
+        for key in keys:
+            started = self._lease_started.pop(key)
+            self.client_busy_s.labels(client).inc(max(0.0, event_ts(event) - started))
+
+    def _update_received(self, event: Mapping[str, Any]) -> None:
+        self.transfer.labels("up").inc(int(event.get("nbytes") or 0))
+
+    def _update_folded(self, event: Mapping[str, Any]) -> None:
+        self.folded.labels(_slot(event)).inc()
+
+    def _update_rejected(self, event: Mapping[str, Any]) -> None:
+        self.rejected.labels(str(event.get("reason"))).inc()
+
+    def _registration_undecodable(self, _event: Mapping[str, Any]) -> None:
+        self.rejected.labels("bad_registration").inc()
+
+    def _update_late(self, event: Mapping[str, Any]) -> None:
+        self.late.labels(_slot(event), str(event.get("action"))).inc()
+
+    def _redis_reconnected(self, _event: Mapping[str, Any]) -> None:
+        self.reconnections.inc()
+
+    def _http_unauthorized(self, event: Mapping[str, Any]) -> None:
+        self.unauthorized.labels(str(event.get("route"))).inc()
+
+    _handlers: dict[str, Callable[[CoordinatorMetrics, Mapping[str, Any]], None]] = {
+        "run_started": _run_started, "run_resumed": _run_started,
+        "round_closed": _round_closed, "round_failed": _round_failed,
+        "quorum_reached": _quorum_reached, "aggregation_finished": _aggregation_finished,
+        "evaluation_finished": _evaluation_finished, "model_published": _model_published,
+        "job_published": _job_published, "lease_taken": _lease_taken,
+        "lease_returned": _lease_returned, "update_received": _update_received,
+        "update_folded": _update_folded, "update_rejected": _update_rejected,
+        "registration_undecodable": _registration_undecodable, "update_late": _update_late,
+        "redis_reconnected": _redis_reconnected, "http_unauthorized": _http_unauthorized,
+    }
+
+
+class _StatusCollector(Collector):
+    """What RunStatus holds, read at scrape time (nothing to keep in step)."""
+
+    def __init__(self, status: RunStatus, run_info: Mapping[str, str]) -> None:
+        self._status = status
+        self._run_info = run_info
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status
+        info = InfoMetricFamily("pwfl_run", "The run this coordinator serves")
+        info.add_metric([], {**self._run_info, "run_id": status.run_id, "state": status.state})
+        yield info
+        yield GaugeMetricFamily("pwfl_run_elapsed_seconds", "Seconds since the run started",
+                                value=status.elapsed_s)
+        yield GaugeMetricFamily("pwfl_clients_alive", "Clients whose heartbeat is current",
+                                value=sum(1 for c in status.clients.values() if c.get("alive")))
+        yield from self._slots(status)
+
+    @staticmethod
+    def _slots(status: RunStatus) -> Iterator[Metric]:
+        families = {
+            "round": GaugeMetricFamily("pwfl_slot_round", "The round in progress (or the "
+                                       "last one, once finished)", labels=["slot"]),
+            "last": GaugeMetricFamily("pwfl_slot_accuracy_ratio", "Accuracy of the latest "
+                                      "evaluated global model", labels=["slot"]),
+            "best": GaugeMetricFamily("pwfl_slot_best_accuracy_ratio", "Best accuracy so far",
+                                      labels=["slot"]),
+        }
+        for slot in status.slots.values():
+            label = [str(slot.slot_id)]
+            families["round"].add_metric(label, slot.round)
+            if slot.last_accuracy is not None:
+                families["last"].add_metric(label, slot.last_accuracy)
+            if slot.best_accuracy is not None:
+                families["best"].add_metric(label, slot.best_accuracy)
+        yield from families.values()
