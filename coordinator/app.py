@@ -38,6 +38,10 @@ from coordinator.leases import LeaseBroker
 from coordinator.local_agents import AgentAccess, LocalAgents
 from coordinator.models import PublishedModels
 from coordinator.observability import LatestModel, Observability
+from coordinator.population import pbt
+from coordinator.population.config import SlotConfig, run_configs
+from coordinator.population.final import run_final_merge
+from coordinator.population.hooks import Population
 from coordinator.progress import Progress
 from coordinator.results.dispatcher import ResultDispatcher
 from coordinator.results.validation import Rejections, ResultValidator
@@ -89,6 +93,9 @@ class Coordinator:
         self._task: asyncio.Task[Any] | None = None
         self.stop_requested = False
         self.ctx: RunContext | None = None
+        self.configs: dict[int, SlotConfig] = run_configs(
+            settings, (resume_state or {}).get("slot_configs"))
+        self.population: Population | None = None
         self._runners: dict[int, SlotRunner | GradientSlotRunner] = {}
 
     def _status_json(self) -> dict[str, Any]:
@@ -135,9 +142,10 @@ class Coordinator:
         keys = Keys(s.run_id)
         task = await asyncio.to_thread(load_task, s.task, s.full_task_options())
         evaluator = Evaluator(task)
-        pool = ClientPool(s.policy, clients_per_round=s.round_size, min_clients=s.min_clients,
-                          rng=random.Random(s.seed),
-                          prefer_unused=s.client_choice == "least-used")
+        caps = {i: c.clients_per_round for i, c in self.configs.items()}
+        pool = ClientPool(s.policy, clients_per_round=max(caps.values()),
+                          min_clients=s.min_clients, rng=random.Random(s.seed),
+                          prefer_unused=s.client_choice == "least-used", slot_caps=caps)
         states = await asyncio.to_thread(self._initial_states, evaluator)
         blobs = BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms)
         jobs = JobTable()
@@ -166,24 +174,49 @@ class Coordinator:
                 state = {k: v.clone() for k, v in decode(payload)[0].items()}
                 states.append((state, int(done[slot_id]["round"]) + 1))
             else:
-                states.append((evaluator.initial_state(self.settings.seed + slot_id), 1))
+                seed = self.settings.seed if self.settings.shared_init else (
+                    self.configs[slot_id].seed)
+                states.append((evaluator.initial_state(seed), 1))
         return states
 
     def _make_runners(self, states: list[tuple[dict[str, torch.Tensor], int]]) -> None:
         assert self.ctx is not None
         s = self.settings
         for slot_id, (state, first_round) in enumerate(states):
+            config = self.configs[slot_id]
             self.status.slots[slot_id] = SlotStatus(slot_id, s.rounds, round=first_round,
-                                                   rounds_done=first_round - 1)
+                                                   rounds_done=first_round - 1,
+                                                   config=config.flat())
             runner: SlotRunner | GradientSlotRunner
             if s.is_gradient_slot(slot_id):
                 runner = gradient.make_runner(self.ctx, slot_id, state, first_round)
             else:
-                strategy = make_strategy(s.strategy, **s.strategy_options)
+                strategy = make_strategy(config.strategy, **config.strategy_options)
                 self._restore_strategy(slot_id, first_round - 1, strategy)
-                runner = SlotRunner(self.ctx, slot_id, strategy, state, first_round)
+                runner = SlotRunner(self.ctx, slot_id, strategy, state, first_round,
+                                    config=config)
             self._runners[slot_id] = runner
             self.ctx.inboxes.add(slot_id, runner)
+        self.population = self._population()
+
+    def _population(self) -> Population | None:
+        """The round-boundary hook of PBT and periodic merges, attached to every slot."""
+        assert self.ctx is not None
+        s, ctx = self.settings, self.ctx
+        if s.population != "pbt" and s.merge != "every":
+            return None
+        pbt_settings = (pbt.PbtSettings(every=s.pbt_every, fraction=s.pbt_fraction)
+                        if s.population == "pbt" else None)
+        weight_slots = {i: r for i, r in self._runners.items() if isinstance(r, SlotRunner)}
+        population = Population(
+            slots=weight_slots, last_round=s.rounds, pbt_settings=pbt_settings,
+            bounds={k: (float(v[0]), float(v[1])) for k, v in s.explore_bounds.items()},
+            merge_every=s.merge_every if s.merge == "every" else 0,
+            evaluate=lambda state: ctx.evaluator.evaluate(-1, state),
+            rng=random.Random(f"{s.seed}:population:{len(s.slot_overrides)}"))
+        for runner in weight_slots.values():
+            runner.population = population
+        return population
 
     def _restore_strategy(self, slot_id: int, round_: int, strategy: Any) -> None:
         assert self.ctx is not None
@@ -209,6 +242,9 @@ class Coordinator:
                  model_nbytes=model_nbytes, seed=s.seed, mode=s.mode,
                  gradient_slots=[i for i in self._runners if s.is_gradient_slot(i)],
                  signing=self._secrets.keyring is not None,
+                 slot_configs=[self.configs[i].flat() for i in sorted(self.configs)],
+                 population=s.population, merge=s.merge, merge_every=s.merge_every,
+                 shared_init=s.shared_init,
                  rounds_done={i: r.first_round - 1 for i, r in self._runners.items()})
         if self._secrets.api_token_file is not None:
             log.info("api_token_generated", path=self._secrets.api_token_file)
@@ -216,7 +252,9 @@ class Coordinator:
 
     def _state_doc(self) -> dict[str, Any]:
         previous = self._resume or {}
+        configs = {str(i): c.flat() for i, c in self.configs.items()}
         return {"run_id": self.settings.run_id, "slots": previous.get("slots", {}),
+                "slot_configs": configs,
                 "settings": json_safe(dataclasses.asdict(self.settings))}
 
     # --- main loop ------------------------------------------------------------------------
@@ -242,9 +280,22 @@ class Coordinator:
                 async with asyncio.TaskGroup() as slots:
                     for runner in self._runners.values():
                         slots.create_task(runner.run(), name=f"slot-{runner.slot_id}")
+                await self._after_slots()
             finally:
                 for task in service_tasks:
                     task.cancel()
+
+    async def _after_slots(self) -> None:
+        """Merged models' evaluations finish; `--merge final` picks the run's result."""
+        assert self.ctx is not None
+        ctx = self.ctx
+        if self.population is not None:
+            await self.population.wait_evaluations()
+        if self.settings.merge == "final":
+            slots = {i: (r.state, self.status.slots[i].last_accuracy or 0.0)
+                     for i, r in self._runners.items()}
+            await run_final_merge(slots, lambda state: ctx.evaluator.evaluate(-1, state),
+                                  ctx.run_state.store)
 
     @staticmethod
     def _dispatcher(ctx: RunContext) -> ResultDispatcher:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator import security
+from coordinator.population import options as population_options
 from coordinator.settings import (
     TASK_ALIASES,
     CoordinatorSettings,
@@ -80,12 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         "on their batch-size weighted mean and broadcasts the new weights"))
     _add_infra_options(p.add_argument_group("infrastructure"))
     security.add_options(p.add_argument_group("security", security.GROUP_DESCRIPTION))
+    population_options.add_options(p.add_argument_group(
+        "per-slot configuration, PBT and merging", population_options.GROUP_DESCRIPTION))
     return p
 
 
 def _add_job_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--slots", type=_positive(int), default=3,
-                   help="weight slots: independent global models trained at once (default 3)")
+    g.add_argument("--slots", type=_positive(int), default=None,
+                   help="weight slots: independent global models trained at once (default 3, "
+                        "or one per --slot-config table / --sweep point)")
     g.add_argument("--rounds", type=_positive(int), default=5, help="rounds per slot (default 5)")
     g.add_argument("--clients", type=_positive(int), default=6, dest="expected_clients",
                    help="clients to wait for before starting; also the data partition count "
@@ -223,7 +227,7 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
 
 TRAINING_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "proximal_mu",
                    "max_steps")
-SETTINGS_FIELDS = ("slots", "rounds", "expected_clients", "clients_per_round", "min_clients",
+SETTINGS_FIELDS = ("rounds", "expected_clients", "clients_per_round", "min_clients",
                    "policy", "client_choice", "quorum", "deadline_s", "late_policy",
                    "staleness", "strategy",
                    "seed", "redis_url", "runs_dir", "log_file", "http_host", "http_port",
@@ -242,6 +246,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
         task_options=dict(args.task_option), strategy_options=dict(args.strategy_option),
         server_options=dict(args.server_option),
         progress=not args.no_progress, **{f: getattr(args, f) for f in SETTINGS_FIELDS},
+        **population_options.settings_fields(args, training),
         **{k: v for k, v in security.settings_fields(args, os.environ).items() if v is not None})
     _validate(settings)
     return settings
@@ -253,15 +258,23 @@ def _validate(s: CoordinatorSettings) -> None:
     if ":" not in s.task:
         raise SystemExit(f"--task {s.task!r}: use {', '.join(TASK_ALIASES)} or module:factory")
     if s.mode == "gradient" or s.gradient_slots:
-        from coordinator.gradient.optimizer import OptimizerError, ServerOptimizer
-
-        try:
-            ServerOptimizer(s.server_optimizer, s.server_optimizer_options())
-        except OptimizerError as exc:
-            raise SystemExit(f"--server-option: {exc}") from None
+        _validate_gradient(s)
     if s.min_clients > s.round_size:
         raise SystemExit(f"--min-clients {s.min_clients} exceeds clients per round "
                          f"{s.round_size}")
+
+
+def _validate_gradient(s: CoordinatorSettings) -> None:
+    from coordinator.gradient.optimizer import OptimizerError, ServerOptimizer
+
+    try:
+        ServerOptimizer(s.server_optimizer, s.server_optimizer_options())
+    except OptimizerError as exc:
+        raise SystemExit(f"--server-option: {exc}") from None
+    if s.population != "none" or s.merge != "none" or any(s.slot_overrides):
+        raise SystemExit("--population, --merge, --slot-config and --sweep work on weight slots "
+                         "only; gradient mode (--mode gradient, --gradient-slots) has its own "
+                         "optimiser options (--server-optimizer, --server-option)")
 
 
 def resume_settings(args: argparse.Namespace) -> tuple[CoordinatorSettings, dict[str, Any]]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 POLICIES = ("partition", "greedy")
@@ -62,6 +62,7 @@ class ClientPool:
         min_clients: int = 1,
         rng: random.Random | None = None,
         prefer_unused: bool = True,
+        slot_caps: Mapping[int, int] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -84,6 +85,13 @@ class ClientPool:
         self._arrivals = itertools.count()
         self.prefer_unused = prefer_unused
         self._uses: Counter[tuple[int, str]] = Counter()  # (slot, client) -> rounds together
+        # per-slot clients per round (a slot configured apart); others take clients_per_round
+        self.slot_caps = dict(slot_caps or {})
+
+    def cap(self, slot_id: int) -> int:
+        """Most clients `slot_id` takes for one round."""
+        return max(self.min_clients, min(self.slot_caps.get(slot_id, self.clients_per_round),
+                                         self.clients_per_round))
 
     # -- clients -------------------------------------------------------------------
 
@@ -188,7 +196,7 @@ class ClientPool:
         self._rng.shuffle(clients)
         plan = []
         for slot_id, size in zip(slots, sizes, strict=False):
-            taken, clients = self._choose(slot_id, clients, size)
+            taken, clients = self._choose(slot_id, clients, min(size, self.cap(slot_id)))
             plan.append(Assignment(slot_id, taken))
         return plan
 
@@ -198,7 +206,7 @@ class ClientPool:
         for slot_id in slots:
             if len(queue) < self.min_clients:
                 break
-            taken, queue = self._choose(slot_id, queue, self.clients_per_round)
+            taken, queue = self._choose(slot_id, queue, self.cap(slot_id))
             plan.append(Assignment(slot_id, taken))
         return plan
 

@@ -105,6 +105,16 @@ class CoordinatorSettings:
         if self.server_optimizer == "sgd":
             base["momentum"] = t.momentum
         return {**base, **self.server_options}
+    # Slots that differ and cooperate (coordinator.population): per-slot overrides of the
+    # command line (one map per slot, empty: all alike), PBT's explore bounds, merges.
+    slot_overrides: tuple[dict[str, Any], ...] = ()
+    explore_bounds: dict[str, list[float]] = field(default_factory=dict)
+    population: str = "none"  # or "pbt"
+    pbt_every: int = 2
+    pbt_fraction: float = 0.25
+    merge: str = "none"  # "final", or "every" with merge_every rounds
+    merge_every: int = 0
+    shared_init: bool = False
 
     @property
     def run_dir(self) -> Path:

@@ -22,6 +22,8 @@ from bus.connection import raise_if_cancelled
 from coordinator.context import RunContext
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord, new_job_id
+from coordinator.population.config import SlotConfig
+from coordinator.population.hooks import Population, Snapshot
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
 from coordinator.results.fold import fetch_and_fold
 from coordinator.results.validation import UpdateRejected
@@ -62,6 +64,9 @@ class SlotRunner:
     _open: OpenRound | None = None
     _background: asyncio.Task[None] | None = None
     finished: bool = False
+    config: SlotConfig | None = None  # None: the command line's training settings
+    population: Population | None = None  # PBT / merges at the round boundary
+    latest: Snapshot | None = None  # the model as it left the last round boundary
     aggregated_round: int | None = None  # the round `state` comes from (None: first_round - 1)
 
     @property
@@ -90,6 +95,8 @@ class SlotRunner:
             try:
                 for round_ in range(self.first_round, self.ctx.settings.rounds + 1):
                     await self._complete_round(round_)
+                    if self.population is not None:
+                        await self.population.round_closed(self, round_)
                 if self._background is not None:
                     await self._background
             finally:
@@ -165,15 +172,22 @@ class SlotRunner:
             job = Job(job_id=record.job_id, run_id=ctx.settings.run_id, slot_id=self.slot_id,
                       round=record.round, client_id=record.client_id, model_digest=ref.digest,
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
-                      task_options=ctx.task_options, config=ctx.job_config(record),
+                      task_options=ctx.task_options, config=self._job_config(record),
                       published_ts=time.time())
             items.append((ctx.keys.jobs(record.client_id), ctx.job_bytes(job)))
         await ctx.publish_many(items)
         for record in records:
             log.info("job_published", slot_id=self.slot_id, round=record.round,
                      client_id=record.client_id, job_id=record.job_id,
-                     seed=ctx.job_config(record)["seed"])
+                     seed=self._job_config(record)["seed"])
         ctx.status.counters["jobs_published"] += len(records)
+
+    def _job_config(self, record: JobRecord) -> dict[str, Any]:
+        """The run's job config (its seed per job) with this slot's training settings."""
+        config = self.ctx.job_config(record)
+        if self.config is not None:
+            config.update(self.config.training.job_config(config["seed"]))
+        return config
 
     async def _collect(self, opened: OpenRound) -> Closure:
         """Handle deliveries until the quorum closes the round."""
@@ -259,6 +273,7 @@ class SlotRunner:
         old_ref = self.model_ref
         self.state, self._payload = new_state, payload
         self.ctx.models.withdraw(self.slot_id)
+        self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)
         self.aggregated_round = opened.round
         await self._retire_blobs(opened, old_ref)
         await self._after_round(opened, payload, strategy_state)
@@ -314,6 +329,30 @@ class SlotRunner:
                  num_examples=metrics.get("num_examples"),
                  duration_s=round(time.perf_counter() - start, 6))
         return metrics
+
+    async def settle(self) -> None:
+        """Wait for the last round's evaluation and checkpoint."""
+        if self._background is not None:
+            await self._background
+
+    async def replace_model(self, state: dict[str, torch.Tensor], strategy: Strategy,
+                            config: SlotConfig, round_: int) -> None:
+        """PBT or a merge replaced the model the next round starts from: checkpointed as
+        round `round_`, so a resumed run goes on from it with this configuration."""
+        await self.settle()
+        payload = await asyncio.to_thread(encode, state)
+        strategy_state = strategy.state_dict()
+        self.state, self.strategy, self.config = state, strategy, config
+        self._payload = payload
+        self.ctx.models.withdraw(self.slot_id)
+        self.latest = Snapshot(round_, state, strategy_state, 0)
+        self.aggregated_round = round_
+        self.status.config = config.flat()
+        run_state = self.ctx.run_state
+        run_state.doc.setdefault("slot_configs", {})[str(self.slot_id)] = config.flat()
+        if not strategy_state:  # a stateless strategy now: no stale moments for --resume
+            run_state.store.model_path(self.slot_id, round_, "strategy").unlink(missing_ok=True)
+        await run_state.checkpoint(self.slot_id, round_, payload, strategy_state, {})
 
     async def drop_after_finish(self, delivery: Delivery) -> None:
         """A late result for a slot that has finished all its rounds: dropped and acked."""

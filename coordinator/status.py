@@ -26,6 +26,7 @@ class SlotStatus:
         default_factory=lambda: deque(maxlen=RECENT_ACCURACIES))
     best_accuracy: float | None = None
     evaluations: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # the slot's current configuration
 
     def record_accuracy(self, round_: int, accuracy: float, elapsed_s: float) -> None:
         self.accuracies.append((round_, accuracy, elapsed_s))
@@ -42,7 +43,7 @@ class SlotStatus:
             "slot_id": self.slot_id, "round": self.round, "rounds": self.rounds,
             "rounds_done": self.rounds_done, "state": self.state, "clients": list(self.clients),
             "last_accuracy": self.last_accuracy, "best_accuracy": self.best_accuracy,
-            "evaluations": self.evaluations,
+            "evaluations": self.evaluations, "config": dict(self.config),
             "accuracies": [{"round": r, "accuracy": a, "elapsed_s": t}
                            for r, a, t in self.accuracies],
         }

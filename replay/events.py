@@ -28,6 +28,8 @@ COORDINATOR_EVENTS = frozenset(
         "quorum_reached", "aggregation_finished", "evaluation_finished", "checkpoint_written",
         "round_closed", "round_failed", "slot_finished", "run_finished",
         "api_token_generated", "http_unauthorized", "run_stop_requested",
+        "pbt_exploit", "pbt_explore", "slots_merged", "merge_adopted", "merge_evaluated",
+        "final_merge",
     }
 )  # fmt: skip
 AGENT_EVENTS = frozenset(

@@ -55,7 +55,7 @@ def _style(ax: Any) -> None:
 
 def timeline(run: Run) -> bytes:
     """Who did what when: coordinator, slots' rounds, clients' leases and training."""
-    slots = run.slot_ids()
+    slots = [s for s in run.slot_ids() if s in run.rounds]  # not the merged models' scores
     colour = {slot: _colour(i) for i, slot in enumerate(slots)}
     clients = sorted(run.clients, key=lambda c: (len(c), c))
     labels = ["coordinator", *(f"slot {s} rounds" for s in slots), *clients]
@@ -156,12 +156,14 @@ def accuracy(summary: RunSummary) -> bytes:
         if not slot.accuracy_over_time:
             continue
         xs, ys = zip(*slot.accuracy_over_time, strict=True)
+        label = summary.slot_labels.get(str(slot.slot_id))
         ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.8, color=_colour(index),
-                label=f"slot {slot.slot_id}")
+                label=f"slot {slot.slot_id}" + (f": {label}" if label and "=" in label else ""))
         if slot.time_to_target_s is not None:
             ax.axvline(slot.time_to_target_s, color=_colour(index), linestyle=":", linewidth=1)
     ax.axhline(summary.target_accuracy, color=_INK, linestyle="--", linewidth=1,
                label=f"target {summary.target_accuracy:g}")
+    _draw_exploits(ax, summary)
     ax.set_xlim(0, max(summary.wall_s, 1e-6) * 1.03)
     ax.set_xlabel("seconds since run start", color=_INK)
     ax.set_ylabel("test accuracy", color=_INK)
@@ -169,6 +171,22 @@ def accuracy(summary: RunSummary) -> bytes:
     ax.grid(axis="y", color=_GRID, linewidth=0.8)
     ax.legend(fontsize=8, frameon=False, loc="best")
     return _png(fig)
+
+
+def _draw_exploits(ax: Any, summary: RunSummary) -> None:
+    """A PBT exploit: an arrow from the donor's score to the slot's, labelled with the donor."""
+    index = {str(s.slot_id): i for i, s in enumerate(summary.slots)}
+    exploits = [s for s in summary.lineage if s.event == "pbt_exploit"]
+    for step in exploits:
+        donor, mine = step.fields.get("donor_accuracy"), step.fields.get("accuracy")
+        if not isinstance(donor, int | float) or not isinstance(mine, int | float):
+            continue
+        colour = _colour(index.get(str(step.slot_id), 0))
+        ax.annotate(f"{step.slot_id}←{step.fields.get('donor_slot_id')}", (step.t_s, donor),
+                    xytext=(step.t_s, mine), fontsize=7, color=colour, ha="center",
+                    arrowprops={"arrowstyle": "->", "color": colour, "linewidth": 0.9})
+    if exploits:
+        ax.plot([], [], color=_INK, linewidth=0.9, label="PBT exploit (slot←donor)")
 
 
 def idle(summary: RunSummary) -> bytes:

@@ -236,6 +236,8 @@ class Run:
     incidents: list[Incident] = field(default_factory=list)
     violations: list[LeaseViolation] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # PBT and merge events (replay.population.POPULATION_EVENTS): (ts, name, fields)
+    population_events: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def start(self) -> float:

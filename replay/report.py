@@ -127,6 +127,7 @@ def _run_section(directory: Path, run: Run, summary: RunSummary, whatif: WhatIf 
                 "Idle fractions: whole run, and once the first round started."),
         "</div>",
         _slot_tables(summary),
+        _population_section(summary),
         _clients_table(summary),
         "<div class=\"two\"><div>", _coordinator_table(summary), "</div><div>",
         _integrity_table(summary), "</div></div>",
@@ -173,6 +174,24 @@ def _cards(summary: RunSummary) -> str:
               f"{fmt.percent(summary.client_idle_fraction_after_first_round)} once rounds run"),
         _card("lease violations", violations, "a client leased to two slots at once"),
     ]) + "</div>"
+
+
+def _population_section(summary: RunSummary) -> str:
+    """Slots ranked with their configuration labels; the PBT/merge lineage."""
+    out = []
+    if summary.ranking and summary.slot_labels:
+        rows = [[str(r.rank), str(r.slot_id), r.label, fmt.seconds(r.time_to_target_s),
+                 fmt.accuracy(r.final_accuracy), fmt.accuracy(r.best_accuracy)]
+                for r in summary.ranking]
+        out += ["<h3>Slots by configuration (ranked by time to target, then final "
+                "accuracy)</h3>", _table(["rank", "slot", "configuration (what differs)",
+                                          f"time to {summary.target_accuracy:g}",
+                                          "final accuracy", "best accuracy"], rows, left=3)]
+    if summary.lineage:
+        rows = [[fmt.seconds(s.t_s), str(s.round), s.event, s.text] for s in summary.lineage]
+        out += ["<h3>Lineage: PBT and merges</h3>",
+                _table(["t", "round", "event", "what happened"], rows, left=4)]
+    return "\n".join(out)
 
 
 def _slot_tables(summary: RunSummary) -> str:

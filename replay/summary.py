@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 from statistics import fmean
 from typing import Any
 
-from replay import intervals
-from replay.events import SlotId
+from replay import intervals, population
+from replay.events import SlotId, as_float, as_slot_id
 from replay.intervals import Span
 from replay.model import CATEGORIES, ClientRecord, RoundRecord, Run
+from replay.population import LineageStep
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,14 @@ class RunSummary:
     lease_violations: int
     lease_violation_details: list[ViolationDetail]
     warnings: list[str] = field(default_factory=list)
+    # Slots that differ and cooperate (replay.population): each slot's label (what differs
+    # between the configurations), slots ranked by time to target then final accuracy,
+    # PBT and merge events in time order, and each slot's hyperparameter trajectory.
+    slot_labels: dict[str, str] = field(default_factory=dict)
+    ranking: list[RankedSlot] = field(default_factory=list)
+    lineage: list[LineageStep] = field(default_factory=list)
+    hyperparameters: dict[str, list[tuple[float, int, dict[str, Any]]]] = field(
+        default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,7 +204,35 @@ def summarise(run: Run, target: float) -> RunSummary:
             for v in run.violations
         ],
         warnings=list(run.warnings),
+        **_population(run, slots),
     )
+
+
+@dataclass(frozen=True)
+class RankedSlot:
+    rank: int
+    slot_id: SlotId
+    label: str
+    time_to_target_s: float | None
+    final_accuracy: float | None
+    best_accuracy: float | None
+
+
+def _population(run: Run, slots: list[SlotSummary]) -> dict[str, Any]:
+    configs = run.config.get("slot_configs")
+    configs = configs if isinstance(configs, list) else []
+    labels = population.slot_labels(configs)
+    ordered = sorted(slots, key=lambda s: (s.time_to_target_s is None, s.time_to_target_s or 0.0,
+                                           -(s.final_accuracy or 0.0)))
+    ranking = [RankedSlot(i + 1, s.slot_id, labels.get(str(s.slot_id), f"slot {s.slot_id}"),
+                          s.time_to_target_s, s.final_accuracy, s.best_accuracy)
+               for i, s in enumerate(ordered) if s.accuracy_over_time]
+    steps = [population.LineageStep(ts - run.start, name, as_slot_id(f.get("slot_id", "?")),
+                                    int(as_float(f.get("round")) or 0),
+                                    population.describe(name, f), f)
+             for ts, name, f in run.population_events]
+    return {"slot_labels": labels, "ranking": ranking, "lineage": steps,
+            "hyperparameters": population.trajectories(configs, steps) if steps else {}}
 
 
 def _rel(run: Run, ts: float | None) -> float | None:

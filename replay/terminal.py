@@ -35,6 +35,11 @@ def render_run(console: Console, summary: RunSummary, *, show_rounds: bool) -> N
                  f"{summary.status}[/]")
     console.print(_headline(summary))
     console.print(_slots_table(summary))
+    if summary.ranking and any(" " in label or "=" in label
+                               for label in summary.slot_labels.values()):
+        console.print(_ranking_table(summary))
+    if summary.lineage:
+        console.print(_lineage_table(summary))
     console.print(_phases_table(summary))
     if show_rounds:
         for slot in summary.slots:
@@ -85,6 +90,25 @@ def _slots_table(summary: RunSummary) -> Table:
             "-" if slot.rounds_to_target is None else str(slot.rounds_to_target),
             fmt.sparkline([acc for _t, acc in slot.accuracy_over_time], 0.0, 1.0),
         )
+    return table
+
+
+def _ranking_table(summary: RunSummary) -> Table:
+    target = f"{summary.target_accuracy:g}"
+    table = _table("Slots by configuration (ranked by time to target, then final accuracy)",
+                   "rank", "slot", "configuration (what differs)", f"time to\n{target}",
+                   "final\naccuracy", "best\naccuracy", left=3)
+    for r in summary.ranking:
+        table.add_row(str(r.rank), str(r.slot_id), r.label, fmt.seconds(r.time_to_target_s),
+                      fmt.accuracy(r.final_accuracy), fmt.accuracy(r.best_accuracy))
+    return table
+
+
+def _lineage_table(summary: RunSummary) -> Table:
+    table = _table("Lineage: PBT exploits/explores and merges (t: since run start)", "t",
+                   "round", "event", "what happened", left=4)
+    for step in summary.lineage:
+        table.add_row(fmt.seconds(step.t_s), str(step.round), step.event, step.text)
     return table
 
 

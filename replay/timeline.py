@@ -28,6 +28,7 @@ from replay.model import (
     Run,
     Segment,
 )
+from replay.population import MERGED, POPULATION_EVENTS
 
 # Fields every line carries; the rest of run_started is the run's configuration.
 _COMMON_FIELDS = frozenset({"ts", "event", "level", "proc", "pid", "run_id"})
@@ -94,6 +95,7 @@ class _Builder:
             "checkpoint_written": self._on_checkpoint_written,
             "round_closed": self._on_round_closed,
             "round_failed": self._on_round_failed,
+            **dict.fromkeys(POPULATION_EVENTS, self._on_population),
         }
 
     # -- driving ---------------------------------------------------------------------------
@@ -313,6 +315,14 @@ class _Builder:
         record.aggregation_s += event.num("duration_s")
         record.num_updates = int(event.num("num_updates", record.num_updates))
         self._span(event)
+
+    def _on_population(self, event: Event) -> None:
+        """PBT and merges: kept for the lineage; a merged model's score is a point of the
+        "merged" pseudo-slot's accuracy curve."""
+        self.run.population_events.append((event.ts, event.name, dict(event.fields)))
+        accuracy = event.opt_num("accuracy")
+        if event.name in ("merge_evaluated", "final_merge") and accuracy is not None:
+            self.run.evaluations.setdefault(MERGED, []).append((event.ts, event.round, accuracy))
 
     def _on_evaluation_finished(self, event: Event) -> None:
         record = self._round(event)

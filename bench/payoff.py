@@ -1,0 +1,272 @@
+"""`python -m bench.payoff`: do several slots pay off, at equal compute?
+
+Runs, on identical partitions (the same `--task-option partition_seed`) and at
+equal compute (the same number of client jobs: R rounds x 6 clients for one slot,
+R rounds x 2 clients for each of three slots), the modes:
+
+- ``one``: 1 slot with every client each round;
+- ``independent``: 3 slots, the same configuration, seeds SEED+i;
+- ``sweep``: 3 slots, ``--sweep lr=LR/2,LR,2LR``;
+- ``pbt``: 3 slots with ``--population pbt``;
+- ``merged``: 3 slots from one initial model, ``--merge every=K``.
+
+Everything is read back from the runs' event logs with the replay code: per run,
+the time (since the first round started) at which the best model so far (any slot,
+or a merged model) first reaches each target accuracy, the best accuracy at equal
+wall time (the shortest run of that seed), the final best accuracy and the busy
+fractions of the clients and the coordinator once rounds run. Over the partition
+seeds: mean and spread (population standard deviation), a table, and one JSON line
+with `best_mode`, `best_time_to_85_vs_one_slot` and `best_accuracy_gain_points`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from replay.events import read_log
+from replay.summary import RunSummary, summarise
+from replay.timeline import rebuild_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = (0.80, 0.85, 0.88)
+MODES = ("one", "independent", "sweep", "pbt", "merged")
+GOAL_TIME_RATIO = 0.7
+GOAL_GAIN_POINTS = 1.0
+PARTITION_OPTION = {"synthetic": "seed"}  # the task option that fixes the clients' data
+
+
+@dataclass(frozen=True)
+class RunResult:
+    mode: str
+    seed: int
+    wall_s: float  # first round started to the last evaluation
+    time_to: dict[str, float | None]  # target -> seconds since the first round
+    jobs_to: dict[str, int | None]  # target -> client jobs aggregated by then (load-free)
+    curve: list[tuple[float, float]]  # (s since first round, best accuracy so far)
+    final_best: float | None
+    client_busy: float
+    coordinator_busy: float
+    jobs: int
+    status: str = "finished"  # the run's end as its log says; others are not a wall-time bound
+
+
+def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[str]:
+    """The coordinator options that make a mode (beyond the common ones)."""
+    return {
+        "one": ["--slots", "1", "--clients-per-round", "6"],
+        "independent": ["--slots", "3"],
+        "sweep": ["--sweep", f"lr={lr / 2:g},{lr:g},{lr * 2:g}"],
+        "pbt": ["--slots", "3", "--population", "pbt", "--pbt-every", str(pbt_every)],
+        "merged": ["--slots", "3", "--shared-init", "--merge", f"every={merge_every}"],
+    }[mode]
+
+
+def common_args(args: argparse.Namespace, seed: int) -> list[str]:
+    return ["--task", args.task, "--clients", "6", "--rounds", str(args.rounds),
+            "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
+            "--lr", f"{args.lr:g}", "--local-agents", "2", "--seed", str(seed),
+            "--task-option", f"{PARTITION_OPTION.get(args.task, 'partition_seed')}={seed}",
+            "--no-progress", "--http-port", "0"]
+
+
+def run_mode(args: argparse.Namespace, mode: str, seed: int) -> Path:
+    """Run one mode to the end; its event log."""
+    run_id = f"{mode}-seed{seed}"
+    argv = [sys.executable, "-m", "coordinator", "--runs-dir", str(args.out), "--run-id", run_id,
+            *common_args(args, seed), *mode_args(mode, args.lr, args.merge_every, args.pbt_every)]
+    log = (args.out / f"{run_id}.console.log").open("wb")
+    started = time.monotonic()
+    code = subprocess.call(argv, cwd=ROOT, stdout=log, stderr=log,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    log.close()
+    print(f"  {run_id}: exit {code}, {time.monotonic() - started:.0f} s", flush=True)
+    if code != 0:
+        raise SystemExit(f"{run_id} failed (exit {code}): see {log.name}")
+    return args.out / run_id / "events.jsonl"
+
+
+def best_curve(summary: RunSummary) -> list[tuple[float, float]]:
+    """(s since the first round, best accuracy so far over every slot and merged model)."""
+    start = summary.first_round_s or 0.0
+    points = sorted(p for slot in summary.slots for p in slot.accuracy_over_time)
+    curve, best = [], 0.0
+    for t, acc in points:
+        best = max(best, acc)
+        curve.append((t - start, best))
+    return curve
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def accuracy_at(curve: list[tuple[float, float]], t_s: float) -> float | None:
+    reached = [acc for t, acc in curve if t <= t_s + 1e-9]
+    return reached[-1] if reached else None
+
+
+def jobs_by(summary: RunSummary, t_s: float | None) -> int | None:
+    """Client updates aggregated (rounds past their quorum) by `t_s` since the first round."""
+    if t_s is None:
+        return None
+    start = summary.first_round_s or 0.0
+    return sum(r.num_updates for slot in summary.slots for r in slot.round_details
+               if r.start_s is not None and r.quorum_wait_s is not None
+               and r.start_s + r.quorum_wait_s - start <= t_s + 1e-9)
+
+
+def result_of(mode: str, seed: int, path: Path) -> RunResult:
+    summary = summarise(rebuild_runs(read_log(path))[0], 0.85)
+    curve = best_curve(summary)
+    times = {f"{t:g}": time_to(curve, t) for t in TARGETS}
+    finals = [s.final_accuracy for s in summary.slots if s.final_accuracy is not None]
+    return RunResult(
+        mode=mode, seed=seed, wall_s=curve[-1][0] if curve else 0.0,
+        time_to=times, jobs_to={k: jobs_by(summary, t) for k, t in times.items()}, curve=curve,
+        final_best=max(finals, default=None),
+        client_busy=1.0 - summary.client_idle_fraction_after_first_round,
+        coordinator_busy=summary.coordinator_busy_fraction_after_first_round,
+        jobs=sum(c.jobs_done for c in summary.clients), status=summary.status)
+
+
+# -- aggregation ---------------------------------------------------------------------------
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and spread of the values present, and how many were missing."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, len(values)
+    return statistics.fmean(present), statistics.pstdev(present), len(values) - len(present)
+
+
+def _num(value: int | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
+    """Per mode: each metric's mean, spread and missing count over the seeds."""
+    seeds = sorted({r.seed for r in results})
+    equal_t = {s: min((r.wall_s for r in results if r.seed == s and r.status == "finished"),
+                      default=0.0) for s in seeds}
+    rows: dict[str, dict[str, Any]] = {}
+    for mode in dict.fromkeys(r.mode for r in results):
+        mine = [r for r in results if r.mode == mode]
+        metrics: dict[str, list[float | None]] = {
+            **{f"time_to_{k}": [r.time_to[k] for r in mine] for k in mine[0].time_to},
+            **{f"jobs_to_{k}": [_num(r.jobs_to[k]) for r in mine] for k in mine[0].jobs_to},
+            "accuracy_at_equal_time": [accuracy_at(r.curve, equal_t[r.seed]) for r in mine],
+            "final_best_accuracy": [r.final_best for r in mine],
+            "client_busy": [r.client_busy for r in mine],
+            "coordinator_busy": [r.coordinator_busy for r in mine],
+            "wall_s": [r.wall_s for r in mine], "jobs": [float(r.jobs) for r in mine]}
+        rows[mode] = {k: dict(zip(("mean", "spread", "missing"), _stats(v), strict=True))
+                      for k, v in metrics.items()}
+    return rows
+
+
+def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The best multi-slot mode against one slot, and whether the issue's goal is met."""
+    one = rows.get("one")
+    others = {m: r for m, r in rows.items() if m != "one"}
+    if one is None or not others:
+        return {"best_mode": None}
+
+    def key(mode: str) -> tuple[float, float]:
+        t = others[mode]["time_to_0.85"]
+        missing = t["missing"] or t["mean"] is None
+        return (float("inf") if missing else t["mean"],
+                -(others[mode]["accuracy_at_equal_time"]["mean"] or 0.0))
+
+    best = min(others, key=key)
+    t_best, t_one = others[best]["time_to_0.85"], one["time_to_0.85"]
+    ratio = (t_best["mean"] / t_one["mean"]
+             if t_best["mean"] and t_one["mean"] and not t_best["missing"]
+             and not t_one["missing"] else None)
+    a_best = others[best]["accuracy_at_equal_time"]["mean"]
+    a_one = one["accuracy_at_equal_time"]["mean"]
+    gain = (a_best - a_one) * 100 if a_best is not None and a_one is not None else None
+    return {"best_mode": best, "best_time_to_85_vs_one_slot": ratio,
+            "best_accuracy_gain_points": gain,
+            "goal_met": bool(ratio is not None and ratio <= GOAL_TIME_RATIO
+                             and gain is not None and gain >= GOAL_GAIN_POINTS)}
+
+
+def _cell(stat: dict[str, Any], scale: float = 1.0, unit: str = "") -> str:
+    if stat["mean"] is None:
+        return "never"
+    text = f"{stat['mean'] * scale:.1f}±{stat['spread'] * scale:.1f}{unit}"
+    return text + (f" ({stat['missing']} never)" if stat["missing"] else "")
+
+
+def render(rows: dict[str, dict[str, Any]]) -> str:
+    first = rows[next(iter(rows))]
+    header = ["mode", *(f"to {k[8:]}" for k in first if k.startswith("time_to")),
+              *(f"jobs to {k[8:]}" for k in first if k.startswith("jobs_to")),
+              "acc @ equal t", "final best", "client busy", "coord busy", "wall", "jobs"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for mode, row in rows.items():
+        times = [_cell(v, unit="s") for k, v in row.items() if k.startswith("time_to")]
+        jobs = [_cell(v) for k, v in row.items() if k.startswith("jobs_to")]
+        lines.append(" | ".join([
+            mode, *times, *jobs, _cell(row["accuracy_at_equal_time"], 100, "%"),
+            _cell(row["final_best_accuracy"], 100, "%"), _cell(row["client_busy"], 100, "%"),
+            _cell(row["coordinator_busy"], 100, "%"), _cell(row["wall_s"], unit="s"),
+            _cell(row["jobs"])]))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.payoff", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=16, help="rounds per slot (default 16)")
+    p.add_argument("--seeds", default="0,1,2", help="partition and run seeds (default 0,1,2)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"default {','.join(MODES)}")
+    p.add_argument("--task", default="fashion_mnist", help="default fashion_mnist")
+    p.add_argument("--max-steps", type=int, default=40, help="local steps per job (default 40)")
+    p.add_argument("--batch-size", type=int, default=32, help="default 32")
+    p.add_argument("--lr", type=float, default=0.05, help="client lr; the sweep's middle point "
+                                                          "(default 0.05)")
+    p.add_argument("--merge-every", type=int, default=2, help="merged mode's K (default 2)")
+    p.add_argument("--pbt-every", type=int, default=2, help="pbt mode's K (default 2)")
+    p.add_argument("--out", type=Path, default=Path("runs/payoff"),
+                   help="where the runs go (default runs/payoff)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read runs already in --out instead of running them again")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for mode in args.modes.split(","):
+            path = args.out / f"{mode}-seed{seed}" / "events.jsonl"
+            if not (args.reuse and path.exists()):
+                path = run_mode(args, mode, seed)
+            results.append(result_of(mode, seed, path))
+            _save(args.out, results)  # what is done so far survives a stopped benchmark
+    rows = table(results)
+    print(render(rows))
+    for r in results:
+        if r.status != "finished":
+            print(f"note: {r.mode}-seed{r.seed} ended {r.status} after {r.wall_s:.0f} s; its "
+                  "numbers are up to then (see its log)")
+    print(json.dumps({**verdict(rows), "seeds": args.seeds, "rounds": args.rounds,
+                      "max_steps": args.max_steps}))
+    return 0
+
+
+def _save(out: Path, results: list[RunResult]) -> None:
+    (out / "results.json").write_text(json.dumps(
+        {"rows": table(results), "runs": [asdict(r) for r in results]}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

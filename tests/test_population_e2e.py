@@ -1,0 +1,126 @@
+"""End to end with real agents: a sweep, PBT, periodic and final merges, a resumed PBT run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bus.embedded import EmbeddedRedis
+from replay.events import read_log
+from replay.summary import summarise
+from replay.timeline import rebuild_runs
+from tests.e2e import Run, lease_violations, start_coordinator
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+COMMON = ("--task", "synthetic", "--clients", "3", "--local-agents", "1")
+SLOW = ("--task", "tests.e2e_tasks:SlowClientTask", "--task-option", "base_s=0.1",
+        "--clients", "3", "--local-agents", "1")
+
+
+@pytest.fixture
+def launch(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Start coordinators on the session Redis; any still running at teardown is killed."""
+    runs: list[Run] = []
+
+    def start(run_id: str, *args: str) -> Run:
+        runs.append(start_coordinator(redis_server.url, tmp_path, run_id, *args))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.close()
+
+
+def finished(run: Run) -> list[dict[str, object]]:
+    """The run's events once it exited 0, its leases (since its last start) disjoint."""
+    assert run.wait(240) == 0, run.output()[-4000:]
+    events = run.events()
+    starts = [i for i, e in enumerate(events) if e["event"] in ("run_started", "run_resumed")]
+    assert lease_violations(events[starts[-1]:]) == []  # an interrupted run leaves leases held
+    return events
+
+
+def test_sweep_run_records_each_slot_configuration_and_replay_labels_them(
+        launch: Callable[..., Run]) -> None:
+    """--sweep: one slot per point; run_started lists the configs; replay labels and ranks."""
+    run = launch("pop-sweep", *COMMON, "--rounds", "2", "--sweep", "lr=0.01,0.1",
+                 "--sweep", "strategy=fedavg,fedadam")
+    events = finished(run)
+    configs = next(e for e in events if e["event"] == "run_started")["slot_configs"]
+    assert [(c["lr"], c["strategy"]) for c in configs] == [  # type: ignore[index]
+        (0.01, "fedavg"), (0.01, "fedadam"), (0.1, "fedavg"), (0.1, "fedadam")]
+    jobs = [e for e in events if e["event"] == "job_published"]
+    assert {e["slot_id"] for e in jobs} == {0, 1, 2, 3}
+    summary = summarise(rebuild_runs(read_log(run.events_path))[0], 0.5)
+    assert summary.slot_labels == {"0": "lr=0.01 strategy=fedavg", "1": "lr=0.01 strategy=fedadam",
+                                   "2": "lr=0.1 strategy=fedavg", "3": "lr=0.1 strategy=fedadam"}
+    assert sorted(r.rank for r in summary.ranking) == [1, 2, 3, 4]
+
+
+PBT_ARGS = ("--sweep", "lr=0.0001,0.2,0.3", "--population", "pbt", "--pbt-every", "1",
+            "--pbt-fraction", "0.34")
+
+
+def test_pbt_run_logs_exploits_that_replay_shows_as_lineage(launch: Callable[..., Run]) -> None:
+    """The weak slot (lr 1e-4) copies a strong one; each exploit is followed by its explore."""
+    run = launch("pop-pbt", *COMMON, "--rounds", "4", *PBT_ARGS)
+    events = finished(run)
+    exploits = [e for e in events if e["event"] == "pbt_exploit"]
+    explores = [e for e in events if e["event"] == "pbt_explore"]
+    assert exploits
+    assert [(e["slot_id"], e["round"]) for e in exploits] == [
+        (e["slot_id"], e["round"]) for e in explores]
+    summary = summarise(rebuild_runs(read_log(run.events_path))[0], 0.5)
+    assert [s.event for s in summary.lineage] == [
+        e["event"] for e in events if e["event"] in ("pbt_exploit", "pbt_explore")]
+    assert any(len(path) > 1 for path in summary.hyperparameters.values())
+
+
+def test_periodic_merge_run_merges_and_evaluates(launch: Callable[..., Run]) -> None:
+    """--merge every=2 with --shared-init: one merge (none after the last round), adopted by
+    every slot at its next boundary, and evaluated."""
+    run = launch("pop-merge", *COMMON, "--rounds", "4", "--slots", "3", "--shared-init",
+                 "--merge", "every=2")
+    events = finished(run)
+    assert [e["epoch"] for e in events if e["event"] == "slots_merged"] == [1]
+    assert sorted(e["slot_id"] for e in events if e["event"] == "merge_adopted") == [0, 1, 2]
+    assert [e["accuracy"] is not None for e in events if e["event"] == "merge_evaluated"] == [
+        True]
+    digests = {e["digest"] for e in events if e["event"] == "model_published" and e["round"] == 1}
+    assert len(digests) == 1  # a shared initial model: the three slots publish the same bytes
+
+
+def test_final_merge_keeps_the_best_of_slots_average_and_soup(
+        launch: Callable[..., Run], tmp_path: Path) -> None:
+    """--merge final: the average and the greedy soup are evaluated, the best is the result."""
+    run = launch("pop-final", *COMMON, "--rounds", "2", "--slots", "3", "--shared-init",
+                 "--merge", "final")
+    events = finished(run)
+    (final,) = [e for e in events if e["event"] == "final_merge"]
+    candidates = [final["best_slot_accuracy"], final["average_accuracy"], final["soup_accuracy"]]
+    assert final["accuracy"] == max(candidates)  # type: ignore[type-var]
+    assert (tmp_path / "pop-final" / "checkpoints" / "result.pwfl").exists()
+
+
+def test_resumed_pbt_run_continues_its_lineage(launch: Callable[..., Run], tmp_path: Path) -> None:
+    """Stopped after an exploit, a resumed run goes on with the explored configuration."""
+    first = launch("pop-resume", *SLOW, "--rounds", "6", *PBT_ARGS)
+    first.wait_for(lambda ev: any(e["event"] == "pbt_explore" for e in ev)
+                            and any(e["event"] == "round_closed" and e["round"] >= 3
+                                    for e in ev), timeout_s=120)
+    assert first.interrupt() == 130
+    explores = [e for e in first.events() if e["event"] == "pbt_explore"]
+    last = {e["slot_id"]: e["config"] for e in explores}
+    saved = json.loads((tmp_path / "pop-resume" / "state.json").read_text())["slot_configs"]
+    second = launch("pop-resume", "--resume", "pop-resume", "--local-agents", "1")
+    events = finished(second)
+    resumed = next(e for e in events if e["event"] == "run_resumed")
+    for slot_id, config in last.items():
+        assert resumed["slot_configs"][slot_id] == config == saved[str(slot_id)]  # type: ignore[index]
+    assert max(e["round"] for e in events if e["event"] == "round_closed") == 6
+    summary = summarise(rebuild_runs(read_log(second.events_path))[0], 0.5)
+    assert summary.restarts == 1
+    assert len(summary.lineage) >= 2 * len(explores)  # the lineage of both processes
