@@ -121,7 +121,9 @@ class Coordinator:
         try:
             await self._startup()
             await self._main()
-            self.status.state = "finished"
+            # A slot that gave up (slot_failed) lets the others finish; the run did not.
+            failed = any(slot.state == "failed" for slot in self.status.slots.values())
+            self.status.state = "failed" if failed else "finished"
         except asyncio.CancelledError:
             self.status.state = "interrupted"
             raise

@@ -99,12 +99,26 @@ class SlotRunner:
                         await self.population.round_closed(self, round_)
                 if self._background is not None:
                     await self._background
+            except SlotFailed as exc:
+                await self._give_up(exc)
+                return
             finally:
                 self.finished = True
                 self.ctx.broker.retire(self.slot_id)
         self.status.state = "done"
         log.info("slot_finished", slot_id=self.slot_id, rounds=self.status.rounds_done,
                  accuracy=self.status.last_accuracy)
+
+    async def _give_up(self, exc: SlotFailed) -> None:
+        """The slot stops (a diverged sweep point, say); the run's other slots go on. Its
+        last evaluation and checkpoint still land."""
+        if self._background is not None:
+            await self._background
+        self.status.state = "failed"
+        log.error("slot_failed", slot_id=self.slot_id, round=self.status.round, reason=str(exc),
+                  rounds=self.status.rounds_done, accuracy=self.status.last_accuracy)
+        if self.population is not None:
+            await self.population.slot_failed(self.slot_id, self.status.round)
 
     async def _complete_round(self, round_: int) -> None:
         failures = 0

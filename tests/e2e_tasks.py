@@ -48,6 +48,24 @@ class FlakyTask(SlowClientTask):
         return super().train(model, client_id, config, device)
 
 
+class DivergingTask(SyntheticTask):
+    """The synthetic task whose training diverges (every weight NaN) when a job's learning
+    rate is at least `diverge_lr`: a sweep point that blows up."""
+
+    def __init__(self, diverge_lr: float = 1.0, **options: Any) -> None:
+        super().__init__(**options)
+        self._diverge_lr = diverge_lr
+
+    def train(self, model: torch.nn.Module, client_id: str, config: TrainConfig,
+              device: torch.device) -> TrainOutcome:
+        outcome = super().train(model, client_id, config, device)
+        if config.lr >= self._diverge_lr:
+            with torch.no_grad():
+                for tensor in model.parameters():
+                    tensor.fill_(float("nan"))
+        return outcome
+
+
 class HangingTask(SlowClientTask):
     """SlowClientTask whose training call never returns (a stuck user call) on the listed
     clients' `hang_on_job`-th job in a trainer process; with `once_file`, only the first

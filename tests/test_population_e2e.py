@@ -124,3 +124,19 @@ def test_resumed_pbt_run_continues_its_lineage(launch: Callable[..., Run], tmp_p
     summary = summarise(rebuild_runs(read_log(second.events_path))[0], 0.5)
     assert summary.restarts == 1
     assert len(summary.lineage) >= 2 * len(explores)  # the lineage of both processes
+
+
+def test_a_diverged_sweep_point_fails_alone(launch: Callable[..., Run]) -> None:
+    """A sweep point whose updates are all NaN gives up (slot_failed) after its retries; the
+    other slot trains to its last round, and the run exits 1 (not every slot finished)."""
+    run = launch("pop-diverge", "--task", "tests.e2e_tasks:DivergingTask", "--task-option",
+                 "diverge_lr=0.5", "--clients", "2", "--local-agents", "1", "--rounds", "3",
+                 "--sweep", "lr=0.05,1.0")
+    assert run.wait(240) == 1, run.output()[-4000:]
+    events = run.events()
+    failed = [e for e in events if e["event"] == "slot_failed"]
+    assert [e["slot_id"] for e in failed] == [1]
+    assert {e["reason"] for e in events if e["event"] == "update_rejected"} == {"not_finite"}
+    closed = {(e["slot_id"], e["round"]) for e in events if e["event"] == "round_closed"}
+    assert closed == {(0, 1), (0, 2), (0, 3)}
+    assert next(e for e in events if e["event"] == "run_finished")["status"] == "failed"

@@ -193,3 +193,18 @@ async def test_periodic_merge_waits_for_every_slot_and_logs_it() -> None:
         slot.latest = Snapshot(3, {"w": slot.latest.state["w"] + 1}, {}, 10)  # type: ignore[union-attr]
         await population.round_closed(slot, 3)
         assert torch.allclose(slot.replaced[0][0]["w"], torch.full((2,), expected + 1))
+
+
+async def test_a_failed_slot_is_no_donor_and_merges_go_on_without_it() -> None:
+    """After slot_failed, a merge waiting only for that slot happens with the others, and PBT
+    never copies the failed slot, even when it scored best."""
+    slots = fake_slots([0.9, 0.5, 0.7])
+    population = Population(slots=slots, last_round=10, merge_every=2)
+    with capture_logs() as logs:
+        await population.round_closed(slots[1], 2)
+        await population.round_closed(slots[2], 2)
+        assert not [e for e in logs if e["event"] == "slots_merged"]
+        await population.slot_failed(0, 2)
+    merged = [e for e in logs if e["event"] == "slots_merged"]
+    assert [e["slot_ids"] for e in merged] == [[1, 2]]
+    assert set(population.members()) == {1, 2}

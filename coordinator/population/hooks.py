@@ -91,6 +91,7 @@ class Population:
     _adopted: dict[int, int] = field(default_factory=dict)
     _evaluations: set[asyncio.Task[None]] = field(default_factory=set)
     _evaluating: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model to evaluate on
+    _failed: set[int] = field(default_factory=set)  # slots that gave up: no donor, not merged
 
     async def round_closed(self, slot: SlotHandle, round_: int) -> None:
         """Called by `slot` after it closed `round_` (not after its last round)."""
@@ -103,6 +104,19 @@ class Population:
         if self.pbt_settings is not None and pbt.is_due(round_, self.pbt_settings):
             await self._pbt_step(slot, round_)
 
+    async def slot_failed(self, slot_id: int, round_: int) -> None:
+        """`slot_id` gave up: it is no PBT donor any more, and merges go on without it (a
+        merge that waited only for it happens now)."""
+        self._failed.add(slot_id)
+        for epoch in sorted(self._arrived):
+            arrived = self._arrived[epoch]
+            arrived.pop(slot_id, None)
+            if arrived and len(arrived) == self._live():
+                await self._merge(epoch, round_, self._arrived.pop(epoch))
+
+    def _live(self) -> int:
+        return len(set(self.slots) - self._failed)
+
     async def wait_evaluations(self) -> None:
         """Let the merged models' evaluations finish (the run's end waits for them)."""
         while self._evaluations:
@@ -114,7 +128,7 @@ class Population:
         """Every slot with an evaluation: its latest accuracy and that round."""
         found = {}
         for slot_id, handle in self.slots.items():
-            if handle.status.accuracies:
+            if handle.status.accuracies and slot_id not in self._failed:
                 round_, accuracy, _t = handle.status.accuracies[-1]
                 found[slot_id] = pbt.Member(slot_id, accuracy, round_)
         return found
@@ -153,7 +167,7 @@ class Population:
             epoch = round_ // self.merge_every
             arrived = self._arrived.setdefault(epoch, {})
             arrived[slot.slot_id] = slot.latest
-            if len(arrived) == len(self.slots):
+            if len(arrived) == self._live():
                 await self._merge(epoch, round_, self._arrived.pop(epoch))
         await self._adopt(slot, round_)
 
