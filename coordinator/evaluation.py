@@ -8,13 +8,18 @@ test set) and is called from a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
+import time
 from typing import Any, Protocol
 
+import structlog
 import torch
 
 from serialization import TensorSpec, schema_of
+
+log = structlog.get_logger()
 
 
 class TaskLike(Protocol):
@@ -75,3 +80,20 @@ class Evaluator:
             if slot_id not in self._models:
                 self._models[slot_id] = self._task.build_model(0).to(self._device)
             return self._models[slot_id]
+
+
+async def evaluate_round(evaluator: Evaluator, slot_id: int, round_: int,
+                         state: dict[str, torch.Tensor], *, eval_every: int,
+                         last_round: int) -> dict[str, float]:
+    """A slot's round-`round_` model on the full test set, in a worker thread, when the
+    round is due (every `eval_every` rounds and the last; never when `eval_every` <= 0);
+    logs `evaluation_finished`. {} when not due."""
+    if eval_every <= 0 or (round_ % eval_every and round_ != last_round):
+        return {}
+    start = time.perf_counter()
+    metrics = await asyncio.to_thread(evaluator.evaluate, slot_id, state)
+    log.info("evaluation_finished", slot_id=slot_id, round=round_,
+             accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
+             num_examples=metrics.get("num_examples"),
+             duration_s=round(time.perf_counter() - start, 6))
+    return metrics

@@ -21,6 +21,7 @@ from bus.blobs import BlobRef
 from bus.connection import raise_if_cancelled
 from coordinator.context import RunContext
 from coordinator.delivery import Delivery
+from coordinator.evaluation import evaluate_round
 from coordinator.job_table import JobRecord, new_job_id
 from coordinator.population.config import SlotConfig
 from coordinator.population.hooks import Population, Snapshot
@@ -333,16 +334,9 @@ class SlotRunner:
                      accuracy=accuracy, num_updates=opened.num_updates)
 
     async def _evaluate(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        every = self.ctx.settings.eval_every
-        if every <= 0 or (round_ % every and round_ != self.ctx.settings.rounds):
-            return {}
-        start = time.perf_counter()
-        metrics = await asyncio.to_thread(self.ctx.evaluator.evaluate, self.slot_id, state)
-        log.info("evaluation_finished", slot_id=self.slot_id, round=round_,
-                 accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
-                 num_examples=metrics.get("num_examples"),
-                 duration_s=round(time.perf_counter() - start, 6))
-        return metrics
+        s = self.ctx.settings
+        return await evaluate_round(self.ctx.evaluator, self.slot_id, round_, state,
+                                    eval_every=s.eval_every, last_round=s.rounds)
 
     async def settle(self) -> None:
         """Wait for the last round's evaluation and checkpoint."""

@@ -5,6 +5,8 @@
     redis_client   an async `bus.connect` client on it, closed after the test
     redis_factory  start extra private servers (AOF, fixed port, ...); all stopped after
     run_keys       `bus.keys.Keys` of a run id unique to the test
+    launch         start coordinators (`tests.e2e.start_coordinator`) on the session server;
+                   any still running at teardown is killed
     popen_agents   agent processes (subprocess.Popen) a test starts; killed at teardown
     agents         agent processes a test starts (`tests.faults.start_agent`); any still
                    running at teardown is killed
@@ -15,6 +17,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +27,7 @@ import redis.asyncio as aioredis
 from bus.connection import connect
 from bus.embedded import EmbeddedRedis
 from bus.keys import Keys
+from tests.e2e import Run, start_coordinator
 from tests.faults import AgentProc, stop_agents
 
 RedisFactory = Callable[..., EmbeddedRedis]
@@ -98,3 +102,17 @@ def popen_agents() -> Iterator[list[subprocess.Popen[bytes]]]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.fixture
+def launch(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Start coordinators on the session Redis; any still running at teardown is killed."""
+    runs: list[Run] = []
+
+    def start(run_id: str, *args: str) -> Run:
+        runs.append(start_coordinator(redis_server.url, tmp_path, run_id, *args))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.close()

@@ -42,20 +42,6 @@ def basic_run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFact
         yield run
 
 
-@pytest.fixture
-def launch(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Callable[..., Run]]:
-    """Start coordinators on the session Redis; any still running at teardown is killed."""
-    runs: list[Run] = []
-
-    def start(run_id: str, *args: str) -> Run:
-        runs.append(start_coordinator(redis_server.url, tmp_path, run_id, *args))
-        return runs[-1]
-
-    yield start
-    for run in runs:
-        run.close()
-
-
 def test_every_slot_finishes_every_round(basic_run: Run) -> None:
     """Each of the three slots closes rounds 1..3 and the run ends as finished."""
     closed = set(by_slot_round(basic_run.events(), "round_closed"))

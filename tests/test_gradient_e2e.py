@@ -6,36 +6,21 @@ drawn in the order the job's seed fixes (read back from the run's event log).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from bus.embedded import EmbeddedRedis
 from serialization import decode
-from tests.e2e import Run, by_slot_round, lease_violations, start_coordinator
+from tests.e2e import Run, by_slot_round, lease_violations
 from trainer_worker.tasks.synthetic import SyntheticTask
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROUNDS, STEPS, BATCH, LR, MOMENTUM = 2, 7, 8, 0.1, 0.9
 EXAMPLES = 20  # not a multiple of BATCH: epochs end on a short batch, and 7 steps span 3 epochs
-
-
-@pytest.fixture
-def launch(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Callable[..., Run]]:
-    """Start coordinators on the session Redis; any still running at teardown is killed."""
-    runs: list[Run] = []
-
-    def start(run_id: str, *args: str) -> Run:
-        runs.append(start_coordinator(redis_server.url, tmp_path, run_id, *args))
-        return runs[-1]
-
-    yield start
-    for run in runs:
-        run.close()
 
 
 def plain_sgd(seeds: list[int]) -> dict[str, torch.Tensor]:

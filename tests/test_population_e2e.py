@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bus.embedded import EmbeddedRedis
 from replay.events import read_log
 from replay.summary import summarise
 from replay.timeline import rebuild_runs
-from tests.e2e import Run, lease_violations, start_coordinator
+from tests.e2e import Run, lease_violations
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 COMMON = ("--task", "synthetic", "--clients", "3", "--local-agents", "1")
 SLOW = ("--task", "tests.e2e_tasks:SlowClientTask", "--task-option", "base_s=0.1",
         "--clients", "3", "--local-agents", "1")
-
-
-@pytest.fixture
-def launch(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Callable[..., Run]]:
-    """Start coordinators on the session Redis; any still running at teardown is killed."""
-    runs: list[Run] = []
-
-    def start(run_id: str, *args: str) -> Run:
-        runs.append(start_coordinator(redis_server.url, tmp_path, run_id, *args))
-        return runs[-1]
-
-    yield start
-    for run in runs:
-        run.close()
 
 
 def finished(run: Run) -> list[dict[str, object]]:

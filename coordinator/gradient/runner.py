@@ -28,6 +28,7 @@ from bus import gradient as gstreams
 from bus.connection import raise_if_cancelled
 from coordinator.context import RunContext
 from coordinator.delivery import Delivery
+from coordinator.evaluation import evaluate_round
 from coordinator.gradient.optimizer import FlatModel, weighted_mean
 from coordinator.job_table import JobRecord, new_job_id
 from serialization import Job, PayloadError, encode
@@ -348,16 +349,9 @@ class GradientSlotRunner:
                      num_examples=session.num_examples)
 
     async def _evaluate(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        every = self.ctx.settings.eval_every
-        if every <= 0 or (round_ % every and round_ != self.ctx.settings.rounds):
-            return {}
-        start = time.perf_counter()
-        metrics = await asyncio.to_thread(self.ctx.evaluator.evaluate, self.slot_id, state)
-        log.info("evaluation_finished", slot_id=self.slot_id, round=round_,
-                 accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
-                 num_examples=metrics.get("num_examples"),
-                 duration_s=round(time.perf_counter() - start, 6))
-        return metrics
+        s = self.ctx.settings
+        return await evaluate_round(self.ctx.evaluator, self.slot_id, round_, state,
+                                    eval_every=s.eval_every, last_round=s.rounds)
 
 
 def _seconds(timings: dict[str, Any], *keys: str) -> float:
