@@ -71,7 +71,15 @@ def test_periodic_merge_run_merges_and_evaluates(launch: Callable[..., Run]) -> 
                  "--merge", "every=2")
     events = finished(run)
     assert [e["epoch"] for e in events if e["event"] == "slots_merged"] == [1]
-    assert sorted(e["slot_id"] for e in events if e["event"] == "merge_adopted") == [0, 1, 2]
+    merged_at = next(i for i, e in enumerate(events) if e["event"] == "slots_merged")
+    adopted = [e["slot_id"] for e in events if e["event"] == "merge_adopted"]
+    # Slots drift apart: one may close round 3 (its last boundary before the end) before the
+    # last slot closes round 2. Each slot with a boundary after the merge adopts it once.
+    after = {e["slot_id"] for e in events[merged_at:]
+             if e["event"] == "quorum_reached" and e["round"] == 3}
+    assert after
+    assert after <= set(adopted)
+    assert sorted(adopted) == sorted(set(adopted))
     assert [e["accuracy"] is not None for e in events if e["event"] == "merge_evaluated"] == [
         True]
     digests = {e["digest"] for e in events if e["event"] == "model_published" and e["round"] == 1}
