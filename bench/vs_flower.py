@@ -9,20 +9,28 @@ centrally after every round. For each partition seed it runs, one after the othe
 - Flower simulation (`flwr.simulation.run_simulation`, Ray backend, one CPU per
   client actor) with Flower's default-like settings: 1 epoch, batch 32, lr 0.05;
 - PWFL, one slot, the same settings;
-- PWFL's default job (`coordinator.settings.TrainingSettings`), labelled as such.
+- PWFL's default job (`coordinator.settings.TrainingSettings`: a step budget per
+  job), labelled as such;
+- Flower simulation with PWFL's default job's settings: what the settings are worth
+  apart from the framework.
 
+Whole-epoch jobs run `--epoch-rounds` rounds (default 8), step-budget jobs
+`--rounds` (default 20): about the same wall time, enough for 85% on every seed.
 It reports time to 80/85/88% accuracy (from the start of round 1 to the end of the
 evaluation that first reached it), seconds per round (evaluation included), and
 framework overhead per round: the round's wall time (model sent out .. aggregate
 made, evaluation excluded) minus the training time of the busiest trainer process
-(the sum of the training times of the clients it ran that round). Both engines run
+(the sum of the training times of the clients it ran that round), as mean±sd over
+seeds. Both engines run
 two trainers at a time on this 2-core machine: PWFL one per local agent (2 agents),
-Flower one Ray actor per CPU; each trains its clients one after the other.
+Flower one Ray actor per CPU; each trains its clients one after the other. PWFL
+evaluates off the round's path (the next round does not wait); Flower's server
+evaluates between rounds.
 
 Flower is an optional extra: pip install 'pwfl[peer]' (flwr[simulation]==1.41.0).
 Without it the benchmark says so and exits 0. Last line: one JSON object with
 `time_to_85_vs_flower_sim` and `round_overhead_vs_flower_sim` (PWFL's default job
-over Flower's), medians over seeds.
+over Flower's default-like job), ratios of the means over seeds.
 """
 
 from __future__ import annotations
@@ -57,6 +65,20 @@ class Setting:
     lr: float
     max_steps: int = 0
     momentum: float = 0.9
+    local_steps: int = 0  # > 0: a step budget per job (PWFL's default job); epochs unused
+
+    def describe(self) -> str:
+        work = (f"{self.local_steps} steps" if self.local_steps else
+                f"{self.epochs} epoch(s)" + (f" (max {self.max_steps} steps)"
+                                             if self.max_steps else ""))
+        return f"{work}, batch {self.batch_size}, lr {self.lr:g}, momentum {self.momentum:g}"
+
+    def train_config(self, seed: int) -> Any:
+        from trainer_worker.task import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           momentum=self.momentum, max_steps=self.max_steps,
+                           local_steps=self.local_steps, seed=seed)
 
 
 FLOWER_DEFAULTS = Setting("flower-default-like", epochs=1, batch_size=32, lr=0.05)
@@ -68,7 +90,7 @@ def pwfl_default_setting() -> Setting:
 
     t = TrainingSettings()
     return Setting("pwfl-default-job", epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                   max_steps=t.max_steps, momentum=t.momentum)
+                   max_steps=t.max_steps, momentum=t.momentum, local_steps=t.local_steps)
 
 
 @dataclass
@@ -109,14 +131,25 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_candidate(text: str) -> Setting:
-    """'1,32,0.05,80' -> a Setting labelled pwfl-candidate-e1-b32-lr0.05-s80."""
+    """'1,32,0.05,80' (EPOCHS,BATCH,LR,MAX_STEPS) or 'local_steps=80,batch_size=32,lr=0.05'
+    (Setting's fields; the rest from PWFL's default job) -> a labelled Setting."""
     try:
+        if "=" in text:
+            pairs = dict(part.split("=", 1) for part in text.split(","))
+            base = asdict(pwfl_default_setting())
+            unknown = set(pairs) - set(base) - {"label"}
+            if unknown:
+                raise ValueError(unknown)
+            values = {k: type(base[k])(v) for k, v in pairs.items()}
+            tag = "-".join(f"{k}{v}" for k, v in pairs.items())
+            return Setting(**{**base, **values, "label": f"pwfl-candidate-{tag}"})
         epochs, batch, lr, steps = text.split(",")
         setting = Setting(f"pwfl-candidate-e{epochs}-b{batch}-lr{lr}-s{steps}", int(epochs),
                           int(batch), float(lr), int(steps))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--candidate wants EPOCHS,BATCH,LR,MAX_STEPS, not {text!r}") from None
+            f"--candidate wants EPOCHS,BATCH,LR,MAX_STEPS or KEY=VALUE,... (keys: epochs, "
+            f"batch_size, lr, max_steps, momentum, local_steps), not {text!r}") from None
     return setting
 
 
@@ -139,7 +172,7 @@ def run_pwfl(setting: Setting, seed: int, rounds: int, runs_dir: Path) -> Outcom
             "--clients", str(CLIENTS), "--local-agents", "2", "--no-progress", "--http-port",
             "0", "--epochs", str(setting.epochs), "--batch-size", str(setting.batch_size),
             "--lr", str(setting.lr), "--momentum", str(setting.momentum), "--max-steps",
-            str(setting.max_steps)]
+            str(setting.max_steps), "--local-steps", str(setting.local_steps)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
@@ -197,7 +230,6 @@ def _flower_child(spec: dict[str, Any]) -> None:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from trainer_worker.task import TrainConfig
     from trainer_worker.tasks.fashion_mnist import FashionMnistTask
 
     setting = Setting(**spec["setting"])
@@ -215,10 +247,8 @@ def _flower_child(spec: dict[str, Any]) -> None:
         task = FashionMnistTask(num_clients=CLIENTS, alpha=ALPHA, partition_seed=seed)
         model = task.build_model(0)
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-        config = TrainConfig(epochs=setting.epochs, batch_size=setting.batch_size,
-                             lr=setting.lr, momentum=setting.momentum,
-                             max_steps=setting.max_steps, seed=int(
-                                 msg.content.config_records["config"].get("server-round", 0)))  # type: ignore[arg-type]
+        config = setting.train_config(int(
+            msg.content.config_records["config"].get("server-round", 0)))  # type: ignore[arg-type]
         began = time.perf_counter()
         outcome = task.train(model, str(partition), config, torch.device("cpu"))
         train_s = time.perf_counter() - began
@@ -276,24 +306,31 @@ def _flower_child(spec: dict[str, Any]) -> None:
 # --- report ---------------------------------------------------------------------------
 
 
-def _median(values: list[float | None]) -> float | None:
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation over seeds; (None, None) unless every seed has a value
+    (a target some seed never reached has no time)."""
     got = [v for v in values if v is not None]
-    return statistics.median(got) if len(got) == len(values) and got else None
+    if not got or len(got) != len(values):
+        return None, None
+    return statistics.fmean(got), statistics.stdev(got) if len(got) > 1 else 0.0
 
 
 def summarise(outcomes: list[Outcome]) -> dict[str, dict[str, float | None]]:
-    """Per (engine, setting): medians over seeds of the reported quantities."""
+    """Per (engine, setting): mean and standard deviation (`KEY_sd`) over seeds."""
     groups: dict[str, list[Outcome]] = {}
     for o in outcomes:
         groups.setdefault(f"{o.engine}:{o.setting}", []).append(o)
     rows: dict[str, dict[str, float | None]] = {}
     for name, group in groups.items():
-        row: dict[str, float | None] = {
-            f"time_to_{int(t * 100)}_s": _median([o.time_to(t) for o in group])
-            for t in TARGETS}
-        row["seconds_per_round"] = statistics.median(o.seconds_per_round() for o in group)
-        row["round_overhead_s"] = statistics.median(o.overhead_s() for o in group)
-        row["final_accuracy"] = statistics.median(o.accuracy[-1] for o in group)
+        columns: dict[str, list[float | None]] = {
+            f"time_to_{int(t * 100)}_s": [o.time_to(t) for o in group] for t in TARGETS}
+        columns["seconds_per_round"] = [o.seconds_per_round() for o in group]
+        columns["round_overhead_s"] = [o.overhead_s() for o in group]
+        columns["final_accuracy"] = [o.accuracy[-1] for o in group]
+        row: dict[str, float | None] = {"seeds": float(len(group))}
+        for key, values in columns.items():
+            row[key], row[f"{key}_sd"] = _mean_sd(values)
+        row["reached_85"] = float(sum(o.time_to(0.85) is not None for o in group))
         rows[name] = row
     return rows
 
@@ -304,24 +341,39 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def report(rows: dict[str, dict[str, float | None]], default_label: str) -> dict[str, Any]:
     flower = rows.get(f"flower-sim:{FLOWER_DEFAULTS.label}", {})
-    lines = [f"{'run':48} {'t80 s':>8} {'t85 s':>8} {'t88 s':>8} {'s/round':>8} "
-             f"{'ovh ms':>8} {'final':>6} {'t85 x':>7} {'ovh x':>7}"]
+    lines = [f"{'run':40} {'t80 s':>11} {'t85 s':>11} {'t88 s':>11} {'s/round':>10} "
+             f"{'ovh ms':>9} {'final %':>10} {'t85 x':>6} {'ovh x':>6}"]
 
-    def fmt(v: float | None, scale: float = 1.0, digits: int = 1) -> str:
-        return "-" if v is None else f"{v * scale:.{digits}f}"
+    def cell(row: dict[str, float | None], key: str, scale: float = 1.0, digits: int = 1) -> str:
+        mean, sd = row.get(key), row.get(f"{key}_sd")
+        if mean is None:
+            return "-"
+        return f"{mean * scale:.{digits}f}±{(sd or 0.0) * scale:.{digits}f}"
+
+    def times(row: dict[str, float | None], key: str) -> str:
+        if row.get(key) is None:  # some seed never got there
+            return "never" if key != "time_to_85_s" else (
+                f"{int(row.get('reached_85') or 0)}/{int(row.get('seeds') or 0)} seeds")
+        return cell(row, key)
+
+    def ratio(row: dict[str, float | None], key: str) -> str:
+        value = _ratio(row.get(key), flower.get(key))
+        return "-" if value is None else f"{value:.2f}"
 
     for name, row in rows.items():
         lines.append(
-            f"{name:48} {fmt(row['time_to_80_s']):>8} {fmt(row['time_to_85_s']):>8} "
-            f"{fmt(row['time_to_88_s']):>8} {fmt(row['seconds_per_round']):>8} "
-            f"{fmt(row['round_overhead_s'], 1000):>8} {fmt(row['final_accuracy'], 1, 3):>6} "
-            f"{fmt(_ratio(row['time_to_85_s'], flower.get('time_to_85_s')), 1, 2):>7} "
-            f"{fmt(_ratio(row['round_overhead_s'], flower.get('round_overhead_s')), 1, 2):>7}")
+            f"{name:40} {times(row, 'time_to_80_s'):>11} {times(row, 'time_to_85_s'):>11} "
+            f"{times(row, 'time_to_88_s'):>11} {cell(row, 'seconds_per_round'):>10} "
+            f"{cell(row, 'round_overhead_s', 1000, 0):>9} "
+            f"{cell(row, 'final_accuracy', 100):>10} {ratio(row, 'time_to_85_s'):>6} "
+            f"{ratio(row, 'round_overhead_s'):>6}")
     print("\n".join(lines))
-    print("(x columns: over Flower simulation with Flower's default-like settings; "
-          "medians over seeds)")
+    print("(mean±sd over seeds; time from the start of round 1 to the end of the evaluation "
+          "that first reached the accuracy, '-' or 'k/n seeds' where some seed never did; "
+          "x columns: over Flower simulation with Flower's default-like settings)")
     mine = rows.get(f"pwfl:{default_label}", {})
     same = rows.get(f"pwfl:{FLOWER_DEFAULTS.label}", {})
+    flower_mine = rows.get(f"flower-sim:{default_label}", {})
     summary: dict[str, Any] = {
         "time_to_85_vs_flower_sim": _ratio(mine.get("time_to_85_s"), flower.get("time_to_85_s")),
         "round_overhead_vs_flower_sim": _ratio(mine.get("round_overhead_s"),
@@ -330,6 +382,8 @@ def report(rows: dict[str, dict[str, float | None]], default_label: str) -> dict
                                                          flower.get("time_to_85_s")),
         "same_settings_round_overhead_vs_flower_sim": _ratio(same.get("round_overhead_s"),
                                                              flower.get("round_overhead_s")),
+        "default_job_time_to_85_vs_flower_sim_same_job": _ratio(
+            mine.get("time_to_85_s"), flower_mine.get("time_to_85_s")),
     }
     for name, row in rows.items():
         for key, value in row.items():
@@ -340,14 +394,19 @@ def report(rows: dict[str, dict[str, float | None]], default_label: str) -> dict
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.vs_flower", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=10,
-                   help="rounds per run (default 10; 5 with --quick)")
+    p.add_argument("--rounds", type=int, default=20,
+                   help="rounds per run of a step-budget job, e.g. PWFL's default (default 20; "
+                        "6 with --quick)")
+    p.add_argument("--epoch-rounds", type=int, default=8,
+                   help="rounds per run of a whole-epoch job, e.g. Flower's default-like "
+                        "(default 8, about as much wall time; 3 with --quick)")
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="partition seeds, comma-separated (default 0,1,2; 0 with --quick)")
-    p.add_argument("--quick", action="store_true", help="one seed, 5 rounds (smoke run)")
+    p.add_argument("--quick", action="store_true", help="one seed, few rounds (smoke run)")
     p.add_argument("--candidate", type=parse_candidate, default=None,
-                   metavar="EPOCHS,BATCH,LR,MAX_STEPS",
-                   help="also run PWFL with this job (a candidate default), e.g. 1,32,0.05,80")
+                   metavar="EPOCHS,BATCH,LR,MAX_STEPS|KEY=VALUE,...",
+                   help="also run PWFL with this job (a candidate default), e.g. 1,32,0.05,80 "
+                        "or local_steps=40,lr=0.03")
     p.add_argument("--flower-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.flower_child:
@@ -356,25 +415,29 @@ def main(argv: list[str] | None = None) -> int:
     if importlib_util.find_spec("flwr") is None:
         print(f"bench.vs_flower skipped: Flower is not installed. Install it with {INSTALL_PEER}")
         return 0
-    rounds = 5 if args.quick and args.rounds == 10 else args.rounds
+    step_rounds = 6 if args.quick else args.rounds
+    epoch_rounds = 3 if args.quick else args.epoch_rounds
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     default = pwfl_default_setting()
+    # Flower with PWFL's default job too: what the recipe is worth apart from the framework.
+    plan: list[tuple[str, Setting]] = [("flower-sim", FLOWER_DEFAULTS), ("pwfl", FLOWER_DEFAULTS),
+                                       ("pwfl", default), ("flower-sim", default)]
+    if args.candidate:
+        plan.append(("pwfl", args.candidate))
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            plan: list[tuple[str, Setting]] = [("flower-sim", FLOWER_DEFAULTS),
-                                               ("pwfl", FLOWER_DEFAULTS), ("pwfl", default)]
-            if args.candidate:
-                plan.append(("pwfl", args.candidate))
             for name, setting in plan:
+                rounds = step_rounds if setting.local_steps else epoch_rounds
                 began = time.perf_counter()
                 run = run_flower if name == "flower-sim" else run_pwfl
                 outcomes.append(run(setting, seed, rounds, Path(tmp)))
-                print(f"seed {seed}: {name} {outcomes[-1].setting} done in "
+                print(f"seed {seed}: {name} {outcomes[-1].setting} ({rounds} rounds) done in "
                       f"{time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
-    print(f"Fashion-MNIST, {CLIENTS} clients, Dirichlet({ALPHA}), {rounds} rounds, seeds "
-          f"{seeds}; PWFL default job: {asdict(default)}; Flower default-like: "
-          f"{asdict(FLOWER_DEFAULTS)}")
+    print(f"Fashion-MNIST, {CLIENTS} clients, Dirichlet({ALPHA}), seeds {seeds}; "
+          f"{step_rounds} rounds of step-budget jobs, {epoch_rounds} of whole-epoch jobs")
+    for setting in {s.label: s for _, s in plan}.values():
+        print(f"  {setting.label}: {setting.describe()}")
     print(json.dumps(report(summarise(outcomes), default.label)))
     return 0
 

@@ -26,15 +26,20 @@ def new_run_id() -> str:
 class TrainingSettings:
     """What every job asks of a client's local training."""
 
-    # Measured on the default job (Fashion-MNIST, Dirichlet 0.5, 3 slots x 2 clients,
-    # 5 rounds): lr 0.05/batch 32 ended slots at 77-84%; lr 0.01/batch 16 at 82-84%.
+    # The default job: a step budget, so every client of a round does the same work
+    # (whole epochs made each round wait on the biggest Dirichlet partition, 4x the
+    # smallest). Chosen by simulation over partition seeds 0-2 (docs/default-job.md):
+    # ~2,000 critical-path steps reach 85% whether jobs are 80 or 160 steps; batch 32
+    # beat 16 at equal compute; lr 0.03 ended higher than 0.05 and 0.02; lr 0.1 or
+    # batch 64 at lr 0.1 diverged; server momentum saved ~1 round in 8 (not adopted).
     epochs: int = 1
-    batch_size: int = 16
-    lr: float = 0.01
+    batch_size: int = 32
+    lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
     max_steps: int = 0
+    local_steps: int = 80  # > 0: exactly this many steps per job; epochs and max_steps unused
     noop: bool = False
 
     def job_config(self, seed: int) -> dict[str, Any]:
@@ -47,7 +52,7 @@ class CoordinatorSettings:
 
     run_id: str
     slots: int = 3
-    rounds: int = 5
+    rounds: int = 20
     expected_clients: int = 6
     clients_per_round: int = 0  # 0: ceil(expected_clients / slots)
     min_clients: int = 1
@@ -77,6 +82,7 @@ class CoordinatorSettings:
     heartbeat_ttl_ms: int = 5000
     eval_threads: int = 1
     eval_every: int = 1
+    eval_nice: int = 10
     keep_checkpoints: int = 2
     max_update_bytes: int = 2 * 1024**3
     verify_digests: bool = True
@@ -149,7 +155,8 @@ class CoordinatorSettings:
     @classmethod
     def from_json(cls, text: str, **overrides: Any) -> CoordinatorSettings:
         body = json.loads(text)
-        body["training"] = TrainingSettings(**body.get("training", {}))
+        # A run saved before step budgets existed trained whole epochs: it resumes so.
+        body["training"] = TrainingSettings(**{"local_steps": 0, **body.get("training", {})})
         for key in ("runs_dir", "log_file"):
             if body.get(key) is not None:
                 body[key] = Path(body[key])

@@ -21,7 +21,7 @@ from bus.blobs import BlobRef
 from bus.connection import raise_if_cancelled
 from coordinator.context import RunContext
 from coordinator.delivery import Delivery
-from coordinator.evaluation import evaluate_round
+from coordinator.evaluation import evaluate_round, max_behind
 from coordinator.job_table import JobRecord, new_job_id
 from coordinator.population.config import SlotConfig
 from coordinator.population.hooks import Population, Snapshot
@@ -63,7 +63,9 @@ class SlotRunner:
     inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _payload: bytes | None = None
     _open: OpenRound | None = None
-    _background: asyncio.Task[None] | None = None
+    _background: asyncio.Task[None] | None = None  # the newest evaluate-and-checkpoint link
+    _behind: int = 0  # links of that chain not finished yet
+    _newest_closed: int = 0
     finished: bool = False
     config: SlotConfig | None = None  # None: the command line's training settings
     population: Population | None = None  # PBT / merges at the round boundary
@@ -308,35 +310,49 @@ class SlotRunner:
 
     async def _after_round(self, opened: OpenRound, payload: bytes,
                            strategy_state: dict[str, torch.Tensor]) -> None:
-        """Evaluate and checkpoint in the background; the next round need not wait."""
-        previous, self._background = self._background, None
-        if previous is not None:
-            await previous  # one evaluation per slot at a time keeps memory and cores bounded
+        """Evaluate and checkpoint in the background, in round order; the next round does
+        not wait for them. A round whose evaluation has not started when a newer round
+        closes is checkpointed without one (`evaluation_skipped`), so a slow evaluator
+        (a busy machine, `--eval-nice`) skips ahead instead of holding the slot; only when
+        `max_behind` rounds are still queued does the slot wait (bounded memory)."""
+        if self._behind >= max_behind(len(payload)) and self._background is not None:
+            await asyncio.shield(self._background)
+        self._newest_closed = opened.round
+        self._behind += 1
         self._background = asyncio.create_task(
-            self._evaluate_and_checkpoint(opened, self.state, payload, strategy_state),
+            self._evaluate_and_checkpoint(self._background, opened, self.state, payload,
+                                          strategy_state),
             name=f"slot{self.slot_id}-round{opened.round}-eval",
         )
         self.status.state = "waiting"
 
-    async def _evaluate_and_checkpoint(self, opened: OpenRound, state: dict[str, torch.Tensor],
+    async def _evaluate_and_checkpoint(self, previous: asyncio.Task[None] | None,
+                                       opened: OpenRound, state: dict[str, torch.Tensor],
                                        payload: bytes,
                                        strategy_state: dict[str, torch.Tensor]) -> None:
-        with structlog.contextvars.bound_contextvars(slot_id=self.slot_id):
-            metrics = await self._evaluate(opened.round, state)
-            await self.ctx.run_state.checkpoint(self.slot_id, opened.round, payload,
-                                                strategy_state, metrics)
-            accuracy = metrics.get("accuracy") if metrics else None
-            self.status.rounds_done = opened.round
-            if accuracy is not None:
-                self.status.record_accuracy(opened.round, accuracy, self.ctx.status.elapsed_s)
-            log.info("round_closed", slot_id=self.slot_id, round=opened.round,
-                     duration_s=round(time.monotonic() - opened.quorum.started_at, 6),
-                     accuracy=accuracy, num_updates=opened.num_updates)
+        try:
+            if previous is not None:
+                await previous  # rounds are checkpointed in order
+            with structlog.contextvars.bound_contextvars(slot_id=self.slot_id):
+                metrics = await self._evaluate(opened.round, state)
+                await self.ctx.run_state.checkpoint(self.slot_id, opened.round, payload,
+                                                    strategy_state, metrics)
+                accuracy = metrics.get("accuracy") if metrics else None
+                self.status.rounds_done = opened.round
+                if accuracy is not None:
+                    self.status.record_accuracy(opened.round, accuracy,
+                                                self.ctx.status.elapsed_s)
+                log.info("round_closed", slot_id=self.slot_id, round=opened.round,
+                         duration_s=round(time.monotonic() - opened.quorum.started_at, 6),
+                         accuracy=accuracy, num_updates=opened.num_updates)
+        finally:
+            self._behind -= 1
 
     async def _evaluate(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         s = self.ctx.settings
         return await evaluate_round(self.ctx.evaluator, self.slot_id, round_, state,
-                                    eval_every=s.eval_every, last_round=s.rounds)
+                                    eval_every=s.eval_every, last_round=s.rounds,
+                                    newest_round=self._newest_closed)
 
     async def settle(self) -> None:
         """Wait for the last round's evaluation and checkpoint."""

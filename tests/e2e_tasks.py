@@ -116,3 +116,15 @@ class BrokenGradientTask(SyntheticTask):
         if broken:
             raise RuntimeError("injected failure in a gradient step")
         return super().batch_loss(model, inner)
+
+
+class SlowEvalTask(SyntheticTask):
+    """The synthetic task whose evaluation (on the coordinator) takes `eval_s` longer."""
+
+    def __init__(self, eval_s: float = 0.0, **options: Any) -> None:
+        super().__init__(**options)
+        self._eval_s = eval_s
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        time.sleep(self._eval_s)
+        return super().evaluate(model, device)

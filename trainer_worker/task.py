@@ -33,6 +33,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx; 0 is plain local SGD
     max_steps: int = 0  # 0: no limit
+    # > 0: exactly this many steps, cycling through the client's data as often as needed
+    # (every client the same work, so no round waits on the biggest partition); epochs and
+    # max_steps then do not apply. 0: whole epochs.
+    local_steps: int = 0
     seed: int = 0
     noop: bool = False  # return the received weights untouched (framework benchmarks)
 

@@ -38,11 +38,12 @@ _NUMERIC: dict[str, tuple[str, float, bool]] = {
     "batch_size": ("int", 1, False),
     "epochs": ("int", 1, False),
     "max_steps": ("int", 0, False),
+    "local_steps": ("int", 0, False),
     "clients_per_round": ("int", 0, False),
     "seed": ("int", float("-inf"), False),
 }
 TRAINING_KEYS = ("lr", "momentum", "weight_decay", "proximal_mu", "batch_size", "epochs",
-                 "max_steps")
+                 "max_steps", "local_steps")
 SLOT_KEYS = (*_NUMERIC, "strategy")
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {"lr": (1e-4, 1.0)}
 
@@ -83,8 +84,10 @@ class SlotConfig:
 
 def resolve(base: Base, slot_id: int, overrides: Mapping[str, Any]) -> SlotConfig:
     """The slot's configuration: `overrides` (already validated) over `base`."""
-    training = dataclasses.replace(
-        base.training, **{k: overrides[k] for k in TRAINING_KEYS if k in overrides})
+    chosen = {k: overrides[k] for k in TRAINING_KEYS if k in overrides}
+    if ("epochs" in chosen or "max_steps" in chosen) and "local_steps" not in chosen:
+        chosen["local_steps"] = 0  # asking for epochs (or a cap) means epochs, as on the CLI
+    training = dataclasses.replace(base.training, **chosen)
     strategy = str(overrides.get("strategy", base.strategy))
     options = dict(base.strategy_options) if strategy == base.strategy else {}
     options.update({k[len(STRATEGY_PREFIX):]: v for k, v in overrides.items()

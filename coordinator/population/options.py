@@ -23,8 +23,9 @@ from coordinator.settings import TrainingSettings
 GROUP_DESCRIPTION = f"""\
 Slots can differ (a sweep trained in one run on the same clients) and cooperate on
 the coordinator's idle time. Keys of --slot-config tables and --sweep: lr, momentum,
-weight_decay, proximal_mu, batch_size, epochs, max_steps, clients_per_round, seed,
-strategy, strategy.OPTION; a key left out takes the command line's value. At most
+weight_decay, proximal_mu, batch_size, epochs, max_steps, local_steps, clients_per_round,
+seed, strategy, strategy.OPTION; a key left out takes the command line's value (a slot
+that sets epochs or max_steps but not local_steps trains whole epochs). At most
 {MAX_SLOTS} slots. PBT explores within [bounds] of the file (default lr in
 [{DEFAULT_BOUNDS['lr'][0]:g}, {DEFAULT_BOUNDS['lr'][1]:g}])."""
 

@@ -22,7 +22,7 @@ import torch
 from coordinator.strategies import Strategy, make_strategy
 
 STRATEGY_PREFIX = "strategy."
-INTEGER_KEYS = frozenset({"batch_size", "epochs", "max_steps"})
+INTEGER_KEYS = frozenset({"batch_size", "epochs", "max_steps", "local_steps"})
 
 
 @dataclass(frozen=True)

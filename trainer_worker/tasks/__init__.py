@@ -15,6 +15,7 @@ by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
 
 from __future__ import annotations
 
+import itertools
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ def train_sgd(model: nn.Module, data: Examples, indices: torch.Tensor,
     order = torch.Generator().manual_seed(config.seed)
     step = _Stepper(model, config)
     model.train()
+    if config.local_steps > 0:
+        batches = batch_order(indices, config.batch_size, config.seed)
+        for batch in itertools.islice(batches, config.local_steps):
+            step(data.inputs[batch], data.labels[batch])
+        return step.metrics()
     for _ in range(config.epochs):
         perm = torch.randperm(len(indices), generator=order).to(indices.device)
         for batch in torch.split(indices[perm], config.batch_size):
