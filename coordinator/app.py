@@ -143,7 +143,7 @@ class Coordinator:
         await wait_ready(redis)
         keys = Keys(s.run_id)
         task = await asyncio.to_thread(load_task, s.task, s.full_task_options())
-        evaluator = Evaluator(task, nice=s.eval_nice)
+        evaluator = Evaluator(task, nice=s.evaluation_nice)
         caps = {i: c.clients_per_round for i, c in self.configs.items()}
         pool = ClientPool(s.policy, clients_per_round=max(caps.values()),
                           min_clients=s.min_clients, rng=random.Random(s.seed),

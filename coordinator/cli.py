@@ -247,11 +247,12 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
                    help="evaluate every N rounds (and after the last); 0 never (default 1)")
     g.add_argument("--eval-threads", type=_positive(int), default=1,
                    help="torch threads for evaluation on the coordinator (default 1)")
-    g.add_argument("--eval-nice", type=_non_negative(int), default=10, metavar="N",
-                   help="run evaluations N nice steps below the coordinator (Linux): with "
-                        "local agents, evaluation takes the CPU the trainers leave rather than "
-                        "slowing them; every reported accuracy is still on the full test set "
-                        "(default 10; 0: same priority)")
+    g.add_argument("--eval-nice", type=_non_negative(int), default=None, metavar="N",
+                   help="run evaluations N nice steps below the trainers (Linux), so that on "
+                        "a machine shared with local agents they take the CPU the trainers "
+                        "leave; a round whose evaluation a newer round overtook is skipped, "
+                        "every reported accuracy is on the full test set (default: 0 with one "
+                        "slot, 10 with several, whose evaluations multiply with the slots)")
     g.add_argument("--keep-checkpoints", type=_positive(int), default=2,
                    help="model checkpoints kept per slot (default 2)")
     g.add_argument("--run-id", help="name for a new run (default: time-based)")

@@ -175,3 +175,12 @@ def test_slow_evaluation_does_not_hold_the_rounds(launch: Callable[..., Run]) ->
     published = {e["round"]: e["ts"] for e in run.events("model_published")}
     first_eval = run.events("evaluation_finished")[0]
     assert published[first_eval["round"] + 2] < first_eval["ts"]  # two rounds ran meanwhile
+
+
+def test_evaluation_yields_only_when_several_slots_share_the_machine() -> None:
+    """Default: one slot evaluates at the trainers' priority, several 10 nice steps below;
+    --eval-nice N is taken as given."""
+    assert CoordinatorSettings(run_id="a", slots=1).evaluation_nice == 0
+    assert CoordinatorSettings(run_id="b", slots=3).evaluation_nice == 10
+    assert CoordinatorSettings(run_id="c", slots=3, eval_nice=4).evaluation_nice == 4
+    assert CoordinatorSettings(run_id="d", slots=1, eval_nice=7).evaluation_nice == 7
