@@ -22,6 +22,7 @@ from bus import streams
 from bus.blobs import BlobStore
 from bus.connection import connect, raise_if_cancelled, redis_errors, wait_ready
 from bus.errors import RedisRefused
+from bus.handoff import AgentHandoff
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
 from client_agent.gradient import GradientRunner, is_gradient_job
@@ -106,7 +107,8 @@ class Agent:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
-                               allowed_tasks=s.allowed_tasks)
+                               allowed_tasks=s.allowed_tasks,
+                               handoff=AgentHandoff(enabled=s.local_handoff))
             self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import torch
 
+from bus import handoff as local_handoff
 from bus.blobs import BlobStore
 from bus.connection import connect, wait_ready
 from bus.keys import Keys
@@ -97,6 +98,7 @@ class Coordinator:
             settings, (resume_state or {}).get("slot_configs"))
         self.population: Population | None = None
         self._runners: dict[int, SlotRunner | GradientSlotRunner] = {}
+        self._handoff: local_handoff.HostHandoff | None = None
 
     def _status_json(self) -> dict[str, Any]:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
@@ -150,6 +152,7 @@ class Coordinator:
                           prefer_unused=s.client_choice == "least-used", slot_caps=caps)
         states = await asyncio.to_thread(self._initial_states, evaluator)
         blobs = BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms)
+        self._handoff = await asyncio.to_thread(self._open_handoff)
         jobs = JobTable()
         validator = ResultValidator(
             run_id=s.run_id, jobs=jobs, known_clients=self.status.clients,
@@ -161,10 +164,25 @@ class Coordinator:
             evaluator=evaluator,
             run_state=RunState(CheckpointStore(s.run_dir, s.keep_checkpoints), redis, keys),
             status=self.status, jobs=jobs, validator=validator,
-            rejections=Rejections(self.status), models=PublishedModels(blobs),
-            job_bytes=functools.partial(job_bytes, keyring=self._secrets.keyring))
+            rejections=Rejections(self.status), models=PublishedModels(blobs, self._handoff),
+            job_bytes=functools.partial(job_bytes, keyring=self._secrets.keyring),
+            handoff=self._handoff)
         self._make_runners(states)
         await self._announce()
+
+    def _open_handoff(self) -> local_handoff.HostHandoff | None:
+        """Blocking: the shared-memory handoff for agents on this host (None: off, or no
+        /dev/shm here). Segments a killed coordinator or agent left behind go first."""
+        if not self.settings.local_handoff or not local_handoff.available():
+            return None
+        orphans = local_handoff.sweep_orphans()
+        if orphans:
+            log.warning("shm_orphans_removed", segments=len(orphans))
+        try:
+            return local_handoff.HostHandoff()
+        except OSError as exc:
+            log.warning("handoff_unavailable", error=str(exc))
+            return None
 
     def _initial_states(self, evaluator: Evaluator) -> list[tuple[dict[str, torch.Tensor], int]]:
         """Per slot: (model state, first round to run): from seeds, or from checkpoints."""
@@ -246,7 +264,7 @@ class Coordinator:
                  signing=self._secrets.keyring is not None,
                  slot_configs=[self.configs[i].flat() for i in sorted(self.configs)],
                  population=s.population, merge=s.merge, merge_every=s.merge_every,
-                 shared_init=s.shared_init,
+                 shared_init=s.shared_init, local_handoff=self._handoff is not None,
                  rounds_done={i: r.first_round - 1 for i, r in self._runners.items()})
         if self._secrets.api_token_file is not None:
             log.info("api_token_generated", path=self._secrets.api_token_file)
@@ -356,6 +374,8 @@ class Coordinator:
         if self._agents is not None:
             await self._agents.stop()
         await self._http.stop()
+        if self._handoff is not None:  # after the agents: nothing reads a segment any more
+            await asyncio.to_thread(self._handoff.close)
         self.observability.detach()
         if self.ctx is not None:
             await self.ctx.redis.aclose()

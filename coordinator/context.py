@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from bus import streams
 from bus.blobs import BlobStore
+from bus.handoff import HostHandoff
 from bus.keys import RESULTS_GROUP, Keys
 from coordinator.delivery import Delivery, SlotInboxes
 from coordinator.evaluation import Evaluator
@@ -53,6 +54,7 @@ class RunContext:
     inboxes: SlotInboxes = field(default_factory=SlotInboxes)
     # A job's bytes as published: signed with its client's key when the run signs.
     job_bytes: Callable[[Job], bytes] = Job.to_bytes
+    handoff: HostHandoff | None = None  # None: models and updates go through Redis only
 
     @property
     def quorum_rule(self) -> QuorumRule:
@@ -72,7 +74,12 @@ class RunContext:
         await streams.publish_many(self.redis, items)
 
     async def ack(self, delivery: Delivery) -> None:
-        """Ack a handled result; shielded, so a cancelled slot still acks what it folded."""
+        """Ack a handled result; shielded, so a cancelled slot still acks what it folded.
+
+        An update handed over in shared memory is unlinked first: handled means done with
+        it, whether it was folded, rejected, late or dropped."""
+        if self.handoff is not None and delivery.result.update_shm:
+            self.handoff.discard_update(delivery.result.update_shm)
         if delivery.stream is None or delivery.entry_id is None:
             return
         ack = streams.ack(self.redis, delivery.stream, RESULTS_GROUP, [delivery.entry_id])

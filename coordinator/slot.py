@@ -27,7 +27,7 @@ from coordinator.population.config import SlotConfig
 from coordinator.population.hooks import Population, Snapshot
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
 from coordinator.results.fold import fetch_and_fold
-from coordinator.results.validation import UpdateRejected
+from coordinator.results.validation import BlobReader, SegmentReader, UpdateRejected
 from coordinator.strategies import Strategy
 from serialization import Job, encode
 
@@ -169,18 +169,39 @@ class SlotRunner:
             payload = await asyncio.to_thread(encode, self.state)
         encode_s = time.perf_counter() - start
         ref = await self.ctx.blobs.put(payload)
+        shm_s = await self._model_segment(ref, payload)
         self._payload = payload
         self.ctx.models.publish(self.slot_id, ref)
         self.ctx.status.counters["bytes_published"] += ref.nbytes
         log.info("model_published", slot_id=self.slot_id, round=round_, digest=ref.digest,
                  nbytes=ref.nbytes, encode_s=round(encode_s, 6),
-                 put_s=round(time.perf_counter() - start - encode_s, 6),
-                 duration_s=round(time.perf_counter() - start, 6))
+                 put_s=round(time.perf_counter() - start - encode_s - shm_s, 6),
+                 shm_s=round(shm_s, 6), duration_s=round(time.perf_counter() - start, 6))
         return ref
+
+    async def _model_segment(self, ref: BlobRef, payload: bytes) -> float:
+        """With the local handoff on: the model's shared-memory copy too (seconds spent).
+
+        The Redis blob stays: remote agents, stragglers whose segment is gone and a local
+        agent that cannot use it read that."""
+        handoff = self.ctx.handoff
+        if handoff is None:
+            return 0.0
+        start = time.perf_counter()
+        live = self.ctx.models.live_digests()
+        try:
+            await asyncio.to_thread(handoff.write_model, ref.digest, payload, live)
+        except OSError as exc:  # /dev/shm full, say: the agents read the blob
+            log.warning("handoff_unavailable", slot_id=self.slot_id, error=str(exc))
+        return time.perf_counter() - start
 
     async def _publish_jobs(self, records: list[JobRecord], ref: BlobRef) -> None:
         ctx = self.ctx
         deadline_ts = time.time() + ctx.settings.deadline_s
+        token, token_digest, segment = "", "", ""  # the local handoff, when offered
+        if ctx.handoff is not None and (shm := ctx.handoff.model_segment(ref.digest)):
+            advert = ctx.handoff.advert
+            token, token_digest, segment = advert.name, advert.digest, shm
         items = []
         for record in records:
             ctx.jobs.add(record)
@@ -188,7 +209,8 @@ class SlotRunner:
                       round=record.round, client_id=record.client_id, model_digest=ref.digest,
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
                       task_options=ctx.task_options, config=self._job_config(record),
-                      published_ts=time.time())
+                      published_ts=time.time(), handoff=token,
+                      handoff_digest=token_digest, model_shm=segment)
             items.append((ctx.keys.jobs(record.client_id), ctx.job_bytes(job)))
         await ctx.publish_many(items)
         for record in records:
@@ -238,8 +260,8 @@ class SlotRunner:
 
     async def _fold(self, delivery: Delivery, opened: OpenRound, scale: float) -> bool:
         try:
-            stats = await fetch_and_fold(self.ctx.blobs, self.ctx.validator, self.strategy,
-                                         opened.aggregate, delivery, scale)
+            stats = await fetch_and_fold(self._update_source(delivery), self.ctx.validator,
+                                         self.strategy, opened.aggregate, delivery, scale)
         except UpdateRejected as exc:
             self.ctx.reject(delivery, exc.reason, exc.detail, **exc.fields)
             return False
@@ -247,11 +269,21 @@ class SlotRunner:
         self.ctx.status.counters["updates_folded"] += 1
         opened.num_updates += 1
         opened.num_examples += delivery.result.num_examples
-        opened.update_refs.append(BlobRef(delivery.result.update_digest,
-                                          delivery.result.update_nbytes))
+        handed_over = bool(delivery.result.update_shm)  # unlinked when acked, no blob
+        if not handed_over:
+            opened.update_refs.append(BlobRef(delivery.result.update_digest,
+                                              delivery.result.update_nbytes))
         log.info("update_folded", slot_id=self.slot_id, round=delivery.record.round,
-                 client_id=delivery.record.client_id, job_id=delivery.record.job_id, **stats)
+                 client_id=delivery.record.client_id, job_id=delivery.record.job_id,
+                 via="shm" if handed_over else "redis", **stats)
         return True
+
+    def _update_source(self, delivery: Delivery) -> BlobReader:
+        """Where the update's bytes are: its handed-over segment, or the blob store."""
+        name = delivery.result.update_shm
+        if not name:
+            return self.ctx.blobs
+        return SegmentReader(self.ctx.handoff, name)
 
     async def _handle_late(self, delivery: Delivery, opened: OpenRound | None) -> None:
         """An update whose round has closed (or whose job already counted as failed when its

@@ -11,7 +11,8 @@ next one costs:
    (``bad_signature``). Admitting answers the job: a job id is admitted once.
 2. `claimed_blob` (the slot, before a byte is fetched): a sha256 digest, a size
    within the model's bound and the run's limit, a sane ``num_examples``.
-3. `fetch` / `decode_update` / `fold`: the blob is there and stored with the
+3. `fetch` / `decode_update` / `fold`: the blob (or the shared-memory segment a
+   local agent handed over, read through `SegmentReader`) is there and stored with the
    claimed size (``missing_blob``, ``size_mismatch``: checked before it is read),
    hashes to its digest, decodes to the slot's schema with finite values, and the
    strategy takes it (``bad_update``).
@@ -24,6 +25,7 @@ A rejection is an `UpdateRejected`; `Rejections.report` logs it
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -36,6 +38,7 @@ import torch
 from bus.blobs import BlobRef
 from bus.credentials import Keyring
 from bus.errors import BlobMissing, BlobSizeMismatch
+from bus.handoff import HostHandoff
 from bus.streams import Entry
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord, JobTable
@@ -65,6 +68,21 @@ class UpdateRejected(Exception):
 
 class BlobReader(Protocol):
     async def get(self, ref: BlobRef) -> bytes | bytearray: ...
+
+
+class SegmentReader:
+    """An update handed over in shared memory (`bus.handoff`), read like a blob: the same
+    bounds and the same errors, so the same rejections follow."""
+
+    def __init__(self, handoff: HostHandoff | None, name: str) -> None:
+        self._handoff = handoff
+        self._name = name
+
+    async def get(self, ref: BlobRef) -> bytes | bytearray:
+        if self._handoff is None:
+            raise BlobMissing(f"update segment {self._name[:80]!r}: this coordinator takes "
+                              "no shared-memory handoff (--no-local-handoff)")
+        return await asyncio.to_thread(self._handoff.read_update, self._name, ref.nbytes)
 
 
 def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
