@@ -169,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.round_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few rounds, CNN only (smoke test)")
+    p.add_argument("--model", choices=("cnn", "resnet18"),
+                   help="run the cases of this model only (default: both)")
     p.add_argument("--no-redis-only", action="store_true",
                    help="run only the default path (local handoff), not also every case "
                         "through Redis only (default: both, one after the other)")
     args = p.parse_args(argv)
     shapes = [Case("cnn", 1, 4), Case("cnn", 3, 4)] if args.quick else [
         Case("cnn", 1, 21), Case("cnn", 3, 11), Case("resnet18", 1, 9), Case("resnet18", 3, 5)]
+    if args.model:
+        shapes = [c for c in shapes if c.model == args.model]
     paths = [True] if args.no_redis_only else [True, False]
     cases = [dataclasses.replace(c, handoff=h) for c in shapes for h in paths]
     console = Console(stderr=True)

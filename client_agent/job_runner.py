@@ -216,9 +216,12 @@ class JobRunner:
         if pid is None or segment is None or reply.update is None:
             return None
         update = reply.update
-        digest = await asyncio.to_thread(digest_of, update)
+
+        def digest_and_rename() -> tuple[str, str]:  # one trip to a worker thread
+            return digest_of(update), self.handoff.hand_over(segment, pid)
+
         try:
-            name = await asyncio.to_thread(self.handoff.hand_over, segment, pid)
+            digest, name = await asyncio.to_thread(digest_and_rename)
         except OSError as exc:
             log.warning("handoff_fallback", job_id=job.job_id, what="update",
                         segment=segment, error=str(exc))

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 import torch
 
-from bus.blobs import BlobRef
+from bus.blobs import BlobRef, digest_of
 from bus.connection import raise_if_cancelled
 from coordinator.context import RunContext
 from coordinator.delivery import Delivery
@@ -64,6 +64,7 @@ class SlotRunner:
     _payload: bytes | None = None
     _open: OpenRound | None = None
     _background: asyncio.Task[None] | None = None
+    _unacked: list[Delivery] = field(default_factory=list)  # handled, ack to follow
     finished: bool = False
     config: SlotConfig | None = None  # None: the command line's training settings
     population: Population | None = None  # PBT / merges at the round boundary
@@ -168,19 +169,21 @@ class SlotRunner:
         if payload is None:
             payload = await asyncio.to_thread(encode, self.state)
         encode_s = time.perf_counter() - start
-        ref = await self.ctx.blobs.put(payload)
-        shm_s = await self._model_segment(ref, payload)
+        digest = await asyncio.to_thread(digest_of, payload)
+        ref, shm_s = await asyncio.gather(self.ctx.blobs.put(payload, digest),
+                                          self._model_segment(digest, payload))
         self._payload = payload
         self.ctx.models.publish(self.slot_id, ref)
         self.ctx.status.counters["bytes_published"] += ref.nbytes
         log.info("model_published", slot_id=self.slot_id, round=round_, digest=ref.digest,
                  nbytes=ref.nbytes, encode_s=round(encode_s, 6),
-                 put_s=round(time.perf_counter() - start - encode_s - shm_s, 6),
+                 put_s=round(time.perf_counter() - start - encode_s, 6),
                  shm_s=round(shm_s, 6), duration_s=round(time.perf_counter() - start, 6))
         return ref
 
-    async def _model_segment(self, ref: BlobRef, payload: bytes) -> float:
-        """With the local handoff on: the model's shared-memory copy too (seconds spent).
+    async def _model_segment(self, digest: str, payload: bytes) -> float:
+        """With the local handoff on: the model's shared-memory copy too (seconds spent;
+        written while the Redis blob is stored).
 
         The Redis blob stays: remote agents, stragglers whose segment is gone and a local
         agent that cannot use it read that."""
@@ -190,7 +193,7 @@ class SlotRunner:
         start = time.perf_counter()
         live = self.ctx.models.live_digests()
         try:
-            await asyncio.to_thread(handoff.write_model, ref.digest, payload, live)
+            await asyncio.to_thread(handoff.write_model, digest, payload, live)
         except OSError as exc:  # /dev/shm full, say: the agents read the blob
             log.warning("handoff_unavailable", slot_id=self.slot_id, error=str(exc))
         return time.perf_counter() - start
@@ -237,9 +240,11 @@ class SlotRunner:
             except TimeoutError:
                 continue
             await self._handle(delivery, opened)
+        await self._flush_acks()
         return closure
 
     async def _handle(self, delivery: Delivery, opened: OpenRound) -> None:
+        handled = False
         try:
             if delivery.recovered or delivery.record.job_id not in opened.jobs:
                 await self._handle_late(delivery, opened)
@@ -249,8 +254,19 @@ class SlotRunner:
             else:
                 ok = await self._fold(delivery, opened, scale=1.0)
                 opened.quorum.record(delivery.record.job_id, ok=ok)
+            handled = True
         finally:
-            await self.ctx.ack(delivery)
+            self.ctx.discard_update(delivery)
+            self._unacked.append(delivery)
+            # With more results waiting, their acks go together after them (one XACK);
+            # an error or a cancellation acks at once what was handled.
+            if not handled or self.inbox.empty():
+                await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        unacked, self._unacked = self._unacked, []
+        if unacked:
+            await self.ctx.ack_many(unacked)
 
     def _job_failed(self, delivery: Delivery) -> None:
         record = delivery.record

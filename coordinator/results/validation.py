@@ -79,10 +79,14 @@ class SegmentReader:
         self._name = name
 
     async def get(self, ref: BlobRef) -> bytes | bytearray:
+        return await asyncio.to_thread(self.read, ref)
+
+    def read(self, ref: BlobRef) -> bytearray:
+        """Blocking: `get` in the calling thread (a copy at memory speed)."""
         if self._handoff is None:
             raise BlobMissing(f"update segment {self._name[:80]!r}: this coordinator takes "
                               "no shared-memory handoff (--no-local-handoff)")
-        return await asyncio.to_thread(self._handoff.read_update, self._name, ref.nbytes)
+        return self._handoff.read_update(self._name, ref.nbytes)
 
 
 def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
@@ -91,6 +95,13 @@ def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
     tensors = sum(math.prod(spec.shape) * DTYPES[spec.dtype].itemsize + ALIGN
                   for spec in schema.values())
     return tensors + HEADER_ALLOWANCE + 512 * len(schema)
+
+
+def _fetch_rejection(exc: BlobMissing) -> UpdateRejected:
+    """A blob or segment that is not there as claimed, as the rejection it is."""
+    if isinstance(exc, BlobSizeMismatch):
+        return UpdateRejected("size_mismatch", str(exc))
+    return UpdateRejected("missing_blob", str(exc))
 
 
 class Rejections:
@@ -211,10 +222,20 @@ class ResultValidator:
         """
         try:
             data = await blobs.get(ref)
-        except BlobSizeMismatch as exc:
-            raise UpdateRejected("size_mismatch", str(exc)) from None
         except BlobMissing as exc:
-            raise UpdateRejected("missing_blob", str(exc)) from None
+            raise _fetch_rejection(exc) from None
+        return self._exact(data, ref)
+
+    def fetch_segment(self, segment: SegmentReader, ref: BlobRef) -> bytes | bytearray:
+        """Blocking `fetch` of a handed-over update (from the thread that decodes it)."""
+        try:
+            data = segment.read(ref)
+        except BlobMissing as exc:
+            raise _fetch_rejection(exc) from None
+        return self._exact(data, ref)
+
+    @staticmethod
+    def _exact(data: bytes | bytearray, ref: BlobRef) -> bytes | bytearray:
         if len(data) != ref.nbytes:
             raise UpdateRejected("truncated", f"blob is {len(data)} bytes, result says "
                                               f"{ref.nbytes}")
