@@ -250,8 +250,12 @@ class Coordinator:
         s, ctx = self.settings, self.ctx
         await ctx.run_state.announce(self._state_doc())
         await set_active_run(ctx.redis, s.run_id)
-        await ctx.redis.hset(ctx.keys.state(), mapping={"status": "running",
-                                                        "slots": s.slots, "rounds": s.rounds})
+        advert = self._handoff.advert if self._handoff is not None else None
+        await ctx.redis.hset(ctx.keys.state(), mapping={
+            "status": "running", "slots": s.slots, "rounds": s.rounds,
+            # Agents check these before registering: those on this host say so.
+            "handoff": advert.name if advert else "",
+            "handoff_digest": advert.digest if advert else ""})
         model_nbytes = sum(t.numel() * t.element_size() for t in self._runners[0].state.values())
         event = "run_resumed" if self._resume else "run_started"
         log.info(event, slots=s.slots, rounds=s.rounds, expected_clients=s.expected_clients,

@@ -55,6 +55,12 @@ class RunContext:
     # A job's bytes as published: signed with its client's key when the run signs.
     job_bytes: Callable[[Job], bytes] = Job.to_bytes
     handoff: HostHandoff | None = None  # None: models and updates go through Redis only
+    # Clients whose agents registered as sharing this host (they proved the handoff token).
+    local_clients: frozenset[str] = frozenset()
+
+    def all_local(self, clients: Sequence[str]) -> bool:
+        """Whether every one of `clients` takes its models from shared memory."""
+        return self.handoff is not None and set(clients) <= self.local_clients
 
     @property
     def quorum_rule(self) -> QuorumRule:

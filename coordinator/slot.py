@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class SlotRunner:
     _open: OpenRound | None = None
     _background: asyncio.Task[None] | None = None
     _unacked: list[Delivery] = field(default_factory=list)  # handled, ack to follow
+    _stored: str | None = None  # the digest of the model blob in Redis (None: not stored)
     finished: bool = False
     config: SlotConfig | None = None  # None: the command line's training settings
     population: Population | None = None  # PBT / merges at the round boundary
@@ -149,7 +151,7 @@ class SlotRunner:
     async def _open_round(self, round_: int, clients: tuple[str, ...], wait_s: float) -> OpenRound:
         ctx = self.ctx
         self.status.state, self.status.clients = "training", clients
-        ref = await self._publish_model(round_)
+        ref = await self._publish_model(round_, clients)
         records = [JobRecord(new_job_id(self.slot_id, round_, c), self.slot_id, round_, c)
                    for c in clients]
         aggregate = await asyncio.to_thread(self.strategy.begin_round, self.state)
@@ -161,32 +163,48 @@ class SlotRunner:
         await self._publish_jobs(records, ref)
         return self._open
 
-    async def _publish_model(self, round_: int) -> BlobRef:
+    async def _publish_model(self, round_: int, clients: Sequence[str]) -> BlobRef:
+        """The model every job of the round points at: its Redis blob, unless every client
+        takes it from shared memory (agents on this host), and its segment for those."""
         if self.model_ref is not None and self._payload is not None:
-            return self.model_ref  # a retried round publishes the same model
+            ref = self.model_ref  # a retried round publishes the same model
+            if self._stored != ref.digest and not self.ctx.all_local(clients):
+                await self.ctx.blobs.put(self._payload, ref.digest)
+                self._stored = ref.digest
+            return ref
         start = time.perf_counter()
         payload = self._payload
         if payload is None:
             payload = await asyncio.to_thread(encode, self.state)
         encode_s = time.perf_counter() - start
         digest = await asyncio.to_thread(digest_of, payload)
-        ref, shm_s = await asyncio.gather(self.ctx.blobs.put(payload, digest),
-                                          self._model_segment(digest, payload))
+        ref = BlobRef(digest, len(payload))
+        if self.ctx.all_local(clients):
+            shm_s = await self._model_segment(digest, payload)
+            blob = shm_s is None  # the segment could not be written: Redis it is
+            if blob:
+                await self.ctx.blobs.put(payload, digest)
+        else:
+            blob = True
+            _, shm_s = await asyncio.gather(self.ctx.blobs.put(payload, digest),
+                                            self._model_segment(digest, payload))
+        self._stored = digest if blob else None
         self._payload = payload
         self.ctx.models.publish(self.slot_id, ref)
         self.ctx.status.counters["bytes_published"] += ref.nbytes
         log.info("model_published", slot_id=self.slot_id, round=round_, digest=ref.digest,
                  nbytes=ref.nbytes, encode_s=round(encode_s, 6),
                  put_s=round(time.perf_counter() - start - encode_s, 6),
-                 shm_s=round(shm_s, 6), duration_s=round(time.perf_counter() - start, 6))
+                 shm_s=round(shm_s or 0.0, 6), blob=blob,
+                 duration_s=round(time.perf_counter() - start, 6))
         return ref
 
-    async def _model_segment(self, digest: str, payload: bytes) -> float:
-        """With the local handoff on: the model's shared-memory copy too (seconds spent;
-        written while the Redis blob is stored).
+    async def _model_segment(self, digest: str, payload: bytes) -> float | None:
+        """With the local handoff on: the model's shared-memory copy for agents on this
+        host (seconds spent; None if it could not be written, 0 with the handoff off).
 
-        The Redis blob stays: remote agents, stragglers whose segment is gone and a local
-        agent that cannot use it read that."""
+        The Redis blob is written as well whenever a client of the round is not on such an
+        agent (remote agents, and a local agent that cannot use the segment, read that)."""
         handoff = self.ctx.handoff
         if handoff is None:
             return 0.0
@@ -196,6 +214,7 @@ class SlotRunner:
             await asyncio.to_thread(handoff.write_model, digest, payload, live)
         except OSError as exc:  # /dev/shm full, say: the agents read the blob
             log.warning("handoff_unavailable", slot_id=self.slot_id, error=str(exc))
+            return None
         return time.perf_counter() - start
 
     async def _publish_jobs(self, records: list[JobRecord], ref: BlobRef) -> None:

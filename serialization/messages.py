@@ -174,3 +174,6 @@ class Registration(Message):
     hostname: str = ""
     pid: int = 0
     event: str = "register"  # or "unregister" on a clean shutdown
+    # The coordinator's handoff token (`bus.handoff`) this agent found on its host: it
+    # takes models from shared memory, so a round of such clients only needs no blob.
+    handoff: str = ""

@@ -178,7 +178,8 @@ def test_shm_redis_and_mixed_runs_end_with_identical_models_and_leave_no_segment
         redis_server: EmbeddedRedis, tmp_path: Path, agents: list[AgentProc]) -> None:
     """The same run with local agents in shared memory, with --no-local-handoff, and with
     one agent of each kind (a remote-looking one through Redis) ends with bit-identical
-    models; each path is the one expected, and no segment of theirs is left in /dev/shm."""
+    models; each path is the one expected (a model blob only where a client needs it), and
+    no segment of theirs is left in /dev/shm."""
     url = redis_server.url
     local = ("--local-agents", "1", "--local-devices", "cpu,cpu")
     shm_run = start_coordinator(url, tmp_path / "shm", "ho-shm", *ARGS, *local)
@@ -207,6 +208,10 @@ def test_shm_redis_and_mixed_runs_end_with_identical_models_and_leave_no_segment
     assert _vias(agent_logs["near"], "update_uploaded") == {"shm"}
     assert _vias(agent_logs["far"], "update_uploaded") == {"redis"}
     assert all(run.events("update_rejected") == [] for run in runs)
+    # Every client of the shm run is local: no model blob is stored in Redis at all.
+    assert {e["blob"] for e in shm_run.events("model_published")} == {False}
+    assert {e["blob"] for e in redis_run.events("model_published")} == {True}
+    assert {e["blob"] for e in mixed.events("model_published")} == {True}
     expected = _final_model(shm_run)
     for run in (redis_run, mixed):
         got = _final_model(run)
