@@ -352,22 +352,28 @@ class SlotRunner:
         log.info("aggregation_finished", slot_id=self.slot_id, round=opened.round,
                  num_updates=opened.num_updates, num_examples=opened.num_examples,
                  duration_s=round(time.perf_counter() - start, 6))
-        old_ref = self.model_ref
+        old_ref, old_payload = self.model_ref, self._payload
         self.state, self._payload = new_state, payload
         self.ctx.models.withdraw(self.slot_id)
         self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)
         self.aggregated_round = opened.round
-        await self._retire_blobs(opened, old_ref)
+        await self._retire_blobs(opened, old_ref, old_payload)
         await self._after_round(opened, payload, strategy_state)
 
-    async def _retire_blobs(self, opened: OpenRound, old_model: BlobRef | None) -> None:
+    async def _retire_blobs(self, opened: OpenRound, old_model: BlobRef | None,
+                            old_payload: bytes | None) -> None:
         """Unlink the round's update blobs and its model, unless one of the round's jobs may
-        still train on it (a straggler, or a lost client's job a replacement agent reclaims)."""
+        still train on it (a straggler, or a lost client's job a replacement agent reclaims).
+        Such a model is stored in Redis now if only shared memory held it: its segment
+        may go before the straggler reads it, and a replacement agent may be remote."""
         stragglers = self.ctx.jobs.may_answer(self.slot_id, opened.round)
         refs = {ref.digest: ref for ref in opened.update_refs}
         if old_model is not None:
             if stragglers:
                 refs.pop(old_model.digest, None)  # left to its TTL
+                if self._stored != old_model.digest and old_payload is not None:
+                    await self.ctx.blobs.put(old_payload, old_model.digest)
+                    self._stored = old_model.digest
             else:
                 refs[old_model.digest] = old_model
         for ref in refs.values():
