@@ -198,9 +198,9 @@ class JobRunner:
             reply.release()
         timings["upload_s"] = round(time.perf_counter() - start, 6)
         timings["total_s"] = round(time.time() - received_at, 6)
-        via = "redis" if handed is None else "shm"
-        log.info("update_uploaded", job_id=job.job_id, nbytes=ref.nbytes,
-                 duration_s=timings["upload_s"], via=via)
+        if handed is None:  # a handed-over update is logged once its result is posted
+            log.info("update_uploaded", job_id=job.job_id, nbytes=ref.nbytes,
+                     duration_s=timings["upload_s"], via="redis")
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
                       round=job.round, client_id=job.client_id, status="ok",
                       agent_id=self.agent_id, update_digest=ref.digest,
@@ -239,5 +239,10 @@ class JobRunner:
 
     async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
         payload = self._signed(result).to_bytes()
+        # A handed-over update whose result cannot be posted stays in the coordinator's
+        # prefix (the post may have landed unseen): it goes when that coordinator stops.
         await streams.publish(self.redis, self.keys.results(job.slot_id), payload)
+        if result.update_shm:  # only now can the coordinator find the update
+            log.info("update_uploaded", job_id=job.job_id, nbytes=result.update_nbytes,
+                     duration_s=result.timings.get("upload_s"), via="shm")
         await streams.ack(self.redis, entry.stream, JOBS_GROUP, [entry.entry_id])
