@@ -64,9 +64,9 @@ def test_only_an_agent_that_reads_the_token_counts_as_local(tmp_path: Path) -> N
     assert list(elsewhere.parent.iterdir()) == [elsewhere]
 
 
-def test_an_update_is_renamed_over_and_read_exactly_as_claimed(tmp_path: Path) -> None:
-    """Handing over renames (no copy); the coordinator reads its own names only, exactly the
-    claimed size, and unlinks only its own names."""
+def test_an_update_is_renamed_over_and_taken_exactly_as_claimed(tmp_path: Path) -> None:
+    """Handing over renames (no copy); the coordinator takes its own names only, exactly the
+    claimed size (mapped, the name unlinked at once), and unlinks only its own names."""
     host = HostHandoff(directory=str(tmp_path))
     agent = AgentHandoff(directory=str(tmp_path))
     payload = encode(STATE)
@@ -74,17 +74,22 @@ def test_an_update_is_renamed_over_and_read_exactly_as_claimed(tmp_path: Path) -
     name = agent.hand_over(mine, host.pid)
     assert not (tmp_path / mine).exists()
     assert host.owns_update(name)
-    assert bytes(host.read_update(name, len(payload))) == payload
     with pytest.raises(BlobSizeMismatch):
-        host.read_update(name, len(payload) - 1)
+        host.take_update(name, len(payload) - 1)
+    assert (tmp_path / name).exists()  # a rejected segment waits for discard_update
+    taken = host.take_update(name, len(payload))
+    assert not (tmp_path / name).exists()
+    assert taken.readonly
+    assert bytes(taken) == payload
+    with pytest.raises(BlobMissing):
+        host.take_update(name, len(payload))  # once only
     foreign = _segment(tmp_path, f"pwfl-1-u{'0' * 32}", payload)
     with pytest.raises(BlobMissing):
-        host.read_update(foreign, len(payload))
+        host.take_update(foreign, len(payload))
     with pytest.raises(BlobMissing):
-        host.read_update(f"{host.prefix}u{'1' * 32}", len(payload))
+        host.take_update(f"{host.prefix}u{'1' * 32}", len(payload))
     host.discard_update(foreign)
     host.discard_update(name)
-    assert not (tmp_path / name).exists()
     assert (tmp_path / foreign).exists()
     host.close()
     assert [p.name for p in tmp_path.iterdir()] == [foreign]

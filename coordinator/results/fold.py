@@ -55,7 +55,7 @@ def _read_decode_and_fold(validator: ResultValidator, strategy: Strategy, aggreg
 
 
 def _decode_and_fold(validator: ResultValidator, strategy: Strategy, aggregate: Any,
-                     data: bytes | bytearray, digest: str, num_examples: int,
+                     data: bytes | bytearray | memoryview, digest: str, num_examples: int,
                      scale: float) -> tuple[float, float]:
     """Blocking part (worker thread): verify, decode with validation, fold."""
     start = time.perf_counter()

@@ -53,6 +53,7 @@ log = structlog.get_logger()
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_NUM_EXAMPLES = 10**9
 HEADER_ALLOWANCE = 1024 * 1024
+Payload = bytes | bytearray | memoryview  # an update's bytes: fetched, or a mapped segment
 LOGGED_CHARS = 200  # claimed ids come from untrusted messages (up to 1 MiB): a prefix is logged
 
 
@@ -67,7 +68,7 @@ class UpdateRejected(Exception):
 
 
 class BlobReader(Protocol):
-    async def get(self, ref: BlobRef) -> bytes | bytearray: ...
+    async def get(self, ref: BlobRef) -> bytes | bytearray | memoryview: ...
 
 
 class SegmentReader:
@@ -78,15 +79,15 @@ class SegmentReader:
         self._handoff = handoff
         self._name = name
 
-    async def get(self, ref: BlobRef) -> bytes | bytearray:
+    async def get(self, ref: BlobRef) -> bytes | bytearray | memoryview:
         return await asyncio.to_thread(self.read, ref)
 
-    def read(self, ref: BlobRef) -> bytearray:
-        """Blocking: `get` in the calling thread (a copy at memory speed)."""
+    def read(self, ref: BlobRef) -> memoryview:
+        """Blocking: `get` in the calling thread (the segment mapped, not copied)."""
         if self._handoff is None:
             raise BlobMissing(f"update segment {self._name[:80]!r}: this coordinator takes "
                               "no shared-memory handoff (--no-local-handoff)")
-        return self._handoff.read_update(self._name, ref.nbytes)
+        return self._handoff.take_update(self._name, ref.nbytes)
 
 
 def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
@@ -214,7 +215,7 @@ class ResultValidator:
 
     # --- 3. the update's bytes -----------------------------------------------------------
 
-    async def fetch(self, blobs: BlobReader, ref: BlobRef) -> bytes | bytearray:
+    async def fetch(self, blobs: BlobReader, ref: BlobRef) -> bytes | bytearray | memoryview:
         """The claimed blob's bytes, exactly `ref.nbytes` of them; else rejected.
 
         The blob store reads no more than the claim: a blob stored with another length
@@ -226,7 +227,7 @@ class ResultValidator:
             raise _fetch_rejection(exc) from None
         return self._exact(data, ref)
 
-    def fetch_segment(self, segment: SegmentReader, ref: BlobRef) -> bytes | bytearray:
+    def fetch_segment(self, segment: SegmentReader, ref: BlobRef) -> Payload:
         """Blocking `fetch` of a handed-over update (from the thread that decodes it)."""
         try:
             data = segment.read(ref)
@@ -235,13 +236,13 @@ class ResultValidator:
         return self._exact(data, ref)
 
     @staticmethod
-    def _exact(data: bytes | bytearray, ref: BlobRef) -> bytes | bytearray:
+    def _exact(data: Payload, ref: BlobRef) -> Payload:
         if len(data) != ref.nbytes:
             raise UpdateRejected("truncated", f"blob is {len(data)} bytes, result says "
                                               f"{ref.nbytes}")
         return data
 
-    def decode_update(self, data: bytes | bytearray, digest: str) -> dict[str, torch.Tensor]:
+    def decode_update(self, data: Payload, digest: str) -> dict[str, torch.Tensor]:
         """Blocking (call from a thread): the bytes hash to their digest and decode to the
         slot's schema with finite values."""
         if self._verify_digests and hashlib.sha256(data).hexdigest() != digest:
