@@ -99,6 +99,7 @@ class Coordinator:
         self.population: Population | None = None
         self._runners: dict[int, SlotRunner | GradientSlotRunner] = {}
         self._handoff: local_handoff.HostHandoff | None = None
+        self._orphans = 0  # shared-memory segments of dead processes removed at start-up
 
     def _status_json(self) -> dict[str, Any]:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
@@ -175,9 +176,7 @@ class Coordinator:
         /dev/shm here). Segments a killed coordinator or agent left behind go first."""
         if not self.settings.local_handoff or not local_handoff.available():
             return None
-        orphans = local_handoff.sweep_orphans()
-        if orphans:
-            log.warning("shm_orphans_removed", segments=len(orphans))
+        self._orphans = len(local_handoff.sweep_orphans())  # logged after run_started
         try:
             return local_handoff.HostHandoff()
         except OSError as exc:
@@ -270,6 +269,8 @@ class Coordinator:
                  population=s.population, merge=s.merge, merge_every=s.merge_every,
                  shared_init=s.shared_init, local_handoff=self._handoff is not None,
                  rounds_done={i: r.first_round - 1 for i, r in self._runners.items()})
+        if self._orphans:
+            log.warning("shm_orphans_removed", segments=self._orphans)
         if self._secrets.api_token_file is not None:
             log.info("api_token_generated", path=self._secrets.api_token_file)
         await self._http.start(fallback_to_any_port=s.http_port == 8765)
