@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch models from and upload updates to Redis even when the "
                         "coordinator runs on this host (default: with a coordinator that "
                         "proves it shares this host's /dev/shm, models and updates are "
-                        "handed over in shared memory instead; others always use Redis)")
+                        "handed over in shared memory instead; others always use Redis). Use "
+                        "it where /dev/shm cannot hold a few models, or to test the Redis path")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics (jobs, trainer restarts, model cache hits, "
                         "shared memory) at http://HOST:PORT/metrics; 0 picks a free port "

@@ -201,7 +201,9 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--no-local-handoff", dest="local_handoff", action="store_false",
                    help="move every model and update through Redis, also for agents on this "
                         "host (default: agents that prove they share this host's /dev/shm hand "
-                        "models and updates over in shared memory; others always use Redis)")
+                        "models and updates over in shared memory; others always use Redis). "
+                        "Use it to measure the Redis path, or where /dev/shm cannot hold a "
+                        "few models")
     g.add_argument("--local-devices", default="cpu",
                    help="devices of each local agent, e.g. cpu or cuda:0,cuda:1 (default cpu)")
     g.add_argument("--local-threads", type=_positive(int), default=1,
