@@ -87,12 +87,21 @@ class Downlink:
 
     async def _read(self) -> None:
         last_id = "0-0"
-        while True:
-            entries = await gstreams.read(self.redis, self.stream, last_id,
-                                          block_ms=READ_BLOCK_MS)
-            if entries:
-                last_id = entries[-1].entry_id
-                await self._take(entries[-1])  # older ones are already superseded
+        try:
+            while True:
+                entries = await gstreams.read(self.redis, self.stream, last_id,
+                                              block_ms=READ_BLOCK_MS)
+                if entries:
+                    last_id = entries[-1].entry_id
+                    await self._take(entries[-1])  # older ones are already superseded
+        except Exception as exc:  # noqa: BLE001 - waiting sessions must hear of it
+            # Without a reader no weights come: fail the sessions now rather than let them
+            # wait out their step deadline.
+            log.warning("gradient_downlink_failed", stream=self.stream,
+                        error=f"{type(exc).__name__}: {exc}")
+            async with self._changed:
+                self.error = f"the slot's weights stream failed: {type(exc).__name__}: {exc}"
+                self._changed.notify_all()
 
     async def _take(self, entry: gstreams.TensorEntry) -> None:
         try:

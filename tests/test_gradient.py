@@ -3,11 +3,14 @@ the trainer's session, the wire helpers and the command line."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import structlog
 import torch
 from torch import nn
 
@@ -233,3 +236,24 @@ def test_gradient_slots_sit_beside_weight_slots() -> None:
     """--gradient-slots N puts the first N slots in gradient mode, the rest in weight mode."""
     s = settings_from_args(build_parser().parse_args(["--slots", "3", "--gradient-slots", "1"]))
     assert [s.is_gradient_slot(i) for i in range(3)] == [True, False, False]
+
+
+async def test_a_dead_weights_reader_fails_its_sessions_at_once(redis_server: Any) -> None:
+    """When the agent's reader of a slot's weights stream fails (here the key holds a string:
+    WRONGTYPE), waiting sessions fail with the reason instead of waiting out their deadline."""
+    from client_agent.gradient import Downlink, SessionFailed
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.set("dead-downlink", b"not a stream")
+        downlink = Downlink(client, "dead-downlink", "pwfl-test-dead")
+        with structlog.testing.capture_logs() as logs:
+            downlink.start()
+            async with asyncio.timeout(10):
+                with pytest.raises(SessionFailed, match="weights stream failed"):
+                    await downlink.wait("s", 1)
+        await downlink.stop()
+        assert [e["event"] for e in logs] == ["gradient_downlink_failed"]
+    finally:
+        await client.delete("dead-downlink")
+        await client.aclose()
