@@ -18,17 +18,11 @@ class BlobDeleter(Protocol):
     async def delete(self, ref: BlobRef) -> None: ...
 
 
-class ModelSegments(Protocol):
-    def drop_model(self, digest: str) -> None: ...
-
-
 class PublishedModels:
-    """Each slot's published model (at most one per slot), and retiring blobs around them
-    (with their shared-memory copies, `segments`, when the run hands models over locally)."""
+    """Each slot's published model (at most one per slot), and retiring blobs around them."""
 
-    def __init__(self, blobs: BlobDeleter, segments: ModelSegments | None = None) -> None:
+    def __init__(self, blobs: BlobDeleter) -> None:
         self._blobs = blobs
-        self._segments = segments
         self._by_slot: dict[int, BlobRef] = {}
 
     def publish(self, slot_id: int, ref: BlobRef) -> None:
@@ -47,5 +41,3 @@ class PublishedModels:
         """Unlink a blob nobody needs any more, unless it is a live model (TTL covers the rest)."""
         if ref.digest not in self.live_digests():
             await self._blobs.delete(ref)
-            if self._segments is not None:
-                self._segments.drop_model(ref.digest)
