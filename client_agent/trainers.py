@@ -25,6 +25,7 @@ import contextlib
 import multiprocessing
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -126,7 +127,10 @@ class TrainerPool:
         self.start_timeout_s = 120.0
         self._ctx = multiprocessing.get_context("spawn")
         self._spawned = 0
-        self._idle: asyncio.Queue[TrainerSlot] = asyncio.Queue()
+        self._idle: deque[TrainerSlot] = deque()  # free trainers, oldest first
+        # Woken whenever a trainer comes free, a conversation opens a shared one, or the
+        # pool closes: whoever waits for a trainer looks again.
+        self._wakers: list[asyncio.Future[None]] = []
         self._live: set[_Trainer] = set()
         self._outstanding: set[str] = set()  # update segments handed out, not yet released
         self._shared: dict[TrainerSlot, _Shared] = {}  # trainers held by conversations
@@ -135,7 +139,7 @@ class TrainerPool:
     @property
     def idle(self) -> int:
         """Trainers free right now."""
-        return self._idle.qsize()
+        return len(self._idle)
 
     @property
     def pids(self) -> list[int]:
@@ -154,19 +158,21 @@ class TrainerPool:
                 raise exc.exceptions[0] from None
             raise
         for device, spawn in zip(self.devices, spawns, strict=True):
-            self._idle.put_nowait(TrainerSlot(device, spawn.result()))
+            self._free(TrainerSlot(device, spawn.result()))
 
     async def train(self, request: TrainRequest) -> TrainReply:
         """Run one job on the next free trainer; failures come back as failed replies."""
         self._check_open()
         queued_at = time.perf_counter()
-        slot = await self._idle.get()
+        while not self._idle:
+            await self._changed()
+            self._check_open()
+        slot = self._idle.popleft()
         wait_s = time.perf_counter() - queued_at
         try:
-            self._check_open()
             reply = await self._train_on(slot, request)
         finally:
-            self._idle.put_nowait(slot)
+            self._free(slot)
         reply.timings["wait_s"] = wait_s
         return reply
 
@@ -175,13 +181,22 @@ class TrainerPool:
         """A trainer held for a conversation of many messages (a gradient session): a free
         one if there is one, else one that other conversations hold already (they take
         turns), so a lease of more clients than trainers still makes progress. It goes back
-        to the pool when its last conversation ends."""
+        to the pool when its last conversation ends.
+
+        A conversation that waits looks again whenever a trainer comes free or another
+        conversation opens one: it joins that one rather than wait for a free trainer,
+        which a weight job may take first while the open conversation waits for it (the
+        clients of one gradient lease step together)."""
         self._check_open()
-        if self._idle.qsize() == 0 and self._shared:
-            slot = min(self._shared, key=lambda s: self._shared[s].users)
-        else:
-            slot = await self._idle.get()
+        while not self._idle and not self._shared:
+            await self._changed()
+            self._check_open()
+        if self._idle:
+            slot = self._idle.popleft()
             self._shared[slot] = _Shared()
+            self._wake()
+        else:
+            slot = min(self._shared, key=lambda s: self._shared[s].users)
         shared = self._shared[slot]
         shared.users += 1
         try:
@@ -192,7 +207,7 @@ class TrainerPool:
             shared.users -= 1
             if shared.users == 0:
                 del self._shared[slot]
-                self._idle.put_nowait(slot)
+                self._free(slot)
 
     async def _lost(self, slot: TrainerSlot, trainer: _Trainer, job_id: str) -> int | None:
         """A held trainer died: reap it, start its replacement (once, whoever sharing it
@@ -209,6 +224,7 @@ class TrainerPool:
     async def close(self, timeout_s: float = 10) -> None:
         """Stop every trainer (terminate, then kill, stragglers) and unlink leftovers."""
         self._closed = True
+        self._wake()  # whoever waits for a trainer learns the pool is closed
         trainers = list(self._live)
         for trainer in trainers:
             with contextlib.suppress(OSError):
@@ -221,6 +237,22 @@ class TrainerPool:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the trainer pool is closed")
+
+    def _free(self, slot: TrainerSlot) -> None:
+        self._idle.append(slot)
+        self._wake()
+
+    def _wake(self) -> None:
+        wakers, self._wakers = self._wakers, []
+        for waker in wakers:
+            if not waker.done():
+                waker.set_result(None)
+
+    async def _changed(self) -> None:
+        """Wait until a trainer comes free, a conversation opens one, or the pool closes."""
+        waker = asyncio.get_running_loop().create_future()
+        self._wakers.append(waker)
+        await waker
 
     async def _train_on(self, slot: TrainerSlot, request: TrainRequest) -> TrainReply:
         try:

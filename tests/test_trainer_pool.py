@@ -196,3 +196,39 @@ async def test_a_training_call_past_its_time_limit_is_killed_and_the_next_job_ru
     finally:
         await pool.close()
     assert _segments(pool.shm_prefix) == []
+
+
+async def test_a_waiting_conversation_joins_the_one_another_opened(model: ModelSegment) -> None:
+    """Two conversations (one gradient lease's clients, which step together) wait behind a
+    job on the only trainer: when it comes free, one opens it and the other joins it, ahead
+    of a job queued after them, instead of waiting for a free trainer that the first holds
+    until the second arrives."""
+    pool = TrainerPool(["cpu"], agent_id="test-agent")
+    await pool.start(timeout_s=60)
+    try:
+        busy = asyncio.create_task(pool.train(_request(model, "busy", epochs=200)))
+        while pool.idle:  # noqa: ASYNC110 - as in _killed_mid_job: no event says "handed out"
+            await asyncio.sleep(0)
+        held: list[object] = []
+        together = asyncio.Event()
+
+        async def converse() -> None:
+            async with pool.checkout() as lease:
+                held.append(lease.slot)
+                if len(held) == 2:
+                    together.set()
+                await asyncio.wait_for(together.wait(), 20)
+
+        conversations = asyncio.gather(converse(), converse())
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(pool.train(_request(model, "queued")))
+        (await busy).release()
+        await conversations
+        assert len(held) == 2
+        assert held[0] is held[1]
+        after = await queued
+        after.release()
+        assert after.status == "ok"
+        assert pool.idle == 1
+    finally:
+        await pool.close()
