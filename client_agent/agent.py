@@ -15,6 +15,8 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 
@@ -38,6 +40,8 @@ UNREGISTER_TIMEOUT_S = 5.0
 
 FINISHED_STATES = {b"finished", b"interrupted", b"failed"}
 RECLAIM_EVERY_S = 5.0
+READ_BLOCK_MS = 500  # a read of the job streams returns at least this often
+READ_GRACE_S = 1.0  # past its block time, a read by a stopping agent is given up
 
 
 class Agent:
@@ -121,6 +125,8 @@ class Agent:
         async with asyncio.TaskGroup() as tg:
             background = [tg.create_task(self._heartbeat(registry), name="heartbeat"),
                           tg.create_task(self._watch_run(redis, keys), name="run-watcher")]
+            if self.settings.exit_with_parent:
+                background.append(tg.create_task(self._watch_parent(), name="parent-watcher"))
             try:
                 await self._consume(redis, keys, runner)
                 await self._drain()
@@ -141,15 +147,20 @@ class Agent:
             await asyncio.sleep(interval_s)
 
     async def _watch_run(self, redis: object, keys: Keys) -> None:
-        """Poll the run's status: stop serving when it has ended (or our parent has gone)."""
-        parent = os.getppid()
+        """Poll the run's status: stop serving when it has ended."""
         while not await self._run_over(redis, keys):
             raise_if_cancelled()
-            if self.settings.exit_with_parent and os.getppid() != parent:
-                self.request_stop("parent_exited")
-                return
             await asyncio.sleep(0.5)
         self.request_stop("run_finished")
+
+    async def _watch_parent(self) -> None:
+        """Stop serving when the process that started us (a local coordinator) has gone.
+        Apart from the run's watch, whose poll of Redis retries for --redis-outage-s when
+        Redis went down with that coordinator."""
+        parent = os.getppid()
+        while os.getppid() == parent:  # noqa: ASYNC110 - no event tells a parent's exit
+            await asyncio.sleep(0.5)
+        self.request_stop("parent_exited")
 
     async def _run_over(self, redis: object, keys: Keys) -> bool:
         try:
@@ -178,10 +189,29 @@ class Agent:
             if capacity <= 0:
                 await self._wait_for_capacity()
                 continue
-            entries = await streams.consume(redis, job_streams, JOBS_GROUP,  # type: ignore[arg-type]
-                                            self.settings.name, count=capacity, block_ms=500)
+            entries = await self._read(streams.consume(
+                redis, job_streams, JOBS_GROUP, self.settings.name,  # type: ignore[arg-type]
+                count=capacity, block_ms=READ_BLOCK_MS))
             for entry in entries:
                 await self._start_job(redis, entry, runner)
+
+    async def _read(self, read: Coroutine[Any, Any, list[streams.Entry]]) -> list[streams.Entry]:
+        """The entries a read of the job streams returns; none once the agent is stopping
+        and the read has not returned within its block time (Redis away: it would retry
+        for --redis-outage-s). Entries Redis delivered to a read given up stay pending in
+        the group, where a replacement agent reclaims them."""
+        reading = asyncio.ensure_future(read)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([reading, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                await asyncio.wait([reading], timeout=READ_BLOCK_MS / 1000 + READ_GRACE_S)
+        finally:
+            stop.cancel()
+            if not reading.done():
+                reading.cancel()
+                await asyncio.wait([reading])
+        return reading.result() if not reading.cancelled() else []
 
     async def _wait_for_capacity(self) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,44 @@ def test_agent_started_as_the_coordinator_says_leaves_with_the_embedded_redis(
             coordinator.kill()
             coordinator.wait()
     assert b"redis_unreachable" not in agent.stderr + agent.stdout
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def test_a_local_agent_leaves_when_its_coordinator_dies_with_redis(
+        redis_factory: RedisFactory, tmp_path: Path) -> None:
+    """An agent started with --exit-with-parent whose parent (a local coordinator) dies
+    together with its Redis leaves within seconds, instead of retrying the vanished Redis
+    for --redis-outage-s (300 s) first."""
+    server = redis_factory()
+    log_file, pid_file = tmp_path / "agent.jsonl", tmp_path / "agent.pid"
+    agent = shlex.join([sys.executable, "-m", "client_agent", "--redis", server.url,
+                        "--run-id", "orphaned", "--clients", "0", "--exit-with-parent",
+                        "--log-file", str(log_file), "--log-level", "info"])
+    parent = subprocess.Popen(
+        ["bash", "-c", f"{agent} >{tmp_path / 'agent.console.log'} 2>&1 & echo $! >{pid_file}; "
+         "wait"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        wait_until(lambda: "agent_started" in (log_file.read_text() if log_file.exists()
+                                               else ""), 90, "the agent starts")
+        pid = int(pid_file.read_text())
+        server.stop()
+        parent.kill()
+        parent.wait()
+        orphaned_at = time.monotonic()
+        wait_until(lambda: not _alive(pid), 30, "the orphaned agent leaves")
+        left_after_s = time.monotonic() - orphaned_at
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    print(f"the agent left {left_after_s:.1f} s after its parent died")  # noqa: T201 - pytest -s
+    stopping = [line for line in log_file.read_text().splitlines() if "agent_stopping" in line]
+    assert len(stopping) == 1
+    assert "parent_exited" in stopping[0]
