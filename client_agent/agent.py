@@ -208,10 +208,11 @@ class Agent:
                 await asyncio.wait([reading], timeout=READ_BLOCK_MS / 1000 + READ_GRACE_S)
         finally:
             stop.cancel()
-            if not reading.done():
-                reading.cancel()
-                await asyncio.wait([reading])
-        return reading.result() if not reading.cancelled() else []
+            given_up = not reading.done()
+            if given_up:
+                reading.cancel()  # redis-py may swallow it: then the read ends on its own
+                await asyncio.wait([reading], timeout=READ_GRACE_S)
+        return [] if given_up else reading.result()
 
     async def _wait_for_capacity(self) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())

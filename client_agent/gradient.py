@@ -24,6 +24,7 @@ import structlog
 
 from bus import gradient as gstreams
 from bus import streams
+from bus.connection import raise_if_cancelled
 from bus.credentials import Keyring
 from bus.keys import JOBS_GROUP, Keys
 from client_agent.trainers import TrainerLease, TrainerPool
@@ -89,6 +90,9 @@ class Downlink:
         last_id = "0-0"
         try:
             while True:
+                # redis-py may swallow a cancel that lands in the blocking read: a reader
+                # that went on reading held `stop`, and with it its session, for ever.
+                raise_if_cancelled()
                 entries = await gstreams.read(self.redis, self.stream, last_id,
                                               block_ms=READ_BLOCK_MS)
                 if entries:

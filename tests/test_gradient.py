@@ -4,6 +4,7 @@ the trainer's session, the wire helpers and the command line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from typing import Any
 
@@ -257,3 +258,26 @@ async def test_a_dead_weights_reader_fails_its_sessions_at_once(redis_server: An
     finally:
         await client.delete("dead-downlink")
         await client.aclose()
+
+
+
+class _CancelSwallowingRedis:
+    """A Redis client whose blocking XREAD swallows a cancel and returns nothing, as
+    redis-py's did now and then in a real agent (its task kept reading, `cancelling()` 1)."""
+
+    async def xread(self, streams: dict[str, str], count: int, block: int | None) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep((block or 0) / 1000)
+
+
+async def test_a_weights_reader_stops_even_when_its_read_swallows_the_cancel() -> None:
+    """Stopping a slot's weights reader ends it even when the cancel is lost in its blocking
+    read: a reader that went on reading held its session's end, and the session's result,
+    for ever (seen as tests/test_gradient_e2e.py hanging now and then)."""
+    from client_agent.gradient import Downlink
+
+    downlink = Downlink(_CancelSwallowingRedis(), "swallowing-downlink", "pwfl-test-quiet")
+    downlink.start()
+    await asyncio.sleep(0.05)  # the reader is in its read
+    async with asyncio.timeout(5):
+        await downlink.stop()
