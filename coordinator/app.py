@@ -214,7 +214,7 @@ class Coordinator:
             slots=weight_slots, last_round=s.rounds, pbt_settings=pbt_settings,
             bounds={k: (float(v[0]), float(v[1])) for k, v in s.explore_bounds.items()},
             merge_every=s.merge_every if s.merge == "every" else 0,
-            evaluate=lambda state: ctx.evaluator.evaluate(-1, state),
+            evaluate=lambda state: ctx.evaluator.evaluate_queued(-1, state),
             rng=random.Random(f"{s.seed}:population:{len(s.slot_overrides)}"))
         for runner in weight_slots.values():
             runner.population = population
@@ -296,7 +296,7 @@ class Coordinator:
         if self.settings.merge == "final":
             slots = {i: (r.state, self.status.slots[i].last_accuracy or 0.0)
                      for i, r in self._runners.items()}
-            await run_final_merge(slots, lambda state: ctx.evaluator.evaluate(-1, state),
+            await run_final_merge(slots, lambda state: ctx.evaluator.evaluate_queued(-1, state),
                                   ctx.run_state.store)
 
     @staticmethod

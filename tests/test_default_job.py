@@ -109,7 +109,8 @@ def test_lower_thread_priority_changes_only_the_calling_thread() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priority here")
 def test_evaluations_run_one_at_a_time_on_a_niced_thread() -> None:
-    """Every slot's evaluation goes to the one evaluation thread, niced, off the loop."""
+    """Every slot's evaluation, and a merge's from another worker thread, goes to the one
+    evaluation thread, niced, off the loop."""
     task = SyntheticTask(num_clients=1, examples_per_client=8, test_examples=64)
     threads: list[tuple[str, int]] = []
     original = task.evaluate
@@ -125,12 +126,14 @@ def test_evaluations_run_one_at_a_time_on_a_niced_thread() -> None:
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     async def main() -> list[dict[str, float]]:
-        return await asyncio.gather(*(evaluator.evaluate_in_background(i, state)
-                                      for i in range(3)))
+        return await asyncio.gather(
+            *(evaluator.evaluate_in_background(i, state) for i in range(3)),
+            asyncio.to_thread(evaluator.evaluate_queued, -1, state))  # as a model merge does
 
     results = asyncio.run(main())
     evaluator.close()
     assert all(r["num_examples"] == 64 for r in results)
+    assert len(threads) == 4
     assert len({name for name, _ in threads}) == 1
     assert threads[0][0].startswith("pwfl-eval")
     assert {nice for _, nice in threads} == {min(base + 3, 19)}
