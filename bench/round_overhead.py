@@ -8,17 +8,22 @@ dict. Evaluation is off: what remains is the framework. For each round:
     overhead = round wall time (model published .. aggregation finished)
                - the slowest client's compute (load + train + encode in its trainer)
 
-In the same run, on the same Redis, it times raw redis-py SET+GET of the bytes a
-round moves (the model once up and once down per agent, each update up and
-down) as the baseline a hand-written transfer would pay, and prints ratios.
+Each case runs twice, one after the other: with the default local handoff (the
+agents share this host, so models and updates go through shared memory) and
+with `--no-local-handoff` (everything through Redis, as agents on other hosts
+do). In the same run, on the same Redis, it times raw redis-py SET+GET of the
+bytes a round moves (the model once up and once down per agent, each update up
+and down) as the baseline a hand-written transfer would pay, and prints ratios.
 Last line: one JSON object (`cnn_round_overhead_ms`, `resnet18_round_overhead_ms`,
-`resnet18_vs_raw_transfer`, and more).
+`resnet18_vs_raw_transfer`: the default path; the same keys ending in
+`_redis_only`: through Redis only; and more).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -46,6 +51,11 @@ class Case:
     model: str
     slots: int
     rounds: int
+    handoff: bool = True  # False: --no-local-handoff (every byte through Redis)
+
+    @property
+    def path(self) -> str:
+        return "shm handoff" if self.handoff else "redis only"
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,13 @@ class Outcome:
 
 
 def _run_coordinator(case: Case, redis_url: str, runs_dir: Path) -> Path:
-    run_id = f"bench-{case.model}-{case.slots}slots"
+    run_id = f"bench-{case.model}-{case.slots}slots-{'shm' if case.handoff else 'redis'}"
     argv = [sys.executable, "-m", "coordinator", "--redis", redis_url, "--runs-dir",
             str(runs_dir), "--run-id", run_id, "--task", "synthetic", "--task-option",
             f"model={case.model}", "--noop-training", "--eval-every", "0", "--slots",
             str(case.slots), "--rounds", str(case.rounds), "--clients", str(CLIENTS),
-            "--local-agents", str(AGENTS), "--no-progress", "--http-port", "0"]
+            "--local-agents", str(AGENTS), "--no-progress", "--http-port", "0",
+            *([] if case.handoff else ["--no-local-handoff"])]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
@@ -141,13 +152,13 @@ async def raw_transfer_s(url: str, nbytes: int, reps: int) -> float:
 
 def _table(outcomes: list[Outcome], raw_s: dict[str, float]) -> Table:
     table = Table(title="Framework overhead per round (no-op training, 6 clients, 2 agents)")
-    for col in ("model", "MB", "slots", "rounds", "round ms", "overhead ms", "raw SET+GET ms",
-                "overhead / raw", "client idle"):
+    for col in ("model", "MB", "slots", "path", "rounds", "round ms", "overhead ms",
+                "raw SET+GET ms", "overhead / raw", "client idle"):
         table.add_column(col, justify="right")
     for o in outcomes:
         raw_ms = raw_s[o.case.model] * 1000
         idle = "-" if o.client_idle_fraction is None else f"{o.client_idle_fraction:.1%}"
-        table.add_row(o.case.model, f"{o.nbytes / 1e6:.1f}", str(o.case.slots),
+        table.add_row(o.case.model, f"{o.nbytes / 1e6:.1f}", str(o.case.slots), o.case.path,
                       str(len(o.overhead_ms)), f"{statistics.median(o.round_ms):.1f}",
                       f"{o.median_overhead_ms:.1f}", f"{raw_ms:.1f}",
                       f"{o.median_overhead_ms / raw_ms:.2f}x", idle)
@@ -158,18 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.round_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few rounds, CNN only (smoke test)")
+    p.add_argument("--model", choices=("cnn", "resnet18"),
+                   help="run the cases of this model only (default: both)")
+    p.add_argument("--no-redis-only", action="store_true",
+                   help="run only the default path (local handoff), not also every case "
+                        "through Redis only (default: both, one after the other)")
     args = p.parse_args(argv)
-    cases = [Case("cnn", 1, 4), Case("cnn", 3, 4)] if args.quick else [
+    shapes = [Case("cnn", 1, 4), Case("cnn", 3, 4)] if args.quick else [
         Case("cnn", 1, 21), Case("cnn", 3, 11), Case("resnet18", 1, 9), Case("resnet18", 3, 5)]
+    if args.model:
+        shapes = [c for c in shapes if c.model == args.model]
+    paths = [True] if args.no_redis_only else [True, False]
+    cases = [dataclasses.replace(c, handoff=h) for c in shapes for h in paths]
     console = Console(stderr=True)
     with EmbeddedRedis(unix_socket=True) as server, tempfile.TemporaryDirectory() as tmp:
         outcomes = []
         for case in cases:
             console.print(f"running {case.model} with {case.slots} slot(s), {case.rounds} rounds")
             outcomes.append(run_case(case, server.url, Path(tmp)))
-        raw_s = {o.case.model: asyncio.run(raw_transfer_s(server.url, o.nbytes, 5))
-                 for o in outcomes}
-    Console().print(_table(outcomes, raw_s))
+        sizes = {o.case.model: o.nbytes for o in outcomes}
+        raw_s = {model: asyncio.run(raw_transfer_s(server.url, nbytes, 5))
+                 for model, nbytes in sizes.items()}
+    Console(width=160).print(_table(outcomes, raw_s))
     print(json.dumps(_summary(outcomes, raw_s)))
     return 0
 
@@ -177,16 +198,22 @@ def main(argv: list[str] | None = None) -> int:
 def _summary(outcomes: list[Outcome], raw_s: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for o in outcomes:
-        prefix = f"{o.case.model}_{o.case.slots}slot"
-        out[f"{prefix}_round_overhead_ms"] = round(o.median_overhead_ms, 2)
-        out[f"{prefix}_client_idle_fraction"] = o.client_idle_fraction
-        out[f"{prefix}_vs_raw_transfer"] = _ratio(o, raw_s)
+        prefix, suffix = f"{o.case.model}_{o.case.slots}slot", _suffix(o.case)
+        out[f"{prefix}_round_overhead_ms{suffix}"] = round(o.median_overhead_ms, 2)
+        out[f"{prefix}_client_idle_fraction{suffix}"] = o.client_idle_fraction
+        out[f"{prefix}_vs_raw_transfer{suffix}"] = _ratio(o, raw_s)
     for model in raw_s:
-        one_slot = next(o for o in outcomes if o.case.model == model and o.case.slots == 1)
-        out[f"{model}_round_overhead_ms"] = round(one_slot.median_overhead_ms, 2)
         out[f"{model}_raw_transfer_ms"] = round(raw_s[model] * 1000, 2)
-        out[f"{model}_vs_raw_transfer"] = _ratio(one_slot, raw_s)
+        for one_slot in (o for o in outcomes if o.case.model == model and o.case.slots == 1):
+            suffix = _suffix(one_slot.case)
+            out[f"{model}_round_overhead_ms{suffix}"] = round(one_slot.median_overhead_ms, 2)
+            out[f"{model}_vs_raw_transfer{suffix}"] = _ratio(one_slot, raw_s)
     return out
+
+
+def _suffix(case: Case) -> str:
+    """JSON keys without a suffix are the default path (local handoff)."""
+    return "" if case.handoff else "_redis_only"
 
 
 def _ratio(outcome: Outcome, raw_s: dict[str, float]) -> float:

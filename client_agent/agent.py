@@ -22,8 +22,9 @@ import structlog
 
 from bus import streams
 from bus.blobs import BlobStore
-from bus.connection import connect, raise_if_cancelled, redis_errors, wait_ready
+from bus.connection import as_text, connect, raise_if_cancelled, redis_errors, wait_ready
 from bus.errors import RedisRefused
+from bus.handoff import Advert, AgentHandoff
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
 from client_agent.gradient import GradientRunner, is_gradient_job
@@ -103,14 +104,16 @@ class Agent:
         pool = TrainerPool(list(s.devices), threads_per_trainer=s.threads, log_file=s.log_file,
                            run_id=run_id, agent_id=s.name)
         cache = ModelCache(s.cache_bytes)
+        handoff = AgentHandoff(enabled=s.local_handoff)
         registration = Registration(agent_id=s.name, client_ids=list(s.client_ids),
                                     devices=list(s.devices), hostname=socket.gethostname(),
-                                    pid=os.getpid())
+                                    pid=os.getpid(),
+                                    handoff=await self._local_coordinator(redis, keys, handoff))
         try:
             await pool.start()
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
-                               allowed_tasks=s.allowed_tasks)
+                               allowed_tasks=s.allowed_tasks, handoff=handoff)
             self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
@@ -119,6 +122,19 @@ class Agent:
             await self._main(redis, keys, registry, runner)
         finally:
             await self._shutdown(registry, registration, pool, cache)
+
+    @staticmethod
+    async def _local_coordinator(redis: object, keys: Keys, handoff: AgentHandoff) -> str:
+        """The run's handoff token name when its coordinator shares this host (the agent
+        read the token); "" otherwise. Registered, so the coordinator knows it."""
+        if not handoff.enabled:
+            return ""
+        with redis_errors():  # HGET: what the agents' ACL allows on the run state
+            name = await redis.hget(keys.state(), "handoff")  # type: ignore[attr-defined]
+            digest = await redis.hget(keys.state(), "handoff_digest")  # type: ignore[attr-defined]
+        advert = Advert(as_text(name or b""), as_text(digest or b""))
+        local = await asyncio.to_thread(handoff.coordinator_pid, advert)
+        return advert.name if local is not None else ""
 
     async def _main(self, redis: object, keys: Keys, registry: Registry,
                     runner: JobRunner) -> None:

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(BUILTIN_TASKS)}) are always allowed; a job naming any "
                         "other task is refused (logged as job_refused, reported failed as "
                         "task_not_allowed) and its code is never imported")
+    p.add_argument("--no-local-handoff", dest="local_handoff", action="store_false",
+                   help="fetch models from and upload updates to Redis even when the "
+                        "coordinator runs on this host (default: with a coordinator that "
+                        "proves it shares this host's /dev/shm, models and updates are "
+                        "handed over in shared memory instead; others always use Redis). Use "
+                        "it where /dev/shm cannot hold a few models, or to test the Redis path")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics (jobs, trainer restarts, model cache hits, "
                         "shared memory) at http://HOST:PORT/metrics; 0 picks a free port "
@@ -183,6 +189,7 @@ def settings_from_args(args: argparse.Namespace,
                          drain_timeout_s=args.drain_timeout,
                          reclaim_idle_ms=args.reclaim_idle_ms,
                          train_timeout_s=args.train_timeout_s,
+                         local_handoff=args.local_handoff,
                          allowed_tasks=frozenset([*BUILTIN_TASKS.values(), *args.allow_task]))
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import structlog
 
+from bus import handoff as local_handoff
 from bus import streams
-from bus.blobs import BlobRef, BlobStore
+from bus.blobs import BlobRef, BlobStore, digest_of
 from bus.credentials import Keyring
 from bus.errors import BlobMissing
 from bus.keys import JOBS_GROUP, Keys
@@ -48,6 +49,9 @@ class JobRunner:
     keyring: Keyring | None = None  # signs each result with its client's key; None: unsigned
     train_timeout_s: float | None = None  # None: derived from each job's deadline
     allowed_tasks: frozenset[str] = frozenset(BUILTIN_TASKS.values())
+    # Models and updates in shared memory with a coordinator on this host (`bus.handoff`).
+    handoff: local_handoff.AgentHandoff = field(
+        default_factory=lambda: local_handoff.AgentHandoff(enabled=False))
     _fetching: dict[str, asyncio.Future[ModelSegment]] = field(default_factory=dict)
 
     async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
@@ -102,33 +106,70 @@ class JobRunner:
         segment = self.cache.get(job.model_digest)
         cached = segment is not None
         start = time.perf_counter()
+        via = "cache"
         if segment is None:
-            segment = await self._fetch_once(job)
+            segment, via = await self._fetch_once(job)
         log.info("model_fetched", job_id=job.job_id, digest=job.model_digest,
-                 nbytes=job.model_nbytes, cached=cached,
+                 nbytes=job.model_nbytes, cached=cached, via=via,
                  duration_s=round(time.perf_counter() - start, 6))
         return segment
 
-    async def _fetch_once(self, job: Job) -> ModelSegment:
+    def _coordinator_pid(self, job: Job) -> int | None:
+        """The pid of the job's coordinator when it shares this host and offers the handoff
+        (a 32-byte read of its token, once per run); else None."""
+        if not job.handoff:
+            return None
+        return self.handoff.coordinator_pid(local_handoff.Advert(job.handoff,
+                                                                 job.handoff_digest))
+
+    async def _fetch_once(self, job: Job) -> tuple[ModelSegment, str]:
+        """(the model's segment, "redis" or "shm": where it came from)."""
         pending = self._fetching.get(job.model_digest)
         if pending is not None:
-            return await asyncio.shield(pending)
+            return await asyncio.shield(pending), "cache"
         future: asyncio.Future[ModelSegment] = asyncio.get_running_loop().create_future()
         self._fetching[job.model_digest] = future
         try:
-            # Signing on means silos that do not trust each other share Redis: any of them
-            # could overwrite a blob, so the model is checked against its digest.
-            data = await self.blobs.get(BlobRef(job.model_digest, job.model_nbytes),
-                                        verify=self.keyring is not None)
-            segment = await asyncio.to_thread(self.cache.put, job.model_digest, data)
+            segment = await self._from_coordinator_shm(job)
+            via = "shm"
+            if segment is None:
+                via = "redis"
+                # Signing on means silos that do not trust each other share Redis: any of
+                # them could overwrite a blob, so the model is checked against its digest.
+                data = await self.blobs.get(BlobRef(job.model_digest, job.model_nbytes),
+                                            verify=self.keyring is not None)
+                segment = await asyncio.to_thread(self.cache.put, job.model_digest, data)
             future.set_result(segment)
-            return segment
+            return segment, via
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody warns
             raise
         finally:
             del self._fetching[job.model_digest]
+
+    async def _from_coordinator_shm(self, job: Job) -> ModelSegment | None:
+        """The model copied from the local coordinator's segment into the cache; None when
+        there is none to use (a remote coordinator, the handoff off, the segment gone or
+        not as claimed: logged as `handoff_fallback`), and Redis serves it instead."""
+        pid = self._coordinator_pid(job)
+        path = None if pid is None else self.handoff.model_path(pid, job.model_shm)
+        if path is None:
+            return None
+        verify = self.keyring is not None  # as for the blob: other silos may share this host
+
+        def fill(out: memoryview) -> None:
+            local_handoff.read_into(path, out, job.model_nbytes, f"model {job.model_digest}")
+            if verify and digest_of(out) != job.model_digest:
+                raise BlobMissing(f"model segment {job.model_shm}: bytes of another digest")
+
+        try:
+            return await asyncio.to_thread(self.cache.put_filled, job.model_digest,
+                                           job.model_nbytes, fill)
+        except (BlobMissing, OSError) as exc:
+            log.warning("handoff_fallback", job_id=job.job_id, what="model",
+                        segment=job.model_shm, error=str(exc))
+            return None
 
     async def _train(self, job: Job, segment: ModelSegment) -> TrainReply:
         request = TrainRequest(job_id=job.job_id, client_id=job.client_id, task=job.task,
@@ -149,19 +190,43 @@ class JobRunner:
             reply.release()
             return self._failed(job, reply.error or "trainer returned no update", timings)
         start = time.perf_counter()
+        handed = None
         try:
-            ref = await self.blobs.put(reply.update)
+            handed = await self._hand_over(job, reply)
+            ref = handed[0] if handed is not None else await self.blobs.put(reply.update)
         finally:
             reply.release()
         timings["upload_s"] = round(time.perf_counter() - start, 6)
         timings["total_s"] = round(time.time() - received_at, 6)
-        log.info("update_uploaded", job_id=job.job_id, nbytes=ref.nbytes,
-                 duration_s=timings["upload_s"])
+        if handed is None:  # a handed-over update is logged once its result is posted
+            log.info("update_uploaded", job_id=job.job_id, nbytes=ref.nbytes,
+                     duration_s=timings["upload_s"], via="redis")
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
                       round=job.round, client_id=job.client_id, status="ok",
                       agent_id=self.agent_id, update_digest=ref.digest,
                       update_nbytes=ref.nbytes, num_examples=reply.num_examples,
-                      metrics=reply.metrics, timings=timings)
+                      metrics=reply.metrics, timings=timings,
+                      update_shm="" if handed is None else handed[1])
+
+    async def _hand_over(self, job: Job, reply: TrainReply) -> tuple[BlobRef, str] | None:
+        """With a coordinator on this host: the update's segment renamed into its handoff
+        prefix (no copy), and its reference; None to upload it to Redis instead."""
+        pid = self._coordinator_pid(job)
+        segment = reply.segment
+        if pid is None or segment is None or reply.update is None:
+            return None
+        update = reply.update
+
+        def digest_and_rename() -> tuple[str, str]:  # one trip to a worker thread
+            return digest_of(update), self.handoff.hand_over(segment, pid)
+
+        try:
+            digest, name = await asyncio.to_thread(digest_and_rename)
+        except OSError as exc:
+            log.warning("handoff_fallback", job_id=job.job_id, what="update",
+                        segment=segment, error=str(exc))
+            return None
+        return BlobRef(digest, update.nbytes), name
 
     def _failed(self, job: Job, error: str, timings: dict[str, Any]) -> Result:
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
@@ -174,5 +239,10 @@ class JobRunner:
 
     async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
         payload = self._signed(result).to_bytes()
+        # A handed-over update whose result cannot be posted stays in the coordinator's
+        # prefix (the post may have landed unseen): it goes when that coordinator stops.
         await streams.publish(self.redis, self.keys.results(job.slot_id), payload)
+        if result.update_shm:  # only now can the coordinator find the update
+            log.info("update_uploaded", job_id=job.job_id, nbytes=result.update_nbytes,
+                     duration_s=result.timings.get("upload_s"), via="shm")
         await streams.ack(self.redis, entry.stream, JOBS_GROUP, [entry.entry_id])

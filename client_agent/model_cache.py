@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -66,11 +67,22 @@ class ModelCache:
 
     def put(self, digest: str, data: Data) -> ModelSegment:
         """The segment for `digest`, copying `data` into a new one if it is not cached."""
+        raw = memoryview(data).cast("B")
+
+        def copy(out: memoryview) -> None:
+            out[:] = raw
+
+        return self.put_filled(digest, raw.nbytes, copy)
+
+    def put_filled(self, digest: str, nbytes: int,
+                   fill: Callable[[memoryview], None]) -> ModelSegment:
+        """The segment for `digest`; if it is not cached, a new one of `nbytes` that
+        `fill` writes (a segment `fill` raises for is unlinked, the error re-raised)."""
         with self._lock:
             if digest in self._entries:
                 self._entries.move_to_end(digest)
                 return self._entries[digest].segment
-        entry = _copied(digest, data)  # outside the lock: the copy of a big blob takes a while
+        entry = _filled(digest, nbytes, fill)  # outside the lock: a big copy takes a while
         with self._lock:
             if digest in self._entries:  # another thread won the race
                 shm.release(entry.memory, unlink=True)
@@ -131,8 +143,12 @@ class ModelCache:
             total -= entry.segment.nbytes
 
 
-def _copied(digest: str, data: Data) -> _Entry:
-    raw = memoryview(data).cast("B")
-    memory = shm.create(raw.nbytes, prefix=shm.owned_prefix("m"))
-    shm.buffer(memory)[: raw.nbytes] = raw
-    return _Entry(ModelSegment(memory.name, raw.nbytes, digest), memory)
+def _filled(digest: str, nbytes: int, fill: Callable[[memoryview], None]) -> _Entry:
+    memory = shm.create(nbytes, prefix=shm.owned_prefix("m"))
+    try:
+        with shm.buffer(memory)[:nbytes] as out:
+            fill(out)
+    except BaseException:
+        shm.release(memory, unlink=True)
+        raise
+    return _Entry(ModelSegment(memory.name, nbytes, digest), memory)

@@ -38,6 +38,8 @@ class AgentSettings:
     train_timeout_s: float | None = None  # per training call; None: from the job's deadline
     # Task specs (module:factory) this agent runs; a job naming another is refused.
     allowed_tasks: frozenset[str] = frozenset(BUILTIN_TASKS.values())
+    # Models and updates in shared memory with a coordinator proven to share this host.
+    local_handoff: bool = True
 
     @property
     def name(self) -> str:

@@ -82,8 +82,14 @@ class TrainReply:
     _memory: SharedMemory | None = field(default=None, repr=False)
     _on_release: Callable[[str], None] | None = field(default=None, repr=False)
 
+    @property
+    def segment(self) -> str | None:
+        """The update segment's name (None once released, or with no update)."""
+        return None if self._memory is None else self._memory.name
+
     def release(self) -> None:
-        """Close and unlink the update segment (idempotent)."""
+        """Close and unlink the update segment (idempotent; a segment handed over to the
+        coordinator under another name is its to unlink)."""
         memory, self._memory = self._memory, None
         if self.update is not None:
             with contextlib.suppress(BufferError):  # a slice of it is still alive

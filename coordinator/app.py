@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import torch
 
+from bus import handoff as local_handoff
 from bus.blobs import BlobStore
 from bus.connection import connect, wait_ready
 from bus.keys import Keys
@@ -97,6 +98,8 @@ class Coordinator:
             settings, (resume_state or {}).get("slot_configs"))
         self.population: Population | None = None
         self._runners: dict[int, SlotRunner | GradientSlotRunner] = {}
+        self._handoff: local_handoff.HostHandoff | None = None
+        self._orphans = 0  # shared-memory segments of dead processes removed at start-up
 
     def _status_json(self) -> dict[str, Any]:
         leases = self.ctx.broker.pool.leases if self.ctx else {}
@@ -150,6 +153,7 @@ class Coordinator:
                           prefer_unused=s.client_choice == "least-used", slot_caps=caps)
         states = await asyncio.to_thread(self._initial_states, evaluator)
         blobs = BlobStore(redis, keys, ttl_ms=s.blob_ttl_ms)
+        self._handoff = await asyncio.to_thread(self._open_handoff)
         jobs = JobTable()
         validator = ResultValidator(
             run_id=s.run_id, jobs=jobs, known_clients=self.status.clients,
@@ -161,10 +165,23 @@ class Coordinator:
             evaluator=evaluator,
             run_state=RunState(CheckpointStore(s.run_dir, s.keep_checkpoints), redis, keys),
             status=self.status, jobs=jobs, validator=validator,
-            rejections=Rejections(self.status), models=PublishedModels(blobs),
-            job_bytes=functools.partial(job_bytes, keyring=self._secrets.keyring))
+            rejections=Rejections(self.status), models=PublishedModels(blobs, self._handoff),
+            job_bytes=functools.partial(job_bytes, keyring=self._secrets.keyring),
+            handoff=self._handoff)
         self._make_runners(states)
         await self._announce()
+
+    def _open_handoff(self) -> local_handoff.HostHandoff | None:
+        """Blocking: the shared-memory handoff for agents on this host (None: off, or no
+        /dev/shm here). Segments a killed coordinator or agent left behind go first."""
+        if not self.settings.local_handoff or not local_handoff.available():
+            return None
+        self._orphans = len(local_handoff.sweep_orphans())  # logged after run_started
+        try:
+            return local_handoff.HostHandoff()
+        except OSError as exc:
+            log.warning("handoff_unavailable", error=str(exc))
+            return None
 
     def _initial_states(self, evaluator: Evaluator) -> list[tuple[dict[str, torch.Tensor], int]]:
         """Per slot: (model state, first round to run): from seeds, or from checkpoints."""
@@ -232,8 +249,12 @@ class Coordinator:
         s, ctx = self.settings, self.ctx
         await ctx.run_state.announce(self._state_doc())
         await set_active_run(ctx.redis, s.run_id)
-        await ctx.redis.hset(ctx.keys.state(), mapping={"status": "running",
-                                                        "slots": s.slots, "rounds": s.rounds})
+        advert = self._handoff.advert if self._handoff is not None else None
+        await ctx.redis.hset(ctx.keys.state(), mapping={
+            "status": "running", "slots": s.slots, "rounds": s.rounds,
+            # Agents check these before registering: those on this host say so.
+            "handoff": advert.name if advert else "",
+            "handoff_digest": advert.digest if advert else ""})
         model_nbytes = sum(t.numel() * t.element_size() for t in self._runners[0].state.values())
         event = "run_resumed" if self._resume else "run_started"
         log.info(event, slots=s.slots, rounds=s.rounds, expected_clients=s.expected_clients,
@@ -246,8 +267,10 @@ class Coordinator:
                  signing=self._secrets.keyring is not None,
                  slot_configs=[self.configs[i].flat() for i in sorted(self.configs)],
                  population=s.population, merge=s.merge, merge_every=s.merge_every,
-                 shared_init=s.shared_init,
+                 shared_init=s.shared_init, local_handoff=self._handoff is not None,
                  rounds_done={i: r.first_round - 1 for i, r in self._runners.items()})
+        if self._orphans:
+            log.warning("shm_orphans_removed", segments=self._orphans)
         if self._secrets.api_token_file is not None:
             log.info("api_token_generated", path=self._secrets.api_token_file)
         await self._http.start(fallback_to_any_port=s.http_port == 8765)
@@ -356,6 +379,8 @@ class Coordinator:
         if self._agents is not None:
             await self._agents.stop()
         await self._http.stop()
+        if self._handoff is not None:  # after the agents: nothing reads a segment any more
+            await asyncio.to_thread(self._handoff.close)
         self.observability.detach()
         if self.ctx is not None:
             self.ctx.evaluator.close()

@@ -228,6 +228,12 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
                         "redis-server for this run)")
     g.add_argument("--local-agents", type=int, default=0,
                    help="start this many client agents on this machine (default 0)")
+    g.add_argument("--no-local-handoff", dest="local_handoff", action="store_false",
+                   help="move every model and update through Redis, also for agents on this "
+                        "host (default: agents that prove they share this host's /dev/shm hand "
+                        "models and updates over in shared memory; others always use Redis). "
+                        "Use it to measure the Redis path, or where /dev/shm cannot hold a "
+                        "few models")
     g.add_argument("--local-devices", default="cpu",
                    help="devices of each local agent, e.g. cpu or cuda:0,cuda:1 (default cpu)")
     g.add_argument("--local-threads", type=_positive(int), default=1,
@@ -266,8 +272,9 @@ SETTINGS_FIELDS = ("rounds", "expected_clients", "clients_per_round", "min_clien
                    "policy", "client_choice", "quorum", "deadline_s", "late_policy",
                    "staleness", "strategy",
                    "seed", "redis_url", "runs_dir", "log_file", "http_host", "http_port",
-                   "wait_clients_s", "eval_threads", "eval_every", "eval_nice", "keep_checkpoints",
-                   "local_agents", "local_devices", "local_threads",
+                   "wait_clients_s", "eval_threads", "eval_every", "eval_nice",
+                   "keep_checkpoints", "local_agents", "local_handoff", "local_devices",
+                   "local_threads",
                    "mode", "gradient_slots", "gradient_steps", "server_optimizer")
 
 

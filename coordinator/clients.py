@@ -51,6 +51,10 @@ class ClientTracker:
 
     async def poll(self) -> None:
         registrations = await self._registry.clients()
+        handoff = self._ctx.handoff
+        if handoff is not None:
+            self._ctx.local_clients = frozenset(
+                c for c, r in registrations.items() if r.handoff == handoff.advert.name)
         alive = await self._registry.alive(registrations)
         for client_id in sorted(alive - self._live):
             self._joined(client_id, registrations[client_id])

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from bus import streams
 from bus.blobs import BlobStore
+from bus.handoff import HostHandoff
 from bus.keys import RESULTS_GROUP, Keys
 from coordinator.delivery import Delivery, SlotInboxes
 from coordinator.evaluation import Evaluator
@@ -53,6 +54,13 @@ class RunContext:
     inboxes: SlotInboxes = field(default_factory=SlotInboxes)
     # A job's bytes as published: signed with its client's key when the run signs.
     job_bytes: Callable[[Job], bytes] = Job.to_bytes
+    handoff: HostHandoff | None = None  # None: models and updates go through Redis only
+    # Clients whose agents registered as sharing this host (they proved the handoff token).
+    local_clients: frozenset[str] = frozenset()
+
+    def all_local(self, clients: Sequence[str]) -> bool:
+        """Whether every one of `clients` takes its models from shared memory."""
+        return self.handoff is not None and set(clients) <= self.local_clients
 
     @property
     def quorum_rule(self) -> QuorumRule:
@@ -73,10 +81,25 @@ class RunContext:
 
     async def ack(self, delivery: Delivery) -> None:
         """Ack a handled result; shielded, so a cancelled slot still acks what it folded."""
-        if delivery.stream is None or delivery.entry_id is None:
-            return
-        ack = streams.ack(self.redis, delivery.stream, RESULTS_GROUP, [delivery.entry_id])
-        await asyncio.shield(ack)
+        await self.ack_many([delivery])
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack handled results, one XACK per stream (shielded, as `ack`).
+
+        An update handed over in shared memory is unlinked first: handled means done with
+        it, whether it was folded, rejected, late or dropped."""
+        by_stream: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            self.discard_update(delivery)
+            if delivery.stream is not None and delivery.entry_id is not None:
+                by_stream.setdefault(delivery.stream, []).append(delivery.entry_id)
+        for stream, entry_ids in by_stream.items():
+            await asyncio.shield(streams.ack(self.redis, stream, RESULTS_GROUP, entry_ids))
+
+    def discard_update(self, delivery: Delivery) -> None:
+        """Unlink the shared-memory segment of a handled update, if it was handed over."""
+        if self.handoff is not None and delivery.result.update_shm:
+            self.handoff.discard_update(delivery.result.update_shm)
 
     def reject(self, delivery: Delivery | None, reason: str, detail: str, **fields: Any) -> None:
         """Log and count a rejected update or message; the process goes on serving."""

@@ -18,11 +18,17 @@ class BlobDeleter(Protocol):
     async def delete(self, ref: BlobRef) -> None: ...
 
 
-class PublishedModels:
-    """Each slot's published model (at most one per slot), and retiring blobs around them."""
+class ModelSegments(Protocol):
+    def drop_model(self, digest: str) -> None: ...
 
-    def __init__(self, blobs: BlobDeleter) -> None:
+
+class PublishedModels:
+    """Each slot's published model (at most one per slot), and retiring blobs around them
+    (with their shared-memory copies, `segments`, when the run hands models over locally)."""
+
+    def __init__(self, blobs: BlobDeleter, segments: ModelSegments | None = None) -> None:
         self._blobs = blobs
+        self._segments = segments
         self._by_slot: dict[int, BlobRef] = {}
 
     def publish(self, slot_id: int, ref: BlobRef) -> None:
@@ -41,3 +47,5 @@ class PublishedModels:
         """Unlink a blob nobody needs any more, unless it is a live model (TTL covers the rest)."""
         if ref.digest not in self.live_digests():
             await self._blobs.delete(ref)
+            if self._segments is not None:
+                self._segments.drop_model(ref.digest)

@@ -91,6 +91,7 @@ class CoordinatorSettings:
     verify_digests: bool = True
     blob_ttl_ms: int = 30 * 60 * 1000
     local_agents: int = 0
+    local_handoff: bool = True  # agents on this host exchange models and updates in /dev/shm
     local_devices: str = "cpu"
     local_threads: int = 1
     sign_updates: bool = False  # every result must carry its client's HMAC signature

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import torch
 
-from bus.blobs import BlobRef
+from bus.blobs import BlobRef, digest_of
 from bus.connection import raise_if_cancelled
 from coordinator.context import RunContext
 from coordinator.delivery import Delivery
@@ -27,7 +28,7 @@ from coordinator.population.config import SlotConfig
 from coordinator.population.hooks import Population, Snapshot
 from coordinator.quorum import Closure, RoundQuorum, staleness_weight
 from coordinator.results.fold import fetch_and_fold
-from coordinator.results.validation import UpdateRejected
+from coordinator.results.validation import BlobReader, SegmentReader, UpdateRejected
 from coordinator.strategies import Strategy
 from serialization import Job, encode
 
@@ -66,6 +67,8 @@ class SlotRunner:
     _background: asyncio.Task[None] | None = None  # the newest evaluate-and-checkpoint link
     _behind: int = 0  # links of that chain not finished yet
     _newest_closed: int = 0
+    _unacked: list[Delivery] = field(default_factory=list)  # handled, ack to follow
+    _stored: str | None = None  # the digest of the model blob in Redis (None: not stored)
     finished: bool = False
     config: SlotConfig | None = None  # None: the command line's training settings
     population: Population | None = None  # PBT / merges at the round boundary
@@ -150,7 +153,7 @@ class SlotRunner:
     async def _open_round(self, round_: int, clients: tuple[str, ...], wait_s: float) -> OpenRound:
         ctx = self.ctx
         self.status.state, self.status.clients = "training", clients
-        ref = await self._publish_model(round_)
+        ref = await self._publish_model(round_, clients)
         records = [JobRecord(new_job_id(self.slot_id, round_, c), self.slot_id, round_, c)
                    for c in clients]
         aggregate = await asyncio.to_thread(self.strategy.begin_round, self.state)
@@ -162,27 +165,67 @@ class SlotRunner:
         await self._publish_jobs(records, ref)
         return self._open
 
-    async def _publish_model(self, round_: int) -> BlobRef:
+    async def _publish_model(self, round_: int, clients: Sequence[str]) -> BlobRef:
+        """The model every job of the round points at: its Redis blob, unless every client
+        takes it from shared memory (agents on this host), and its segment for those."""
         if self.model_ref is not None and self._payload is not None:
-            return self.model_ref  # a retried round publishes the same model
+            ref = self.model_ref  # a retried round publishes the same model
+            if self._stored != ref.digest and not self.ctx.all_local(clients):
+                await self.ctx.blobs.put(self._payload, ref.digest)
+                self._stored = ref.digest
+            return ref
         start = time.perf_counter()
         payload = self._payload
         if payload is None:
             payload = await asyncio.to_thread(encode, self.state)
         encode_s = time.perf_counter() - start
-        ref = await self.ctx.blobs.put(payload)
+        digest = await asyncio.to_thread(digest_of, payload)
+        ref = BlobRef(digest, len(payload))
+        if self.ctx.all_local(clients):
+            shm_s = await self._model_segment(digest, payload)
+            blob = shm_s is None  # the segment could not be written: Redis it is
+            if blob:
+                await self.ctx.blobs.put(payload, digest)
+        else:
+            blob = True
+            _, shm_s = await asyncio.gather(self.ctx.blobs.put(payload, digest),
+                                            self._model_segment(digest, payload))
+        self._stored = digest if blob else None
         self._payload = payload
         self.ctx.models.publish(self.slot_id, ref)
         self.ctx.status.counters["bytes_published"] += ref.nbytes
         log.info("model_published", slot_id=self.slot_id, round=round_, digest=ref.digest,
                  nbytes=ref.nbytes, encode_s=round(encode_s, 6),
                  put_s=round(time.perf_counter() - start - encode_s, 6),
+                 shm_s=round(shm_s or 0.0, 6), blob=blob,
                  duration_s=round(time.perf_counter() - start, 6))
         return ref
+
+    async def _model_segment(self, digest: str, payload: bytes) -> float | None:
+        """With the local handoff on: the model's shared-memory copy for agents on this
+        host (seconds spent; None if it could not be written, 0 with the handoff off).
+
+        The Redis blob is written as well whenever a client of the round is not on such an
+        agent (remote agents, and a local agent that cannot use the segment, read that)."""
+        handoff = self.ctx.handoff
+        if handoff is None:
+            return 0.0
+        start = time.perf_counter()
+        live = self.ctx.models.live_digests()
+        try:
+            await asyncio.to_thread(handoff.write_model, digest, payload, live)
+        except OSError as exc:  # /dev/shm full, say: the agents read the blob
+            log.warning("handoff_unavailable", slot_id=self.slot_id, error=str(exc))
+            return None
+        return time.perf_counter() - start
 
     async def _publish_jobs(self, records: list[JobRecord], ref: BlobRef) -> None:
         ctx = self.ctx
         deadline_ts = time.time() + ctx.settings.deadline_s
+        token, token_digest, segment = "", "", ""  # the local handoff, when offered
+        if ctx.handoff is not None and (shm := ctx.handoff.model_segment(ref.digest)):
+            advert = ctx.handoff.advert
+            token, token_digest, segment = advert.name, advert.digest, shm
         items = []
         for record in records:
             ctx.jobs.add(record)
@@ -190,7 +233,8 @@ class SlotRunner:
                       round=record.round, client_id=record.client_id, model_digest=ref.digest,
                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, task=ctx.settings.task,
                       task_options=ctx.task_options, config=self._job_config(record),
-                      published_ts=time.time())
+                      published_ts=time.time(), handoff=token,
+                      handoff_digest=token_digest, model_shm=segment)
             items.append((ctx.keys.jobs(record.client_id), ctx.job_bytes(job)))
         await ctx.publish_many(items)
         for record in records:
@@ -217,9 +261,11 @@ class SlotRunner:
             except TimeoutError:
                 continue
             await self._handle(delivery, opened)
+        await self._flush_acks()
         return closure
 
     async def _handle(self, delivery: Delivery, opened: OpenRound) -> None:
+        handled = False
         try:
             if delivery.recovered or delivery.record.job_id not in opened.jobs:
                 await self._handle_late(delivery, opened)
@@ -229,8 +275,19 @@ class SlotRunner:
             else:
                 ok = await self._fold(delivery, opened, scale=1.0)
                 opened.quorum.record(delivery.record.job_id, ok=ok)
+            handled = True
         finally:
-            await self.ctx.ack(delivery)
+            self.ctx.discard_update(delivery)
+            self._unacked.append(delivery)
+            # With more results waiting, their acks go together after them (one XACK);
+            # an error or a cancellation acks at once what was handled.
+            if not handled or self.inbox.empty():
+                await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        unacked, self._unacked = self._unacked, []
+        if unacked:
+            await self.ctx.ack_many(unacked)
 
     def _job_failed(self, delivery: Delivery) -> None:
         record = delivery.record
@@ -240,8 +297,8 @@ class SlotRunner:
 
     async def _fold(self, delivery: Delivery, opened: OpenRound, scale: float) -> bool:
         try:
-            stats = await fetch_and_fold(self.ctx.blobs, self.ctx.validator, self.strategy,
-                                         opened.aggregate, delivery, scale)
+            stats = await fetch_and_fold(self._update_source(delivery), self.ctx.validator,
+                                         self.strategy, opened.aggregate, delivery, scale)
         except UpdateRejected as exc:
             self.ctx.reject(delivery, exc.reason, exc.detail, **exc.fields)
             return False
@@ -249,11 +306,21 @@ class SlotRunner:
         self.ctx.status.counters["updates_folded"] += 1
         opened.num_updates += 1
         opened.num_examples += delivery.result.num_examples
-        opened.update_refs.append(BlobRef(delivery.result.update_digest,
-                                          delivery.result.update_nbytes))
+        handed_over = bool(delivery.result.update_shm)  # unlinked when acked, no blob
+        if not handed_over:
+            opened.update_refs.append(BlobRef(delivery.result.update_digest,
+                                              delivery.result.update_nbytes))
         log.info("update_folded", slot_id=self.slot_id, round=delivery.record.round,
-                 client_id=delivery.record.client_id, job_id=delivery.record.job_id, **stats)
+                 client_id=delivery.record.client_id, job_id=delivery.record.job_id,
+                 via="shm" if handed_over else "redis", **stats)
         return True
+
+    def _update_source(self, delivery: Delivery) -> BlobReader:
+        """Where the update's bytes are: its handed-over segment, or the blob store."""
+        name = delivery.result.update_shm
+        if not name:
+            return self.ctx.blobs
+        return SegmentReader(self.ctx.handoff, name)
 
     async def _handle_late(self, delivery: Delivery, opened: OpenRound | None) -> None:
         """An update whose round has closed (or whose job already counted as failed when its
@@ -287,22 +354,28 @@ class SlotRunner:
         log.info("aggregation_finished", slot_id=self.slot_id, round=opened.round,
                  num_updates=opened.num_updates, num_examples=opened.num_examples,
                  duration_s=round(time.perf_counter() - start, 6))
-        old_ref = self.model_ref
+        old_ref, old_payload = self.model_ref, self._payload
         self.state, self._payload = new_state, payload
         self.ctx.models.withdraw(self.slot_id)
         self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)
         self.aggregated_round = opened.round
-        await self._retire_blobs(opened, old_ref)
+        await self._retire_blobs(opened, old_ref, old_payload)
         await self._after_round(opened, payload, strategy_state)
 
-    async def _retire_blobs(self, opened: OpenRound, old_model: BlobRef | None) -> None:
+    async def _retire_blobs(self, opened: OpenRound, old_model: BlobRef | None,
+                            old_payload: bytes | None) -> None:
         """Unlink the round's update blobs and its model, unless one of the round's jobs may
-        still train on it (a straggler, or a lost client's job a replacement agent reclaims)."""
+        still train on it (a straggler, or a lost client's job a replacement agent reclaims).
+        Such a model is stored in Redis now if only shared memory held it: its segment
+        may go before the straggler reads it, and a replacement agent may be remote."""
         stragglers = self.ctx.jobs.may_answer(self.slot_id, opened.round)
         refs = {ref.digest: ref for ref in opened.update_refs}
         if old_model is not None:
             if stragglers:
                 refs.pop(old_model.digest, None)  # left to its TTL
+                if self._stored != old_model.digest and old_payload is not None:
+                    await self.ctx.blobs.put(old_payload, old_model.digest)
+                    self._stored = old_model.digest
             else:
                 refs[old_model.digest] = old_model
         for ref in refs.values():

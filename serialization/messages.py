@@ -133,6 +133,11 @@ class Job(Message):
     config: dict[str, Any] = field(default_factory=dict)
     published_ts: float = 0.0
     signature: bytes = b""  # the coordinator's HMAC with the client's key (signing on)
+    # Local handoff (`bus.handoff`): the coordinator's token segment and its sha256, and
+    # the segment holding this model; empty when the coordinator does not offer it.
+    handoff: str = ""
+    handoff_digest: str = ""
+    model_shm: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,8 @@ class Result(Message):
     timings: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     signature: bytes = b""
+    # Local handoff: the update lies in this shared-memory segment, not in a blob.
+    update_shm: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,3 +174,6 @@ class Registration(Message):
     hostname: str = ""
     pid: int = 0
     event: str = "register"  # or "unregister" on a clean shutdown
+    # The coordinator's handoff token (`bus.handoff`) this agent found on its host: it
+    # takes models from shared memory, so a round of such clients only needs no blob.
+    handoff: str = ""

@@ -18,6 +18,9 @@ from the coordinator, not from whoever else can write to Redis. One key per clie
 serves both directions; the domain tags keep a result's signature from passing
 as a job's.
 
+The local handoff's fields (`bus.handoff`) are signed too when they are set
+(appended, so a message without them signs exactly as before).
+
 Maps (options, config, metrics) are signed in a canonical form: keys sorted, at
 every depth, so the bytes do not depend on the order a map was built in.
 """
@@ -56,14 +59,17 @@ def _result_bytes(result: Result) -> bytes:
     return _packed([_RESULT_DOMAIN, result.run_id, result.job_id, result.slot_id, result.round,
                     result.client_id, result.status, result.update_digest,
                     result.update_nbytes, result.num_examples, result.agent_id, result.metrics,
-                    result.timings, result.error])
+                    result.timings, result.error,
+                    *([result.update_shm] if result.update_shm else [])])
 
 
 def _job_bytes(job: Job) -> bytes:
     # Timestamps as floats: an int on one side and a float after the wire pack differently.
     return _packed([_JOB_DOMAIN, job.run_id, job.job_id, job.slot_id, job.round, job.client_id,
                     job.model_digest, job.model_nbytes, float(job.deadline_ts), job.task,
-                    job.task_options, job.config, float(job.published_ts)])
+                    job.task_options, job.config, float(job.published_ts),
+                    *([job.handoff, job.handoff_digest, job.model_shm]
+                      if job.handoff or job.model_shm else [])])
 
 
 def result_signature(result: Result, key: bytes) -> bytes:

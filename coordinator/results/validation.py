@@ -11,7 +11,8 @@ next one costs:
    (``bad_signature``). Admitting answers the job: a job id is admitted once.
 2. `claimed_blob` (the slot, before a byte is fetched): a sha256 digest, a size
    within the model's bound and the run's limit, a sane ``num_examples``.
-3. `fetch` / `decode_update` / `fold`: the blob is there and stored with the
+3. `fetch` / `decode_update` / `fold`: the blob (or the shared-memory segment a
+   local agent handed over, read through `SegmentReader`) is there and stored with the
    claimed size (``missing_blob``, ``size_mismatch``: checked before it is read),
    hashes to its digest, decodes to the slot's schema with finite values, and the
    strategy takes it (``bad_update``).
@@ -24,6 +25,7 @@ A rejection is an `UpdateRejected`; `Rejections.report` logs it
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -36,6 +38,7 @@ import torch
 from bus.blobs import BlobRef
 from bus.credentials import Keyring
 from bus.errors import BlobMissing, BlobSizeMismatch
+from bus.handoff import HostHandoff
 from bus.streams import Entry
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord, JobTable
@@ -50,6 +53,7 @@ log = structlog.get_logger()
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_NUM_EXAMPLES = 10**9
 HEADER_ALLOWANCE = 1024 * 1024
+Payload = bytes | bytearray | memoryview  # an update's bytes: fetched, or a mapped segment
 LOGGED_CHARS = 200  # claimed ids come from untrusted messages (up to 1 MiB): a prefix is logged
 
 
@@ -64,7 +68,26 @@ class UpdateRejected(Exception):
 
 
 class BlobReader(Protocol):
-    async def get(self, ref: BlobRef) -> bytes | bytearray: ...
+    async def get(self, ref: BlobRef) -> bytes | bytearray | memoryview: ...
+
+
+class SegmentReader:
+    """An update handed over in shared memory (`bus.handoff`), read like a blob: the same
+    bounds and the same errors, so the same rejections follow."""
+
+    def __init__(self, handoff: HostHandoff | None, name: str) -> None:
+        self._handoff = handoff
+        self._name = name
+
+    async def get(self, ref: BlobRef) -> bytes | bytearray | memoryview:
+        return await asyncio.to_thread(self.read, ref)
+
+    def read(self, ref: BlobRef) -> memoryview:
+        """Blocking: `get` in the calling thread (the segment mapped, not copied)."""
+        if self._handoff is None:
+            raise BlobMissing(f"update segment {self._name[:80]!r}: this coordinator takes "
+                              "no shared-memory handoff (--no-local-handoff)")
+        return self._handoff.take_update(self._name, ref.nbytes)
 
 
 def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
@@ -73,6 +96,13 @@ def payload_bound(schema: Mapping[str, TensorSpec]) -> int:
     tensors = sum(math.prod(spec.shape) * DTYPES[spec.dtype].itemsize + ALIGN
                   for spec in schema.values())
     return tensors + HEADER_ALLOWANCE + 512 * len(schema)
+
+
+def _fetch_rejection(exc: BlobMissing) -> UpdateRejected:
+    """A blob or segment that is not there as claimed, as the rejection it is."""
+    if isinstance(exc, BlobSizeMismatch):
+        return UpdateRejected("size_mismatch", str(exc))
+    return UpdateRejected("missing_blob", str(exc))
 
 
 class Rejections:
@@ -185,7 +215,7 @@ class ResultValidator:
 
     # --- 3. the update's bytes -----------------------------------------------------------
 
-    async def fetch(self, blobs: BlobReader, ref: BlobRef) -> bytes | bytearray:
+    async def fetch(self, blobs: BlobReader, ref: BlobRef) -> bytes | bytearray | memoryview:
         """The claimed blob's bytes, exactly `ref.nbytes` of them; else rejected.
 
         The blob store reads no more than the claim: a blob stored with another length
@@ -193,16 +223,26 @@ class ResultValidator:
         """
         try:
             data = await blobs.get(ref)
-        except BlobSizeMismatch as exc:
-            raise UpdateRejected("size_mismatch", str(exc)) from None
         except BlobMissing as exc:
-            raise UpdateRejected("missing_blob", str(exc)) from None
+            raise _fetch_rejection(exc) from None
+        return self._exact(data, ref)
+
+    def fetch_segment(self, segment: SegmentReader, ref: BlobRef) -> Payload:
+        """Blocking `fetch` of a handed-over update (from the thread that decodes it)."""
+        try:
+            data = segment.read(ref)
+        except BlobMissing as exc:
+            raise _fetch_rejection(exc) from None
+        return self._exact(data, ref)
+
+    @staticmethod
+    def _exact(data: Payload, ref: BlobRef) -> Payload:
         if len(data) != ref.nbytes:
             raise UpdateRejected("truncated", f"blob is {len(data)} bytes, result says "
                                               f"{ref.nbytes}")
         return data
 
-    def decode_update(self, data: bytes | bytearray, digest: str) -> dict[str, torch.Tensor]:
+    def decode_update(self, data: Payload, digest: str) -> dict[str, torch.Tensor]:
         """Blocking (call from a thread): the bytes hash to their digest and decode to the
         slot's schema with finite values."""
         if self._verify_digests and hashlib.sha256(data).hexdigest() != digest:
