@@ -27,10 +27,28 @@ Flower one Ray actor per CPU; each trains its clients one after the other. PWFL
 evaluates off the round's path (the next round does not wait); Flower's server
 evaluates between rounds.
 
+With `--flower-engines sim,deployment` it also runs Flower's deployment engine as a
+Flower user runs it on one machine (`bench/flower_app/deployment.py`): `flower-superlink
+--insecure`, 6 `flower-supernode --insecure` with `--node-config "partition-id=N
+num-partitions=6"`, and `flwr run bench/flower_app/app <connection> --run-config ...`,
+all on free loopback ports, with Flower's default-like job (row `flower-deployment`).
+It keeps Flower's default isolation (`subprocess`: each SuperNode's SuperExec starts a
+fresh `flwr-clientapp` process for every message, so every client pays Python, torch
+and data start-up every round; that start-up counts as overhead, except torch's warm-up
+of the first training call, which falls inside the measured training time, so the
+deployment overhead shown is a lower bound) and turns off only the SuperLink's runtime
+dependency installation (`uv sync`, which needs a package index; this runs offline).
+Both engines run the same Flower App (`bench/flower_app/app`, settings via run config).
+Its ServerApp waits until all 6 SuperNodes are connected before round 0's evaluation,
+so node start-up is not charged to round 1. Every Flower process is stopped when the
+run ends, fails, or the bench is interrupted or sent SIGTERM (process groups, plus a
+parent-death signal if the bench is killed).
+
 Flower is an optional extra: pip install 'pwfl[peer]' (flwr[simulation]==1.41.0).
 Without it the benchmark says so and exits 0. Last line: one JSON object with
 `time_to_85_vs_flower_sim` and `round_overhead_vs_flower_sim` (PWFL's default job
-over Flower's default-like job), ratios of the means over seeds.
+over Flower's default-like job), ratios of the means over seeds; with the deployment
+engine also `time_to_85_vs_flower_deployment` and `round_overhead_vs_flower_deployment`.
 """
 
 from __future__ import annotations

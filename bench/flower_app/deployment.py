@@ -118,7 +118,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def _proc_stats() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, start time in clock ticks), from /proc."""
+    """pid -> (parent pid, start time in clock ticks) of live processes, from /proc."""
     stats: dict[int, tuple[int, int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -126,7 +126,8 @@ def _proc_stats() -> dict[int, tuple[int, int]]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            stats[int(entry.name)] = (int(fields[1]), int(fields[19]))
+            if fields[0] != "Z":  # a zombie has exited; only its reaping is left
+                stats[int(entry.name)] = (int(fields[1]), int(fields[19]))
     return stats
 
 
