@@ -5,9 +5,13 @@ each SuperNode with `--node-config "partition-id=N num-partitions=6"` and its ow
 ClientAppIo (Runtime API) port, all on free loopback ports; then
 `flwr run <app dir> <connection> --stream --run-config ...` against the SuperLink's
 Control API, through a Flower configuration (`FLWR_HOME/config.toml`) that names
-the SuperLink. Every process is started in its own session (process group) with a
-parent-death signal; `Federation.stop` ends the groups and the processes Flower
-detached from them (its SuperExec and app processes), on every exit path.
+the SuperLink. Every process is started in its own session (process group);
+`Federation.stop` ends the groups and the processes Flower detached from them (its
+SuperExec and app processes): SIGTERM, then SIGKILL after a grace, on every exit path
+the bench lives through (return, exception, Ctrl-C, SIGTERM). If the bench itself is
+SIGKILLed, a parent-death signal kills the SuperLink and SuperNodes at once; Flower's
+SuperExec and app processes watch their parent and leave on their own (seen: SuperExecs
+within seconds, a ServerApp process after about 40 s of retries).
 
 Flower's defaults are kept (subprocess isolation: each SuperNode's SuperExec starts
 a `flwr-clientapp` process per message, the SuperLink's starts the `flwr-serverapp`)
@@ -113,8 +117,10 @@ class Plan:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """SIGKILL, not SIGTERM: on SIGTERM the SuperLink's uvicorn waits for its connections
+    to close, which its ServerApp process keeps open (seen: still up 50 s after)."""
     if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _proc_stats() -> dict[int, tuple[int, int]]:
