@@ -27,10 +27,28 @@ Flower one Ray actor per CPU; each trains its clients one after the other. PWFL
 evaluates off the round's path (the next round does not wait); Flower's server
 evaluates between rounds.
 
+With `--flower-engines sim,deployment` it also runs Flower's deployment engine as a
+Flower user runs it on one machine (`bench/flower_app/deployment.py`): `flower-superlink
+--insecure`, 6 `flower-supernode --insecure` with `--node-config "partition-id=N
+num-partitions=6"`, and `flwr run bench/flower_app/app <connection> --run-config ...`,
+all on free loopback ports, with Flower's default-like job (row `flower-deployment`).
+It keeps Flower's default isolation (`subprocess`: each SuperNode's SuperExec starts a
+fresh `flwr-clientapp` process for every message, so every client pays Python, torch
+and data start-up every round; that start-up counts as overhead, except torch's warm-up
+of the first training call, which falls inside the measured training time, so the
+deployment overhead shown is a lower bound) and turns off only the SuperLink's runtime
+dependency installation (`uv sync`, which needs a package index; this runs offline).
+Both engines run the same Flower App (`bench/flower_app/app`, settings via run config).
+Its ServerApp waits until all 6 SuperNodes are connected before round 0's evaluation,
+so node start-up is not charged to round 1. Every Flower process is stopped when the
+run ends, fails, or the bench is interrupted or sent SIGTERM (process groups, plus a
+parent-death signal if the bench is killed).
+
 Flower is an optional extra: pip install 'pwfl[peer]' (flwr[simulation]==1.41.0).
 Without it the benchmark says so and exits 0. Last line: one JSON object with
 `time_to_85_vs_flower_sim` and `round_overhead_vs_flower_sim` (PWFL's default job
-over Flower's default-like job), ratios of the means over seeds.
+over Flower's default-like job), ratios of the means over seeds; with the deployment
+engine also `time_to_85_vs_flower_deployment` and `round_overhead_vs_flower_deployment`.
 """
 
 from __future__ import annotations
@@ -39,11 +57,13 @@ import argparse
 import importlib.util as importlib_util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +140,34 @@ class Outcome:
         pairs = list(zip(self.round_wall_s, self.slowest_train_s, strict=True))
         later = pairs[1:] or pairs
         return statistics.median(w - t for w, t in later)
+
+
+@dataclass(frozen=True)
+class FlowerRun:
+    """One Flower run as its Flower App reads it: the run config `flwr run` passes."""
+
+    engine: str  # "flower-sim" or "flower-deployment": the Outcome's engine
+    setting: Setting
+    seed: int
+    rounds: int
+    out: str  # where the ServerApp writes the Outcome as JSON ("" = nowhere)
+
+    def run_config(self) -> dict[str, bool | int | float | str]:
+        """The keys of the app's [tool.flwr.app.config], in its kebab-case."""
+        s = self.setting
+        return {"engine": self.engine, "label": s.label, "epochs": s.epochs,
+                "batch-size": s.batch_size, "lr": float(s.lr), "momentum": float(s.momentum),
+                "max-steps": s.max_steps, "local-steps": s.local_steps, "seed": self.seed,
+                "rounds": self.rounds, "out": self.out}
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> FlowerRun:
+        setting = Setting(str(config["label"]), int(config["epochs"]),
+                          int(config["batch-size"]), float(config["lr"]),
+                          max_steps=int(config["max-steps"]), momentum=float(config["momentum"]),
+                          local_steps=int(config["local-steps"]))
+        return cls(str(config["engine"]), setting, int(config["seed"]), int(config["rounds"]),
+                   str(config["out"]))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -208,101 +256,6 @@ def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int) -> Outcome
 # --- Flower ---------------------------------------------------------------------------
 
 
-def run_flower(setting: Setting, seed: int, rounds: int, workdir: Path) -> Outcome:
-    """Flower in a child process (Ray starts and stops with it)."""
-    result = workdir / f"flower-{seed}.json"
-    argv = [sys.executable, "-m", "bench.vs_flower", "--flower-child", json.dumps(
-        {"setting": asdict(setting), "seed": seed, "rounds": rounds, "out": str(result)})]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode != 0 or not result.exists():
-        raise SystemExit(f"Flower simulation failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    body = json.loads(result.read_text())
-    return Outcome(**body)
-
-
-def _flower_child(spec: dict[str, Any]) -> None:
-    """Run one Flower simulation and write its Outcome as JSON."""
-    import torch
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
-
-    from trainer_worker.tasks.fashion_mnist import FashionMnistTask
-
-    setting = Setting(**spec["setting"])
-    seed, rounds = int(spec["seed"]), int(spec["rounds"])
-    out = Outcome("flower-sim", setting.label, seed)
-    marks: dict[str, Any] = {"round_end": [], "slowest": []}
-    torch.set_num_threads(1)
-
-    client_app = ClientApp()
-
-    @client_app.train()
-    def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        partition = int(context.node_config["partition-id"])
-        task = FashionMnistTask(num_clients=CLIENTS, alpha=ALPHA, partition_seed=seed)
-        model = task.build_model(0)
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-        config = setting.train_config(int(
-            msg.content.config_records["config"].get("server-round", 0)))  # type: ignore[arg-type]
-        began = time.perf_counter()
-        outcome = task.train(model, str(partition), config, torch.device("cpu"))
-        train_s = time.perf_counter() - began
-        metrics = MetricRecord({"train_s": train_s, "pid": os.getpid(),
-                                "num-examples": outcome.num_examples})
-        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                                   "metrics": metrics}), reply_to=msg)
-
-    def slowest_train(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        per_actor: dict[int, float] = {}
-        for record in records:
-            m = record.metric_records["metrics"]
-            pid = int(m["pid"])  # type: ignore[arg-type]
-            per_actor[pid] = per_actor.get(pid, 0.0) + float(m["train_s"])  # type: ignore[arg-type]
-        slowest = max(per_actor.values())
-        marks["round_end"].append(time.time())
-        marks["slowest"].append(slowest)
-        return MetricRecord({"slowest_train_s": slowest})
-
-    eval_task = FashionMnistTask(num_clients=CLIENTS, alpha=ALPHA, partition_seed=seed)
-    eval_model = eval_task.build_model(0)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        eval_model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = eval_task.evaluate(eval_model, torch.device("cpu"))
-        now = time.time()
-        if server_round == 0:
-            out.start = now
-        else:
-            out.eval_end.append(now)
-            out.accuracy.append(metrics["accuracy"])
-        marks.setdefault("eval_end", []).append(now)
-        return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
-
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0,
-                          min_train_nodes=CLIENTS, min_available_nodes=CLIENTS,
-                          train_metrics_aggr_fn=slowest_train)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(eval_model.state_dict()),
-                       num_rounds=rounds, evaluate_fn=evaluate)
-
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=CLIENTS,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": os.cpu_count() or 2}})
-    # Round r's wall: from the end of evaluation r-1 (the model goes out) to aggregation.
-    evals = marks["eval_end"]
-    out.round_wall_s = [end - evals[i] for i, end in enumerate(marks["round_end"])]
-    out.slowest_train_s = marks["slowest"]
-    Path(spec["out"]).write_text(json.dumps(asdict(out)))
-
-
 # --- report ---------------------------------------------------------------------------
 
 
@@ -339,59 +292,118 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def report(rows: dict[str, dict[str, float | None]], default_label: str) -> dict[str, Any]:
-    flower = rows.get(f"flower-sim:{FLOWER_DEFAULTS.label}", {})
+Rows = dict[str, dict[str, float | None]]
+# The x columns' baselines: Flower's default-like job on each engine, when it ran.
+BASELINES = (("x", f"flower-sim:{FLOWER_DEFAULTS.label}"),
+             ("xd", f"flower-deployment:{FLOWER_DEFAULTS.label}"))
+
+
+def _cell(row: dict[str, float | None], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    mean, sd = row.get(key), row.get(f"{key}_sd")
+    if mean is None:
+        return "-"
+    return f"{mean * scale:.{digits}f}±{(sd or 0.0) * scale:.{digits}f}"
+
+
+def _times(row: dict[str, float | None], key: str) -> str:
+    if row.get(key) is None:  # some seed never got there
+        return "never" if key != "time_to_85_s" else (
+            f"{int(row.get('reached_85') or 0)}/{int(row.get('seeds') or 0)} seeds")
+    return _cell(row, key)
+
+
+def table(rows: Rows) -> list[str]:
+    """The printed table: one line per (engine, setting), ratios over each baseline that ran
+    (x: Flower simulation, xd: Flower deployment, both with Flower's default-like job)."""
+    baselines = [(tag, rows[name]) for tag, name in BASELINES if name in rows]
+    head = "".join(f" {'t85 ' + tag:>7} {'ovh ' + tag:>7}" for tag, _ in baselines)
     lines = [f"{'run':40} {'t80 s':>11} {'t85 s':>11} {'t88 s':>11} {'s/round':>10} "
-             f"{'ovh ms':>9} {'final %':>10} {'t85 x':>6} {'ovh x':>6}"]
+             f"{'ovh ms':>9} {'final %':>10}{head}"]
 
-    def cell(row: dict[str, float | None], key: str, scale: float = 1.0, digits: int = 1) -> str:
-        mean, sd = row.get(key), row.get(f"{key}_sd")
-        if mean is None:
-            return "-"
-        return f"{mean * scale:.{digits}f}±{(sd or 0.0) * scale:.{digits}f}"
-
-    def times(row: dict[str, float | None], key: str) -> str:
-        if row.get(key) is None:  # some seed never got there
-            return "never" if key != "time_to_85_s" else (
-                f"{int(row.get('reached_85') or 0)}/{int(row.get('seeds') or 0)} seeds")
-        return cell(row, key)
-
-    def ratio(row: dict[str, float | None], key: str) -> str:
-        value = _ratio(row.get(key), flower.get(key))
+    def ratio(row: dict[str, float | None], base: dict[str, float | None], key: str) -> str:
+        value = _ratio(row.get(key), base.get(key))
         return "-" if value is None else f"{value:.2f}"
 
     for name, row in rows.items():
+        ratios = "".join(f" {ratio(row, base, 'time_to_85_s'):>7} "
+                         f"{ratio(row, base, 'round_overhead_s'):>7}" for _, base in baselines)
         lines.append(
-            f"{name:40} {times(row, 'time_to_80_s'):>11} {times(row, 'time_to_85_s'):>11} "
-            f"{times(row, 'time_to_88_s'):>11} {cell(row, 'seconds_per_round'):>10} "
-            f"{cell(row, 'round_overhead_s', 1000, 0):>9} "
-            f"{cell(row, 'final_accuracy', 100):>10} {ratio(row, 'time_to_85_s'):>6} "
-            f"{ratio(row, 'round_overhead_s'):>6}")
-    print("\n".join(lines))
-    print("(mean±sd over seeds; time from the start of round 1 to the end of the evaluation "
-          "that first reached the accuracy, '-' or 'k/n seeds' where some seed never did; "
-          "x columns: over Flower simulation with Flower's default-like settings)")
+            f"{name:40} {_times(row, 'time_to_80_s'):>11} {_times(row, 'time_to_85_s'):>11} "
+            f"{_times(row, 'time_to_88_s'):>11} {_cell(row, 'seconds_per_round'):>10} "
+            f"{_cell(row, 'round_overhead_s', 1000, 0):>9} "
+            f"{_cell(row, 'final_accuracy', 100):>10}{ratios}")
+    return lines
+
+
+def summary(rows: Rows, default_label: str) -> dict[str, Any]:
+    """The JSON line: PWFL's default job over Flower's default-like job on each engine,
+    then every row's numbers."""
+    flower = rows.get(BASELINES[0][1], {})
+    deployment = rows.get(BASELINES[1][1], {})
     mine = rows.get(f"pwfl:{default_label}", {})
     same = rows.get(f"pwfl:{FLOWER_DEFAULTS.label}", {})
     flower_mine = rows.get(f"flower-sim:{default_label}", {})
-    summary: dict[str, Any] = {
-        "time_to_85_vs_flower_sim": _ratio(mine.get("time_to_85_s"), flower.get("time_to_85_s")),
-        "round_overhead_vs_flower_sim": _ratio(mine.get("round_overhead_s"),
-                                               flower.get("round_overhead_s")),
-        "same_settings_time_to_85_vs_flower_sim": _ratio(same.get("time_to_85_s"),
-                                                         flower.get("time_to_85_s")),
-        "same_settings_round_overhead_vs_flower_sim": _ratio(same.get("round_overhead_s"),
-                                                             flower.get("round_overhead_s")),
-        "default_job_time_to_85_vs_flower_sim_same_job": _ratio(
-            mine.get("time_to_85_s"), flower_mine.get("time_to_85_s")),
+    t85, ovh = "time_to_85_s", "round_overhead_s"
+    out: dict[str, Any] = {
+        "time_to_85_vs_flower_sim": _ratio(mine.get(t85), flower.get(t85)),
+        "round_overhead_vs_flower_sim": _ratio(mine.get(ovh), flower.get(ovh)),
+        "same_settings_time_to_85_vs_flower_sim": _ratio(same.get(t85), flower.get(t85)),
+        "same_settings_round_overhead_vs_flower_sim": _ratio(same.get(ovh), flower.get(ovh)),
+        "default_job_time_to_85_vs_flower_sim_same_job": _ratio(mine.get(t85),
+                                                                flower_mine.get(t85)),
     }
+    if deployment:
+        out["time_to_85_vs_flower_deployment"] = _ratio(mine.get(t85), deployment.get(t85))
+        out["round_overhead_vs_flower_deployment"] = _ratio(mine.get(ovh), deployment.get(ovh))
     for name, row in rows.items():
         for key, value in row.items():
-            summary[f"{name}:{key}"] = None if value is None else round(value, 4)
-    return summary
+            out[f"{name}:{key}"] = None if value is None else round(value, 4)
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def report(rows: Rows, default_label: str) -> dict[str, Any]:
+    """Print the table; return the JSON line's object."""
+    print("\n".join(table(rows)))
+    print("(mean±sd over seeds; time from the start of round 1 to the end of the evaluation "
+          "that first reached the accuracy, '-' or 'k/n seeds' where some seed never did; "
+          "x columns: over Flower simulation, xd columns: over Flower deployment, both with "
+          "Flower's default-like settings)")
+    return summary(rows, default_label)
+
+
+ENGINES = ("sim", "deployment")
+
+
+def parse_engines(text: str) -> tuple[str, ...]:
+    """'sim,deployment' -> ('sim', 'deployment'); unknown, repeated or no engines refused."""
+    engines = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not engines or len(set(engines)) != len(engines) or set(engines) - set(ENGINES):
+        raise argparse.ArgumentTypeError(
+            f"--flower-engines wants a comma-separated subset of {','.join(ENGINES)}, "
+            f"not {text!r}")
+    return engines
+
+
+def build_plan(engines: tuple[str, ...], default: Setting, candidate: Setting | None = None,
+               deployment_default_job: bool = False) -> list[tuple[str, Setting]]:
+    """The runs for one seed, in order: (engine, setting)."""
+    plan: list[tuple[str, Setting]] = []
+    if "sim" in engines:
+        plan.append(("flower-sim", FLOWER_DEFAULTS))
+    plan += [("pwfl", FLOWER_DEFAULTS), ("pwfl", default)]
+    if "sim" in engines:
+        # Flower with PWFL's default job too: what the recipe is worth apart from the framework.
+        plan.append(("flower-sim", default))
+    if "deployment" in engines:
+        plan.append(("flower-deployment", FLOWER_DEFAULTS))
+        if deployment_default_job:
+            plan.append(("flower-deployment", default))
+    if candidate:
+        plan.append(("pwfl", candidate))
+    return plan
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.vs_flower", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20,
@@ -407,33 +419,63 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="EPOCHS,BATCH,LR,MAX_STEPS|KEY=VALUE,...",
                    help="also run PWFL with this job (a candidate default), e.g. 1,32,0.05,80 "
                         "or local_steps=40,lr=0.03")
+    p.add_argument("--flower-engines", type=parse_engines, default=("sim",),
+                   metavar="sim,deployment",
+                   help="which of Flower's engines to measure (default: sim). 'deployment' "
+                        "adds a flower-deployment row: a SuperLink, 6 SuperNodes and `flwr run` "
+                        "on loopback, Flower's default-like job; each of its rounds starts a "
+                        "fresh ClientApp process per client, so it takes about 10 minutes per "
+                        "seed on 2 cores (8 rounds), on top of the ~15 of the other rows")
+    p.add_argument("--deployment-default-job", action="store_true",
+                   help="with 'deployment', also run Flower's deployment engine with PWFL's "
+                        "default job (about 10 more minutes per seed; default off)")
     p.add_argument("--flower-child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.flower_child:
-        _flower_child(json.loads(args.flower_child))
-        return 0
-    if importlib_util.find_spec("flwr") is None:
-        print(f"bench.vs_flower skipped: Flower is not installed. Install it with {INSTALL_PEER}")
-        return 0
-    step_rounds = 6 if args.quick else args.rounds
-    epoch_rounds = 3 if args.quick else args.epoch_rounds
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    default = pwfl_default_setting()
-    # Flower with PWFL's default job too: what the recipe is worth apart from the framework.
-    plan: list[tuple[str, Setting]] = [("flower-sim", FLOWER_DEFAULTS), ("pwfl", FLOWER_DEFAULTS),
-                                       ("pwfl", default), ("flower-sim", default)]
-    if args.candidate:
-        plan.append(("pwfl", args.candidate))
+    return p
+
+
+def _runner(engine: str) -> Callable[[Setting, int, int, Path], Outcome]:
+    from bench.flower_app import engines  # it imports this module's Setting and Outcome
+
+    return {"flower-sim": engines.run_simulation, "flower-deployment": engines.run_deployment,
+            "pwfl": run_pwfl}[engine]
+
+
+def _run_all(plan: list[tuple[str, Setting]], seeds: list[int], step_rounds: int,
+             epoch_rounds: int) -> list[Outcome]:
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for name, setting in plan:
                 rounds = step_rounds if setting.local_steps else epoch_rounds
                 began = time.perf_counter()
-                run = run_flower if name == "flower-sim" else run_pwfl
-                outcomes.append(run(setting, seed, rounds, Path(tmp)))
+                outcomes.append(_runner(name)(setting, seed, rounds, Path(tmp)))
                 print(f"seed {seed}: {name} {outcomes[-1].setting} ({rounds} rounds) done in "
                       f"{time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+    return outcomes
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so Flower's processes are stopped on the way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.flower_child:
+        from bench.flower_app import engines
+
+        engines.simulation_child(json.loads(args.flower_child))
+        return 0
+    if importlib_util.find_spec("flwr") is None:
+        print(f"bench.vs_flower skipped: Flower is not installed. Install it with {INSTALL_PEER}")
+        return 0
+    _exit_on_sigterm()
+    step_rounds = 6 if args.quick else args.rounds
+    epoch_rounds = 3 if args.quick else args.epoch_rounds
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    default = pwfl_default_setting()
+    plan = build_plan(args.flower_engines, default, args.candidate, args.deployment_default_job)
+    outcomes = _run_all(plan, seeds, step_rounds, epoch_rounds)
     print(f"Fashion-MNIST, {CLIENTS} clients, Dirichlet({ALPHA}), seeds {seeds}; "
           f"{step_rounds} rounds of step-budget jobs, {epoch_rounds} of whole-epoch jobs")
     for setting in {s.label: s for _, s in plan}.values():

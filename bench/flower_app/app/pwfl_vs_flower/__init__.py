@@ -1,0 +1,1 @@
+"""PWFL's benchmark job as a Flower ServerApp and ClientApp."""

@@ -1,0 +1,66 @@
+"""Flower's two engines as `bench.vs_flower` runs them, on the shared Flower App (`app/`).
+
+`run_simulation`: `flwr.simulation.run_simulation` (Ray backend, one CPU per client
+actor) in a child process (`python -m bench.vs_flower --flower-child RUN_CONFIG_JSON`),
+so Ray starts and stops with it. `run_deployment`: a SuperLink, one SuperNode per
+client and `flwr run` (`deployment.Federation`), stopped when the run ends or fails.
+Either way the ServerApp writes the run's Outcome as JSON, read back here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.flower_app.deployment import Federation, FlowerProcessError, Plan
+from bench.vs_flower import CLIENTS, ROOT, FlowerRun, Outcome, Setting
+
+
+def run_simulation(setting: Setting, seed: int, rounds: int, workdir: Path) -> Outcome:
+    """Flower's simulation engine in a child process (Ray starts and stops with it)."""
+    out = workdir / f"flower-sim-{setting.label}-{seed}.json"
+    run = FlowerRun("flower-sim", setting, seed, rounds, str(out))
+    argv = [sys.executable, "-m", "bench.vs_flower", "--flower-child",
+            json.dumps(run.run_config())]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0 or not Path(run.out).exists():
+        raise SystemExit(f"Flower simulation failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return Outcome(**json.loads(Path(run.out).read_text()))
+
+
+def simulation_child(run_config: dict[str, Any]) -> None:
+    """Run the shared Flower App on the simulation engine; its ServerApp writes the Outcome."""
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from bench.flower_app.app.pwfl_vs_flower.apps import client_app, server_app
+
+    flower_run_simulation(
+        server_app=server_app(run_config), client_app=client_app(run_config),
+        num_supernodes=CLIENTS,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": os.cpu_count() or 2}})
+
+
+def deployment_timeout_s(setting: Setting, rounds: int) -> float:
+    """A generous bound on one deployment run (whole epochs cost ~10x a step budget)."""
+    return 300.0 + rounds * (600.0 if not setting.local_steps else 120.0)
+
+
+def run_deployment(setting: Setting, seed: int, rounds: int, workdir: Path) -> Outcome:
+    """Flower's deployment engine: a SuperLink, 6 SuperNodes and `flwr run`, then all stopped."""
+    home = workdir / f"flower-deployment-{setting.label}-{seed}"
+    run = FlowerRun("flower-deployment", setting, seed, rounds, str(home / "outcome.json"))
+    try:
+        with Federation(Plan.on_free_ports(CLIENTS, home)) as federation:
+            log = federation.run(run.run_config(), deployment_timeout_s(setting, rounds))
+            if not Path(run.out).exists():
+                raise FlowerProcessError(federation.failure(
+                    "flwr run ended without the ServerApp writing its outcome", log))
+    except FlowerProcessError as exc:
+        raise SystemExit(f"Flower deployment engine failed: {exc}") from exc
+    return Outcome(**json.loads(Path(run.out).read_text()))
