@@ -62,16 +62,23 @@ def test_pwfl_rounds_charge_the_busiest_agent() -> None:
     assert out.seconds_per_round() == pytest.approx(8.5)
 
 
-def test_report_ratios_are_pwfl_over_flower() -> None:
-    """The JSON's ratios divide PWFL's default job by Flower's default-like settings."""
-    flower = f"flower-sim:{vs_flower.FLOWER_DEFAULTS.label}"
+def _rows(extra: dict[str, dict[str, float | None]] | None = None
+          ) -> dict[str, dict[str, float | None]]:
+    """Summary rows for `report`: Flower's simulation with its default-like settings,
+    PWFL's job "mine", and `extra`; the columns the ratios do not use filled in."""
     rows: dict[str, dict[str, float | None]] = {
-        flower: {"time_to_85_s": 100.0, "round_overhead_s": 0.2},
+        f"flower-sim:{vs_flower.FLOWER_DEFAULTS.label}":
+            {"time_to_85_s": 100.0, "round_overhead_s": 0.2}, **(extra or {}),
         "pwfl:mine": {"time_to_85_s": 40.0, "round_overhead_s": 0.05}}
     for row in rows.values():
         row.update({"time_to_80_s": None, "time_to_88_s": None, "seconds_per_round": 1.0,
                     "final_accuracy": 0.9})
-    summary = vs_flower.report(rows, "mine")
+    return rows
+
+
+def test_report_ratios_are_pwfl_over_flower() -> None:
+    """The JSON's ratios divide PWFL's default job by Flower's default-like settings."""
+    summary = vs_flower.report(_rows(), "mine")
     assert summary["time_to_85_vs_flower_sim"] == 0.4
     assert summary["round_overhead_vs_flower_sim"] == 0.25
 
@@ -86,15 +93,9 @@ def test_skips_with_install_hint_without_flower(capsys: pytest.CaptureFixture[st
 
 def test_report_gains_deployment_ratios_when_it_ran(capsys: pytest.CaptureFixture[str]) -> None:
     """With a flower-deployment row the JSON adds PWFL's default job over it; keys stay."""
-    label = vs_flower.FLOWER_DEFAULTS.label
-    rows: dict[str, dict[str, float | None]] = {
-        f"flower-sim:{label}": {"time_to_85_s": 100.0, "round_overhead_s": 0.2},
-        f"flower-deployment:{label}": {"time_to_85_s": 400.0, "round_overhead_s": 20.0},
-        "pwfl:mine": {"time_to_85_s": 40.0, "round_overhead_s": 0.05}}
-    for row in rows.values():
-        row.update({"time_to_80_s": None, "time_to_88_s": None, "seconds_per_round": 1.0,
-                    "final_accuracy": 0.9})
-    summary = vs_flower.report(rows, "mine")
+    deployment = {f"flower-deployment:{vs_flower.FLOWER_DEFAULTS.label}":
+                  {"time_to_85_s": 400.0, "round_overhead_s": 20.0}}
+    summary = vs_flower.report(_rows(deployment), "mine")
     assert summary["time_to_85_vs_flower_sim"] == 0.4
     assert summary["round_overhead_vs_flower_sim"] == 0.25
     assert summary["time_to_85_vs_flower_deployment"] == 0.1
@@ -103,8 +104,7 @@ def test_report_gains_deployment_ratios_when_it_ran(capsys: pytest.CaptureFixtur
     assert "t85 xd" in header
     assert "ovh xd" in header
     assert mine.split()[-4:] == ["0.40", "0.25", "0.10", "0.00"]
-    del rows[f"flower-deployment:{label}"]
-    without = vs_flower.report(rows, "mine")
+    without = vs_flower.report(_rows(), "mine")
     assert "time_to_85_vs_flower_deployment" not in without
     assert "xd" not in capsys.readouterr().out.splitlines()[0]
 
