@@ -27,6 +27,14 @@ class Run:
     def events_path(self) -> Path:
         return self.runs_dir / self.run_id / "events.jsonl"
 
+    def checkpoint(self, round_: int, slot_id: int = 0) -> dict[str, Any]:
+        """The state dict (tensors) of a slot's checkpoint of `round_`."""
+        from serialization import decode
+
+        path = self.runs_dir / self.run_id / "checkpoints" / f"slot{slot_id}" / \
+            f"round{round_:05d}.pwfl"
+        return {k: v.clone() for k, v in decode(path.read_bytes())[0].items()}
+
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         return [e for e in read_events(self.events_path) if name is None or e["event"] == name]
 

@@ -25,7 +25,6 @@ import torch
 
 from bus.embedded import EmbeddedRedis
 from bus.keys import RESULTS_GROUP, Keys
-from serialization import decode
 from tests.e2e import Run, start_coordinator
 from tests.faults import AgentProc, fault_ledger, start_agent, wait_until
 
@@ -40,10 +39,6 @@ ARGS = ("--task", SLOW, "--task-option", 'slow_clients=["1"]', "--task-option", 
         "--task-option", "base_s=0.1", "--slots", "1", "--clients", "2",
         "--rounds", str(ROUNDS), "--quorum", "1.0", "--seed", "7")
 
-
-def _final_model(run: Run) -> dict[str, torch.Tensor]:
-    path = run.runs_dir / run.run_id / "checkpoints" / "slot0" / f"round{ROUNDS:05d}.pwfl"
-    return {k: v.clone() for k, v in decode(path.read_bytes())[0].items()}
 
 
 def _folded(run: Run, round_: int, client: str) -> bool:
@@ -88,7 +83,7 @@ def test_coordinator_killed_mid_round_resumes_to_the_models_of_an_uninterrupted_
     assert ("unknown_job", stale_job) in rejected
     assert all(reason == "unknown_job" and job in old_jobs for reason, job in rejected)
     agent_events = [e for a in agents[1:] for e in a.events()]
-    expected, got = _final_model(reference), _final_model(resumed)
+    expected, got = reference.checkpoint(ROUNDS), resumed.checkpoint(ROUNDS)
     same = expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     verdict = "bit-identical to" if same else "DIFFERENT from"
     assert fault_ledger("coordinator SIGKILLed mid-round, restarted with --resume", events,

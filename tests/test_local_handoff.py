@@ -29,7 +29,7 @@ from coordinator.job_table import JobRecord
 from coordinator.results.fold import fetch_and_fold
 from coordinator.results.validation import ResultValidator, SegmentReader, UpdateRejected
 from coordinator.strategies import make_strategy
-from serialization import Result, decode, encode, schema_of
+from serialization import Result, encode, schema_of
 from tests.e2e import Run, read_events, start_coordinator
 from tests.faults import AgentProc, start_agent
 from tests.test_bad_input import FakeAgent, _closed, _faked_run, _status, wait_for
@@ -163,10 +163,6 @@ ARGS = ("--task", SLOW, "--task-option", 'slow_clients=["1"]', "--task-option", 
         "--rounds", str(ROUNDS), "--quorum", "1.0", "--seed", "7")
 
 
-def _final_model(run: Run) -> dict[str, torch.Tensor]:
-    path = run.runs_dir / run.run_id / "checkpoints" / "slot0" / f"round{ROUNDS:05d}.pwfl"
-    return {k: v.clone() for k, v in decode(path.read_bytes())[0].items()}
-
 
 def _vias(events: list[dict[str, Any]], name: str) -> set[str]:
     return {e.get("via", "?") for e in events if e["event"] == name}
@@ -217,9 +213,9 @@ def test_shm_redis_and_mixed_runs_end_with_identical_models_and_leave_no_segment
     assert {e["blob"] for e in shm_run.events("model_published")} == {False}
     assert {e["blob"] for e in redis_run.events("model_published")} == {True}
     assert {e["blob"] for e in mixed.events("model_published")} == {True}
-    expected = _final_model(shm_run)
+    expected = shm_run.checkpoint(ROUNDS)
     for run in (redis_run, mixed):
-        got = _final_model(run)
+        got = run.checkpoint(ROUNDS)
         assert got.keys() == expected.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), run.run_id
     pids = {run.proc.pid for run in runs} | {
