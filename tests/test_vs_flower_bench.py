@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import vs_flower
-from bench.flower_app import deployment
+from bench.flower_app import deployment, runs
 from trainer_worker import data
 
 
@@ -128,12 +128,12 @@ def test_engines_parse_and_plan() -> None:
 def test_run_config_round_trips_and_matches_the_app() -> None:
     """The run config carries the whole setting and has exactly the app's config keys."""
     setting = vs_flower.Setting("mine", 2, 16, 0.03, max_steps=7, momentum=0.5, local_steps=80)
-    run = vs_flower.FlowerRun("flower-deployment", setting, 3, 20, "/tmp/o.json")
-    assert vs_flower.FlowerRun.from_run_config(run.run_config()) == run
+    run = runs.FlowerRun("flower-deployment", setting, 3, 20, "/tmp/o.json")
+    assert runs.FlowerRun.from_run_config(run.run_config()) == run
     app = tomllib.loads((deployment.APP_DIR / "pyproject.toml").read_text())
     defaults = app["tool"]["flwr"]["app"]["config"]
     assert set(defaults) == set(run.run_config())
-    assert vs_flower.FlowerRun.from_run_config(defaults).setting == vs_flower.FLOWER_DEFAULTS
+    assert runs.FlowerRun.from_run_config(defaults).setting == vs_flower.FLOWER_DEFAULTS
 
 
 def test_deployment_argv_ports_and_connection(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_deployment_argv_ports_and_connection(tmp_path: Path) -> None:
     assert node[node.index("--superlink") + 1] == f"127.0.0.1:{plan.superlink_port}"
     assert node[node.index("--port") + 1] == str(plan.supernode_ports[4])
     assert node[node.index("--node-config") + 1] == "partition-id=4 num-partitions=6"
-    run = vs_flower.FlowerRun("flower-deployment", vs_flower.FLOWER_DEFAULTS, 1, 8, "/tmp/o.json")
+    run = runs.FlowerRun("flower-deployment", vs_flower.FLOWER_DEFAULTS, 1, 8, "/tmp/o.json")
     argv = plan.flwr_run_argv(run.run_config())
     assert argv[1:5] == ["run", str(deployment.APP_DIR), deployment.CONNECTION, "--stream"]
     overrides = argv[argv.index("--run-config") + 1]

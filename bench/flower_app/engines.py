@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flower_app.deployment import Federation, FlowerProcessError, Plan
-from bench.vs_flower import CLIENTS, ROOT, FlowerRun, Outcome, Setting
+from bench.flower_app.runs import CLIENTS, ROOT, FlowerRun, Outcome, Setting
 
 
 def run_simulation(setting: Setting, seed: int, rounds: int, workdir: Path) -> Outcome:

@@ -3,8 +3,8 @@
 `client_app` trains PWFL's Fashion-MNIST partition `partition-id` (from the node
 config) with PWFL's own `task.train`; `server_app` runs FedAvg over all 6 clients,
 evaluates the full test set centrally after each round (`evaluate_fn`) and writes
-the run's `bench.vs_flower.Outcome` as JSON to the run config's `out`. Settings come
-from the run config (`bench.vs_flower.FlowerRun`): `flwr run --run-config` on the
+the run's `bench.flower_app.runs.Outcome` as JSON to the run config's `out`. Settings come
+from the run config (`bench.flower_app.runs.FlowerRun`): `flwr run --run-config` on the
 deployment engine, or `fixed` for `run_simulation`, which takes no run config.
 Timing marks: a round starts when the previous evaluation ends (the model goes out)
 and ends at aggregation; its training time is that of the busiest ClientApp process
@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from bench.vs_flower import ALPHA, CLIENTS, FlowerRun, Outcome
+from bench.flower_app.runs import ALPHA, CLIENTS, FlowerRun, Outcome
 
 NODES_WAIT_S = 300.0  # the deployment engine's SuperNodes connect after the run starts
 
