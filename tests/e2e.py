@@ -51,11 +51,19 @@ class Run:
             self.proc.wait(30)
 
     def wait(self, timeout_s: float = 120) -> int:
+        """The coordinator's exit code; past `timeout_s` it is killed and the test fails
+        with its last events and console lines, so a hang in CI can be read afterwards."""
         try:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise
+            self.proc.wait(30)
+        try:
+            last = "\n".join(json.dumps(e)[:300] for e in self.events()[-20:])
+        except (OSError, ValueError) as exc:
+            last = f"(no events: {exc})"
+        raise AssertionError(f"the coordinator had not exited after {timeout_s:g} s (killed); "
+                             f"its last events:\n{last}\nits console:\n{self.output()[-3000:]}")
 
     def output(self) -> str:
         return (self.runs_dir / f"{self.run_id}.console.log").read_text(errors="replace")
