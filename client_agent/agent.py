@@ -12,6 +12,7 @@ finishes those in hand (or leaves them pending for a replacement after
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -27,6 +28,7 @@ from bus.errors import RedisRefused
 from bus.handoff import Advert, AgentHandoff
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
+from client_agent import declaration
 from client_agent.gradient import GradientRunner, is_gradient_job
 from client_agent.job_runner import JobRunner
 from client_agent.model_cache import ModelCache
@@ -111,6 +113,11 @@ class Agent:
                                     handoff=await self._local_coordinator(redis, keys, handoff))
         try:
             await pool.start()
+            sizes, signatures = await declaration.declare(
+                redis, keys, pool, s.client_ids, allowed_tasks=s.allowed_tasks,
+                keyring=s.keyring)
+            registration = dataclasses.replace(registration, num_examples=sizes,
+                                               examples_signatures=signatures)
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
                                allowed_tasks=s.allowed_tasks, handoff=handoff)

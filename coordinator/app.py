@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -254,7 +255,9 @@ class Coordinator:
             "status": "running", "slots": s.slots, "rounds": s.rounds,
             # Agents check these before registering: those on this host say so.
             "handoff": advert.name if advert else "",
-            "handoff_digest": advert.digest if advert else ""})
+            "handoff_digest": advert.digest if advert else "",
+            # Agents load the task to declare their clients' sizes (client_agent.declaration).
+            "task": s.task, "task_options": json.dumps(ctx.task_options)})
         model_nbytes = sum(t.numel() * t.element_size() for t in self._runners[0].state.values())
         event = "run_resumed" if self._resume else "run_started"
         log.info(event, slots=s.slots, rounds=s.rounds, expected_clients=s.expected_clients,

@@ -123,12 +123,13 @@ def _add_job_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--strategy", default="fedavg",
                    help="aggregation: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, "
                         "trimmed_mean, krum, bulyan, geomed (alias rfa), or module:Class "
-                        "(default fedavg). median, trimmed_mean, bulyan and krum's choice "
-                        "count each update once: num_examples is the client's own claim "
-                        "and their bounds count updates, so they ignore it and the "
+                        "(default fedavg). median, trimmed_mean, bulyan, krum's choice and "
+                        "geomed count each update once: num_examples is the client's own "
+                        "claim and their bounds count updates, so they ignore it and the "
                         "staleness weight of late updates (use --late-policy drop to keep "
-                        "late updates out); multi-krum's average and geomed weight by "
-                        "num_examples x staleness. "
+                        "late updates out); multi-krum's average of its picks, and geomed "
+                        "with weighted=true, weight by num_examples x staleness (counts "
+                        "capped at each client's declared size and its job's steps x batch). "
                         "A round with too few updates for krum, bulyan or trimmed_mean takes "
                         "the median or keeps the model, and logs strategy_bounds_unmet. "
                         "Options, defaults and papers: docs/strategies.md")

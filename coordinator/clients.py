@@ -73,8 +73,9 @@ class ClientTracker:
         self._ctx.status.clients[client_id] = {
             "agent_id": registration.agent_id, "hostname": registration.hostname, "alive": True}
         self._ctx.broker.add_client(client_id)
+        declared = self._ctx.validator.claims.declare(client_id, registration)
         log.info("client_registered", client_id=client_id, agent_id=registration.agent_id,
-                 hostname=registration.hostname)
+                 hostname=registration.hostname, declared_examples=declared)
         self.live_changed.set()
 
     def _lost(self, client_id: str, reason: str) -> None:

@@ -296,6 +296,7 @@ class SlotRunner:
         self.ctx.status.counters["jobs_failed"] += 1
 
     async def _fold(self, delivery: Delivery, opened: OpenRound, scale: float) -> bool:
+        delivery = self.ctx.validator.claims.capped(delivery, self._job_config(delivery.record))
         try:
             stats = await fetch_and_fold(self._update_source(delivery), self.ctx.validator,
                                          self.strategy, opened.aggregate, delivery, scale)

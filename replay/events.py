@@ -57,6 +57,8 @@ OTHER_EVENTS = frozenset(
         "gradient_step", "gradient_client_dropped", "gradient_session_opened",
         "gradient_session_failed", "gradient_downlink_failed", "handoff_unavailable",
         "handoff_fallback",
+        "num_examples_capped", "examples_declaration_rejected", "examples_declared",
+        "examples_undeclared", "trainer_describe_failed",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS

@@ -177,3 +177,8 @@ class Registration(Message):
     # The coordinator's handoff token (`bus.handoff`) this agent found on its host: it
     # takes models from shared memory, so a round of such clients only needs no blob.
     handoff: str = ""
+    # Each client's partition size (examples), declared once per run: the coordinator caps
+    # the client's claimed counts at it. With client keys each is signed with its client's
+    # key (`serialization.signing.declaration_signature`). Values are checked by the reader.
+    num_examples: dict[str, int] = field(default_factory=dict)
+    examples_signatures: dict[str, bytes] = field(default_factory=dict)

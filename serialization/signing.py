@@ -18,6 +18,12 @@ from the coordinator, not from whoever else can write to Redis. One key per clie
 serves both directions; the domain tags keep a result's signature from passing
 as a job's.
 
+Declarations. An agent declares each client's partition size when it registers it;
+the coordinator caps the client's claimed example counts at it. With keys, each
+declaration is signed with its client's key over the run, the client and the size,
+so one silo cannot declare for another's client, nor carry a declaration into
+another run.
+
 The local handoff's fields (`bus.handoff`) are signed too when they are set
 (appended, so a message without them signs exactly as before).
 
@@ -39,6 +45,7 @@ from serialization.messages import Job, Result
 SIGNATURE_BYTES = 32
 _RESULT_DOMAIN = "pwfl-result-v2"
 _JOB_DOMAIN = "pwfl-job-v1"
+_DECLARATION_DOMAIN = "pwfl-declaration-v1"
 
 
 def _canonical(value: Any) -> Any:
@@ -110,5 +117,25 @@ def job_signature_problem(job: Job, key: bytes | None) -> str | None:
     if not job.signature:
         return "job is not signed"
     if not hmac.compare_digest(job.signature, job_signature(job, key)):
+        return "signature does not match the client's key"
+    return None
+
+
+def declaration_signature(run_id: str, client_id: str, num_examples: int, key: bytes) -> bytes:
+    """HMAC-SHA256 of a client's declared partition size in a run, under its `key`."""
+    packed = _packed([_DECLARATION_DOMAIN, run_id, client_id, num_examples])
+    return hmac.new(key, packed, hashlib.sha256).digest()
+
+
+def declaration_problem(run_id: str, client_id: str, num_examples: int, signature: object,
+                        key: bytes | None) -> str | None:
+    """None when the declaration is signed with `key`; otherwise why not (for the log).
+    `signature` comes from an untrusted map: anything but bytes is no signature."""
+    if key is None:
+        return f"no signing key for client {client_id!r}"
+    if not isinstance(signature, bytes) or not signature:
+        return "declaration is not signed"
+    expected = declaration_signature(run_id, client_id, num_examples, key)
+    if not hmac.compare_digest(signature, expected):
         return "signature does not match the client's key"
     return None

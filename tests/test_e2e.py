@@ -24,6 +24,7 @@ from tests.e2e import (
     start_coordinator,
 )
 from tests.faults import ledger_problems
+from trainer_worker.tasks.synthetic import SyntheticTask
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -151,3 +152,19 @@ def test_resume_continues_from_checkpoints(launch: Callable[..., Run], tmp_path:
     assert all(r > done[s] for s, r in restarted)
     closed = set(by_slot_round(events, "round_closed"))
     assert {(s, r) for s in range(2) for r in range(1, 6)} <= closed
+
+
+def test_agents_declare_partition_sizes_and_honest_claims_count_in_full(basic_run: Run
+                                                                         ) -> None:
+    """Each client registers with its partition size declared (issue 23); an honest claim
+    is within it, so nothing is capped and every update weighs its client's size."""
+    declared = {e["client_id"]: e["declared_examples"]
+                for e in basic_run.events("client_registered")}
+    sizes = {c: SyntheticTask(num_clients=4).partition_size(c) for c in declared}
+    assert declared == sizes
+    assert len(sizes) == 4
+    assert basic_run.events("num_examples_capped") == []
+    claims = {e["job_id"]: e["num_examples"] for e in basic_run.events("update_received")}
+    folded = basic_run.events("update_folded")
+    assert folded
+    assert all(e["weight"] == claims[e["job_id"]] for e in folded)

@@ -95,15 +95,17 @@ def test_bulyan_keeps_the_values_closest_to_the_median() -> None:
 
 
 def test_robust_rules_count_each_update_once_whatever_its_staleness() -> None:
-    """Median ignores the staleness weight (documented); the geometric median uses it."""
+    """Median ignores the staleness weight (documented); the geometric median uses it only
+    with weighted=true (its default counts each update once, issue 23)."""
     values, fresh, stale = [1.0, 2.0, 10.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.01]
     assert run_values(Median(), values, stale)[0] == run_values(Median(), values, fresh)[0]
-    plain = run_values(GeometricMedian(), [1.0, 10.0], [1.0, 1.0])[0]
-    weighted = run_values(GeometricMedian(), [1.0, 10.0], [1.0, 0.01])[0]
+    plain = run_values(GeometricMedian(weighted=True), [1.0, 10.0], [1.0, 1.0])[0]
+    weighted = run_values(GeometricMedian(weighted=True), [1.0, 10.0], [1.0, 0.01])[0]
     assert weighted == pytest.approx(1.0, abs=1e-3)
     assert weighted != pytest.approx(plain)
     unweighted = run_values(GeometricMedian(weighted=False), [1.0, 10.0], [1.0, 0.01])[0]
     assert unweighted == pytest.approx(plain)
+    assert run_values(GeometricMedian(), [1.0, 10.0], [1.0, 0.01])[0] == pytest.approx(plain)
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,7 @@ def test_geometric_median_matches_weiszfeld_and_minimises() -> None:
     points = [rng.normal(0, 1, 16) for _ in range(7)] + [rng.normal(50, 1, 16)] * 2
     examples = [int(k) for k in rng.integers(1, 50, len(points))]
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        strategy = GeometricMedian()
+        strategy = GeometricMedian(weighted=True)  # RFA's alpha_i (the default is uniform)
         got = one_round(strategy, points, examples, dtype)
         expected = weiszfeld_by_paper(
             points, np.asarray(examples, float), 1e-6, strategy.last_iterations

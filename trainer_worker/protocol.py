@@ -4,6 +4,7 @@ Agent -> trainer::
 
     {"op": "train", "job_id", "client_id", "task", "task_options", "config",
      "model_shm", "model_nbytes", "model_digest"}
+    {"op": "describe", "task", "task_options", "client_ids"}
     {"op": "stop"}
 
 Trainer -> agent::
@@ -12,6 +13,8 @@ Trainer -> agent::
     {"op": "done", "job_id", "status": "ok", "update_shm", "update_nbytes",
      "num_examples", "metrics", "timings": {"load_s", "train_s", "encode_s"}}
     {"op": "done", "job_id", "status": "failed", "error"}
+    {"op": "described", "status": "ok", "num_examples": {client_id: partition size}}
+    {"op": "described", "status": "failed", "error"}
 
 The model segment belongs to the agent (one per model digest, shared by all
 its trainers); the update segment is created by the trainer and handed over:

@@ -71,6 +71,14 @@ class Task(ABC):
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Metrics on the held-out test set: at least `accuracy`, `loss`, `num_examples`."""
 
+    def partition_size(self, client_id: str) -> int | None:
+        """How many training examples this client holds (None: the task does not say).
+
+        The agent declares it when it registers the client, and the coordinator counts a
+        result's `num_examples` only up to it: a task that says nothing leaves its clients'
+        counts bounded only by what each job could train."""
+        return None
+
     # Batch-gradient federation (`--mode gradient`); optional for a task.
 
     def gradient_batches(self, client_id: str, config: TrainConfig,

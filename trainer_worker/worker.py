@@ -67,7 +67,7 @@ def run(conn: Connection, device: str, threads: int, log_file: str | None, run_i
 
 
 def serve(conn: Connection, trainer: Trainer) -> None:
-    """Answer "train" messages until "stop" or end of file on the pipe."""
+    """Answer messages until "stop" or end of file on the pipe."""
     while True:
         try:
             message = protocol.unpack(conn.recv_bytes())
@@ -78,22 +78,29 @@ def serve(conn: Connection, trainer: Trainer) -> None:
             continue
         if message["op"] == "stop":
             return
-        if str(message["op"]).startswith("grad_"):  # batch-gradient federation
-            try:
-                conn.send_bytes(protocol.pack(trainer.gradients.handle(message)))
-            except OSError:
-                return
+        reply = _reply(trainer, message)
+        if reply is None:
             continue
-        if message["op"] != "train":
-            log.error("trainer_bad_message", error=f"unknown op {message['op']!r}")
-            continue
-        reply = trainer.train(message)
         try:
             conn.send_bytes(protocol.pack(reply))
         except OSError:
             trainer.discard_pending()
             return
-        trainer.handed_over()
+        if message["op"] == "train":
+            trainer.handed_over()
+
+
+def _reply(trainer: Trainer, message: dict[str, Any]) -> dict[str, Any] | None:
+    """The reply to one message; None (logged) for an op this trainer does not know."""
+    op = str(message["op"])
+    if op.startswith("grad_"):  # batch-gradient federation
+        return trainer.gradients.handle(message)
+    if op == "describe":  # the agent declares its clients' sizes
+        return trainer.describe(message)
+    if op == "train":
+        return trainer.train(message)
+    log.error("trainer_bad_message", error=f"unknown op {op!r}")
+    return None
 
 
 def _warm_up() -> None:
@@ -149,6 +156,19 @@ class Trainer:
             log.warning("trainer_job_failed", job_id=job_id, error=error, exc_info=True)
             return {"op": "done", "job_id": job_id, "status": "failed", "error": error}
         return {"op": "done", "job_id": job_id, "status": "ok", **result}
+
+    def describe(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The "described" reply: each listed client's partition size as the task reports it
+        (clients it reports none for are left out). The task stays loaded for the jobs."""
+        try:
+            task = self._loaded(str(message["task"]), message.get("task_options") or {}).task
+            sizes = {str(c): task.partition_size(str(c)) for c in message.get("client_ids", [])}
+        except Exception as exc:  # noqa: BLE001 - any task failure is reported, never fatal
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("trainer_describe_failed", error=error)
+            return {"op": "described", "status": "failed", "error": error}
+        return {"op": "described", "status": "ok",
+                "num_examples": {c: n for c, n in sizes.items() if n is not None}}
 
     def handed_over(self) -> None:
         """The agent has the update segment now (it unlinks it)."""

@@ -290,7 +290,9 @@ class GradientSlotRunner:
         valid: list[tuple[np.ndarray, int]] = []
         for header, body in gradients:
             try:
-                valid.append((flat_view(body, self.model.numel), header.num_examples))
+                valid.append((flat_view(body, self.model.numel), self.ctx.validator.claims
+                              .capped_step(header.client_id, header.num_examples,
+                                           self.ctx.settings.training.batch_size)))
             except PayloadError as exc:
                 self.ctx.reject(None, exc.reason, exc.detail, client_id=header.client_id,
                                 job_id=header.job_id)

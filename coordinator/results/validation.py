@@ -42,6 +42,7 @@ from bus.handoff import HostHandoff
 from bus.streams import Entry
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord, JobTable
+from coordinator.results.claims import ExampleClaims
 from coordinator.status import RunStatus
 from coordinator.strategies import Strategy, StrategyError
 from serialization import DTYPES, PayloadError, Result, TensorSpec, decode
@@ -141,6 +142,7 @@ class ResultValidator:
         self._verify_digests = verify_digests
         self._keyring = keyring  # None: results are not signed
         self._late_policy = late_policy
+        self.claims = ExampleClaims(run_id=run_id, keyring=keyring)  # declared sizes, caps
 
     @property
     def update_limit(self) -> int:

@@ -8,9 +8,11 @@ each update once: they ignore num_examples (a client's own claim, which would le
 one attacker outvote the rest) and the staleness weight of late updates (their
 guarantees count updates; a late update that drifted far is an outlier like any
 other, and ``--late-policy drop`` keeps late updates out entirely). Multi-Krum
-averages the updates it selected weighted by num_examples * scale; the geometric
-median weights by num_examples * scale (RFA's alpha_i), or uniformly with
-``weighted=false``.
+averages the updates it selected weighted by num_examples * scale: weights apply only
+after a selection that no claim takes part in. The geometric median counts every
+update once by default (``weighted=false``): its weights decide the point itself, so
+a weighted median would let a claim choose the result; ``weighted=true`` uses RFA's
+alpha_i = num_examples * scale (counts capped by `coordinator.results.claims`).
 
 Rules with a stated bound on the number f of Byzantine updates check it each round
 (`bound_unmet`). When a round has too few updates the rule does not run: with
@@ -235,7 +237,8 @@ class Bulyan(RobustStrategy):
 
 class GeometricMedian(RobustStrategy):
     """The geometric median of the updates (RFA, Pillutla et al., 2022) by the smoothed
-    Weiszfeld algorithm, weighted by num_examples * scale (uniform with ``weighted=false``).
+    Weiszfeld algorithm; every update counts once, or with ``weighted=true`` by
+    num_examples * scale (then a client's claimed count moves the point).
 
     Its breakdown point is one half of the weight; it takes no f, so it has no per-round
     bound to check.
@@ -244,7 +247,7 @@ class GeometricMedian(RobustStrategy):
     name = "geomed"
 
     def __init__(
-        self, *, nu: float = 1e-6, max_iter: int = 100, eps: float = 1e-6, weighted: bool = True
+        self, *, nu: float = 1e-6, max_iter: int = 100, eps: float = 1e-6, weighted: bool = False
     ) -> None:
         self.nu, self.max_iter, self.eps = float(nu), int(max_iter), float(eps)
         self.weighted = bool(weighted)

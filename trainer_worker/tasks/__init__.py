@@ -73,6 +73,9 @@ class TensorClassificationTask(Task):
         metrics = train_sgd(model, data, indices.to(device), config)
         return TrainOutcome(num_examples=len(indices), metrics=metrics)
 
+    def partition_size(self, client_id: str) -> int:
+        return len(self.client_indices(self.partition_of(client_id)))
+
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         data = self._examples_on("test", device)
         return evaluate_batches(model, data, self.eval_batch_size)
