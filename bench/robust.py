@@ -1,7 +1,10 @@
 """`python -m bench.robust`: do the aggregation rules resist Byzantine clients?
 
 For every registered aggregation rule (or those named by `--rules`) and every attack
-(none, sign flip x10, scaling x10, Gaussian noise, "A little is enough"), one real run:
+(none, sign flip x10, scaling x10, Gaussian noise, "A little is enough", and two that
+lie about their weight: `count_lie`, an honest update claiming 10^9 examples, and
+`scaled_claim`, a x10 update claiming as much; both declare 10^9 as their partition
+size too, so only the job's bound caps them), one real run:
 the coordinator, 2 local agents and their trainer processes, one slot, all 8 clients
 every round, Fashion-MNIST split by Dirichlet(0.5) as the default job does, 2 of the
 clients attackers. The attackers are a task plugin (`trainer_worker.tasks.attack`)
@@ -46,7 +49,7 @@ from bus.embedded import EmbeddedRedis
 from coordinator.strategies import STRATEGIES, resolve_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie")
+ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie", "count_lie", "scaled_claim")
 ATTACK_TASK = "trainer_worker.tasks.attack:AttackTask"
 DIVERGED_ACCURACY = 0.10  # a NaN model predicts one class: 1 in 10 on the balanced test set
 

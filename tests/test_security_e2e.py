@@ -65,6 +65,8 @@ def test_acl_tls_and_signing_run_end_to_end_without_leaking_secrets(
     assert run.events("run_started")[0]["signing"] is True
     assert len(run.events("update_folded")) == 8
     assert run.events("update_rejected") == []
+    # Each silo declared its clients' sizes, signed with their keys (issue 23).
+    assert all(e["declared_examples"] for e in run.events("client_registered"))
     with redis.Redis.from_url(server.url, username=admin.name, password=admin.password,
                               ssl_ca_certs=str(tls.ca_file)) as r:
         assert r.acl_log() == [], "a role lacked a permission it used"

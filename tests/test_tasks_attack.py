@@ -104,3 +104,24 @@ def test_evaluate_and_model_are_the_inner_tasks() -> None:
     task = _task("scaling")
     model = task.build_model(seed=1)
     assert task.evaluate(model, CPU) == task.inner.evaluate(model, CPU)
+
+
+def test_count_lie_sends_the_honest_update_with_the_largest_claim() -> None:
+    """count_lie changes nothing but the count: the honest update, num_examples 10^9, and
+    a declared partition size of 10^9; honest clients declare and claim their own."""
+    task = _task("count_lie")
+    assert torch.allclose(_flat(_update(task, "2")), _honest("2"))
+    outcome = task.train(task.build_model(seed=0), "2", CONFIG, CPU)
+    assert outcome.num_examples == attack.MAX_CLAIM
+    assert task.partition_size("2") == attack.MAX_CLAIM
+    assert task.partition_size("0") == 32
+    assert task.train(task.build_model(seed=0), "0", CONFIG, CPU).num_examples == 32
+
+
+def test_scaled_claim_scales_the_update_and_claims_the_most() -> None:
+    """scaled_claim sends scale x the honest update with a claim of 10^9."""
+    task = _task("scaled_claim", scale=10.0)
+    assert torch.allclose(_flat(_update(task, "3")), _honest("3") * 10.0, atol=1e-5)
+    assert task.train(task.build_model(seed=0), "3", CONFIG, CPU).num_examples == (
+        attack.MAX_CLAIM)
+    assert task.partition_size("3") == attack.MAX_CLAIM

@@ -15,7 +15,15 @@ Attacks (``attack=``), with ``delta`` the attacker's honest update:
 - ``alie``: "A little is enough" (Baruch et al. 2019): ``mean - z * std`` of benign
   updates, coordinate-wise, every attacker sending the same vector; ``z`` defaults to
   the paper's ``z_max`` for n clients and f attackers.
+- ``count_lie``: the honest update, but ``num_examples`` claimed at ``claim`` (10^9, the
+  most a result may claim) and the partition size declared as much: a silo that lies
+  only about its weight;
+- ``scaled_claim``: ``scale * delta`` with the same claim and declaration;
 - ``none``: every client honest (the clean baseline through the same code path).
+
+The two claiming attacks test the coordinator's caps (`coordinator.results.claims`) and
+the robust rules' refusal to let counts choose: each attacker's count is capped at
+what its job could train, and no robust rule reads it to select.
 
 What ALIE's attackers know: the paper's attackers estimate the benign updates'
 statistics from the benign clients' data or from their own honest updates. A plugin
@@ -42,7 +50,9 @@ from torch import nn
 from serialization.tasks import task_spec
 from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome, load_task
 
-ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie")
+ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie", "count_lie", "scaled_claim")
+CLAIMING = ("count_lie", "scaled_claim")  # attacks that also lie about their example count
+MAX_CLAIM = 10**9  # the most a result may claim (the coordinator's bound on num_examples)
 
 Update = dict[str, torch.Tensor]
 
@@ -115,7 +125,8 @@ class AttackTask(Task):
 
     def __init__(self, inner: str = "fashion_mnist", attackers: object = "",
                  attack: str = "sign_flip", scale: float = 10.0, sigma: float = 1.0,
-                 z: float | None = None, **inner_options: Any) -> None:
+                 z: float | None = None, claim: int = MAX_CLAIM,
+                 **inner_options: Any) -> None:
         if attack not in ATTACKS:
             raise TaskError(f"attack must be one of {ATTACKS}, not {attack!r}")
         self.inner = load_task(task_spec(inner), inner_options)
@@ -125,6 +136,16 @@ class AttackTask(Task):
         if attack == "alie" and z is None:
             z = alie_z(num_clients, len(self.attackers))
         self.z = float(z or 0.0)
+        self.claim = int(claim)
+
+    def _claims(self, client_id: str) -> bool:
+        """Whether this client lies about its example count."""
+        return self.attack in CLAIMING and client_id in self.attackers
+
+    def partition_size(self, client_id: str) -> int | None:
+        if self._claims(client_id):
+            return self.claim  # the declaration lies as much as the claims
+        return self.inner.partition_size(client_id)
 
     def build_model(self, seed: int) -> nn.Module:
         return self.inner.build_model(seed)
@@ -136,6 +157,9 @@ class AttackTask(Task):
               device: torch.device) -> TrainOutcome:
         if self.attack == "none" or client_id not in self.attackers:
             return self.inner.train(model, client_id, config, device)
+        if self.attack == "count_lie":
+            outcome = self.inner.train(model, client_id, config, device)
+            return dataclasses.replace(outcome, num_examples=self.claim)
         start = float_state(model)
         if self.attack == "alie":
             outcome, update = self._alie(model, client_id, config, device, start)
@@ -143,12 +167,15 @@ class AttackTask(Task):
             outcome = self.inner.train(model, client_id, config, device)
             update = self._corrupt(difference(float_state(model), start), config.seed)
         model.load_state_dict({k: start[k] + update[k] for k in start}, strict=False)
+        if self._claims(client_id):
+            return dataclasses.replace(outcome, num_examples=self.claim)
         return outcome
 
     def _corrupt(self, delta: Update, seed: int) -> Update:
         attacks: dict[str, Callable[[], Update]] = {
             "sign_flip": lambda: sign_flip(delta, self.scale),
             "scaling": lambda: scaling(delta, self.scale),
+            "scaled_claim": lambda: scaling(delta, self.scale),
             "gaussian": lambda: gaussian(delta, self.sigma, seed),
         }
         return attacks[self.attack]()
