@@ -282,7 +282,7 @@ wait_lost() {
     status=$(status_json) || fail "the coordinator stopped answering before $KILLED's clients were reported lost"
     if echo "$status" | pyjson "
 killed = set('$KILLED_CLIENTS'.split(','))
-gone = {c for c, info in d['clients'].items() if not info.get('alive')}
+gone = {c['client_id'] for c in d['clients'] if not c.get('alive')}
 sys.exit(0 if killed <= gone and any(s['state'] != 'done' for s in d['slots']) else 1)"
     then echo "$status" >"$OUT/status-after-loss.json"; log "$KILLED's clients reported lost, run still going"; return; fi
     sleep 0.5
