@@ -56,6 +56,8 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result: dict[str, object] = json.loads((out / "result.json").read_text())
     result["timings"] = json.loads((out / "timings.json").read_text())
+    # Every command the script ran, `down -v` (its teardown, after the verdict) included.
+    result["commands"] = (out / "commands.txt").read_text().splitlines()
     return result
 
 
@@ -81,7 +83,7 @@ def test_the_default_job_ran_from_the_readmes_commands(cluster_run: dict[str, ob
     readme = README.read_text()
     commands = cluster_run["commands"]
     assert isinstance(commands, list)
-    assert {c.split(" -f ")[1] for c in commands if " -f " in c} >= {
+    assert {c.split(" -f ", 1)[1] for c in commands if " -f " in c} >= {
         "compose/docker-compose.yml up -d", "compose/docker-compose.yml logs -f coordinator",
         "compose/docker-compose.yml down -v"}
     for command in commands:  # Debian's docker-compose 1.29: "the commands are the same"
