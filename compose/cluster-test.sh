@@ -208,6 +208,10 @@ cluster_env() {
 # The README's first two commands: `up -d`, then `logs -f coordinator`, which follows the
 # coordinator's log to its final table and returns when the coordinator exits.
 compose_up() {
+  if [[ -n $(project_container coordinator) ]]; then  # an earlier run that was not torn down
+    log "removing the containers and volumes an earlier run of project $PROJECT left"
+    compose down -v >>"$OUT/down.log" 2>&1 || fail "compose down -v of the leftovers"
+  fi
   readme up -d >"$OUT/up.log" 2>&1 9>&- || fail "compose up -d: $(tail -5 "$OUT/up.log")"
   readme logs -f coordinator >"$OUT/coordinator.log" 2>&1 9>&- &
   LOGS_PID=$!
@@ -221,8 +225,9 @@ compose_up() {
 stop_logs() {
   [[ -n $LOGS_PID ]] || return 0
   for _ in $(seq 120); do kill -0 "$LOGS_PID" 2>/dev/null || break; sleep 0.5; done
-  kill "$LOGS_PID" 2>/dev/null
-  wait "$LOGS_PID" 2>/dev/null
+  kill "$LOGS_PID" 2>/dev/null || true  # gone already once the coordinator has exited
+  wait "$LOGS_PID" 2>/dev/null || true
+  LOGS_PID=
 }
 
 project_container() {  # the id of SERVICE's container, running or not (v1 and v2 alike)
@@ -316,7 +321,9 @@ collect() {
   docker logs "$id" >"$OUT/coordinator-docker.log" 2>&1 || true
   # The README's way out of the runs volume.
   docker cp "$id:/data/runs" "$OUT/runs" >/dev/null 2>&1 || true
-  find "$OUT/runs" -name events.jsonl -exec cp {} "$OUT/events.jsonl" \; 2>/dev/null || true
+  local newest
+  newest=$(ls -t "$OUT"/runs/*/events.jsonl 2>/dev/null | head -n 1) || true
+  [[ -z $newest ]] || cp "$newest" "$OUT/events.jsonl"
 }
 
 teardown() {
@@ -324,12 +331,16 @@ teardown() {
   set +e
   if ((${#COMPOSE[@]})); then
     collect
-    timed down timeout 600 readme down -v >>"$OUT/down.log" 2>&1
+    # The README's last command (`timeout` runs programs, not the `readme` function).
+    echo "${COMPOSE[*]} down -v" >>"$OUT/commands.txt"
+    pushd "$CHECKOUT" >/dev/null
+    timed down timeout 600 "${COMPOSE[@]}" down -v >>"$OUT/down.log" 2>&1
+    popd >/dev/null
     stop_logs
   fi
   [[ -n $WHEEL_SERVER ]] && kill "$WHEEL_SERVER" 2>/dev/null
   tidy_images >/dev/null 2>&1
-  if [[ $STARTED_DAEMON == 1 ]]; then compose/dockerd-local.sh stop >/dev/null; fi
+  if [[ $STARTED_DAEMON == 1 ]]; then "$ROOT/compose/dockerd-local.sh" stop >/dev/null; fi
   write_times
   log "done (exit $rc); results in $OUT"
   exit "$rc"
