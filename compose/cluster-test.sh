@@ -398,7 +398,9 @@ def final_table(log):
             accuracy = None if cells[4] == "-" else float(cells[4].rstrip("%")) / 100
             rows.append({"slot_id": int(cells[0]), "rounds_done": done, "rounds": rounds,
                          "state": cells[2], "last_accuracy": accuracy})
-    end = next((i for i, line in enumerate(table) if line.startswith("wall time")), 30)
+    # Up to its caption; "wall time ..." may come before it in the merged log: it goes to
+    # stderr and the table to stdout.
+    end = next((i for i, line in enumerate(table) if line.startswith("clients alive:")), 30)
     return table[0].split()[-1], table[:end + 1], rows
 
 
@@ -412,6 +414,8 @@ started = next((e for e in events if e.get("event") == "run_started"), {})
 result = {
     "coordinator_exit": int(exit_code), "status": state, "final_table": table,
     "slots": slots, "task": started.get("task"), "rounds": started.get("rounds"),
+    "wall_time": next((line for line in log.splitlines() if line.startswith("wall time")),
+                      None),
     "killed": killed, "killed_restarts": restarts, "clients_lost": lost,
     "image_bytes": int(image_bytes), "redis_ping_without_password": noauth.strip(),
     "compose_file": compose_file,

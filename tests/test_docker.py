@@ -117,7 +117,8 @@ def test_the_run_came_from_a_fresh_checkout_without_env_file(cluster_run: dict[s
     assert cluster_run["env_file_present"] is False
     table = "\n".join(cluster_run["final_table"])  # type: ignore[arg-type]
     assert "PWFL run finished" in table
-    assert "wall time" in table
+    assert "clients alive: 4" in table  # its caption: agent-b's two clients are gone
+    assert str(cluster_run["wall_time"]).startswith("wall time ")
 
 
 def test_the_redis_password_was_generated_into_the_secrets_volume(
