@@ -80,6 +80,10 @@ class CoordinatorMetrics:
                                        "Finalising a round's aggregate")
         self.evaluation_s = histogram("pwfl_evaluation_duration_seconds",
                                       "Evaluating a new global model")
+        self._define_traffic(counter)
+
+    def _define_traffic(self, counter: Callable[..., Counter]) -> None:
+        """The metrics of clients, updates and bytes."""
         self.jobs = counter("pwfl_client_jobs", "Jobs answered per client, by outcome "
                             "(done, failed, lost: the client vanished)", ("client", "outcome"))
         self.jobs_published = counter("pwfl_jobs_published", "Jobs published", ("slot",))
