@@ -50,6 +50,7 @@ class Session:
     jobs: dict[str, JobRecord]  # by client id
     active: set[str]  # clients still stepping
     deadline_at: float  # of the step being gathered, then of the session results
+    step_started: float  # monotonic s: when this step's weights went out
     step: int = 1
     stepping: bool = True  # False: the steps are over, the session results are awaited
     got: dict[str, Gradient] = field(default_factory=dict)  # this step's gradients
@@ -131,8 +132,9 @@ class GradientSessions(RoundProtocol):
         s = self._settings
         name = f"s{self.slot_id}-r{round_}-{secrets.token_hex(3)}"
         records = self._jobs.records(self.slot_id, round_, clients)
+        now = time.monotonic()
         self._session = Session(round_, name, {r.client_id: r for r in records}, set(clients),
-                                time.monotonic() + s.deadline_s)
+                                now + s.deadline_s, now)
         log.info("round_started", slot_id=self.slot_id, round=round_, clients=list(clients),
                  quorum_count=len(clients), deadline_s=s.deadline_s, wait_s=round(wait_s, 6),
                  mode="gradient", steps=s.gradient_steps)
@@ -234,14 +236,15 @@ class GradientSessions(RoundProtocol):
             session.deadline_at = time.monotonic() + self._settings.deadline_s
             return
         session.step += 1
-        session.deadline_at = time.monotonic() + self._settings.deadline_s
+        session.step_started = time.monotonic()
+        session.deadline_at = session.step_started + self._settings.deadline_s
         await self._broadcast(session.name, session.step)
 
     async def _step(self, session: Session, gathered: list[Gradient]) -> bool:
         """One optimiser step on the gathered gradients; False if none could be used."""
         if not gathered:
             return False
-        started = time.perf_counter()
+        started = time.monotonic()
         usable, rejected = await asyncio.to_thread(self._apply, gathered)
         for header, exc in rejected:
             self._results.reject(None, exc.reason, exc.detail, client_id=header.client_id,
@@ -249,11 +252,12 @@ class GradientSessions(RoundProtocol):
         if usable == 0:
             return False
         session.steps_done, session.num_examples = session.step, session.num_examples + usable
-        duration_s = time.perf_counter() - started
-        session.step_s += duration_s
+        now = time.monotonic()
+        session.step_s += now - started
         log.debug("gradient_step", slot_id=self.slot_id, round=session.round, step=session.step,
-                  clients=len(gathered), num_examples=usable, duration_s=round(duration_s, 6),
-                  **_compute_split(gathered))
+                  clients=len(gathered), num_examples=usable,
+                  gather_s=round(started - session.step_started, 6),
+                  duration_s=round(now - session.step_started, 6), **_compute_split(gathered))
         return True
 
     def _apply(self, gathered: list[Gradient]) -> tuple[int, list[tuple[StepGradient,
