@@ -49,8 +49,7 @@ class Session:
     name: str
     jobs: dict[str, JobRecord]  # by client id
     active: set[str]  # clients still stepping
-    deadline_at: float  # of the step being gathered, then of the session results
-    step_started: float  # monotonic s: when this step's weights went out
+    started: float  # monotonic s: this step's weights went out, or the results wait began
     step: int = 1
     stepping: bool = True  # False: the steps are over, the session results are awaited
     got: dict[str, Gradient] = field(default_factory=dict)  # this step's gradients
@@ -132,9 +131,8 @@ class GradientSessions(RoundProtocol):
         s = self._settings
         name = f"s{self.slot_id}-r{round_}-{secrets.token_hex(3)}"
         records = self._jobs.records(self.slot_id, round_, clients)
-        now = time.monotonic()
         self._session = Session(round_, name, {r.client_id: r for r in records}, set(clients),
-                                now + s.deadline_s, now)
+                                time.monotonic())
         log.info("round_started", slot_id=self.slot_id, round=round_, clients=list(clients),
                  quorum_count=len(clients), deadline_s=s.deadline_s, wait_s=round(wait_s, 6),
                  mode="gradient", steps=s.gradient_steps)
@@ -206,7 +204,7 @@ class GradientSessions(RoundProtocol):
         assert session is not None
         if not session.stepping and not set(session.jobs) - session.answered:
             return None
-        return session.deadline_at
+        return session.started + self._settings.deadline_s
 
     async def expire(self) -> None:
         """A step's deadline: who has not sent its gradient leaves the session. The
@@ -231,14 +229,11 @@ class GradientSessions(RoundProtocol):
             return
         gathered, session.got = [session.got[c] for c in sorted(session.got)], {}
         steps = self._settings.gradient_steps
-        if not await self._step(session, gathered) or session.step == steps:
-            session.stepping = False
-            session.deadline_at = time.monotonic() + self._settings.deadline_s
-            return
-        session.step += 1
-        session.step_started = time.monotonic()
-        session.deadline_at = session.step_started + self._settings.deadline_s
-        await self._broadcast(session.name, session.step)
+        session.stepping = await self._step(session, gathered) and session.step < steps
+        session.started = time.monotonic()
+        if session.stepping:
+            session.step += 1
+            await self._broadcast(session.name, session.step)
 
     async def _step(self, session: Session, gathered: list[Gradient]) -> bool:
         """One optimiser step on the gathered gradients; False if none could be used."""
@@ -256,8 +251,8 @@ class GradientSessions(RoundProtocol):
         session.step_s += now - started
         log.debug("gradient_step", slot_id=self.slot_id, round=session.round, step=session.step,
                   clients=len(gathered), num_examples=usable,
-                  gather_s=round(started - session.step_started, 6),
-                  duration_s=round(now - session.step_started, 6), **_compute_split(gathered))
+                  gather_s=round(started - session.started, 6),
+                  duration_s=round(now - session.started, 6), **_compute_split(gathered))
         return True
 
     def _apply(self, gathered: list[Gradient]) -> tuple[int, list[tuple[StepGradient,
