@@ -16,6 +16,7 @@ benchmarks, never a production setting.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Mapping
@@ -28,6 +29,9 @@ from trainer_worker.task import TrainConfig
 log = structlog.get_logger()
 
 ENV = "PWFL_EMULATED_DEVICE"
+# Training calls padded in this process: the first one of a trainer also loads its data,
+# which a report may want to tell apart from the steady state.
+_CALLS = itertools.count(1)
 
 
 class EmulationError(ValueError):
@@ -92,5 +96,6 @@ def pad(device: EmulatedDevice | None, started: float, ended: float, config: Tra
         time.sleep(padded_s)  # the emulated device is busy: nothing to wait on
     log.info("device_emulated", emulation=True, compute_s=round(compute_s, 4),
              nominal_s=round(nominal_s, 4), padded_s=round(padded_s, 4),
-             overran=compute_s > nominal_s, slowdown=device.slowdown, step_s=device.step_s)
+             overran=compute_s > nominal_s, slowdown=device.slowdown, step_s=device.step_s,
+             call=next(_CALLS))
     return time.perf_counter()
