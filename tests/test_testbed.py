@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.testbed import PROFILES, Testbed, TestbedError, netns
+from bench.testbed import PROFILES, Testbed, TestbedError, netns, silos
 from bench.testbed.measure import measure
 from bench.testbed.profiles import Profile
 
@@ -134,3 +134,22 @@ def test_without_root_the_cli_says_so_and_changes_nothing() -> None:
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2, done.stderr
     assert "needs root" in done.stderr
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_pwfl_run_crosses_the_silos_links_with_emulated_devices(tmp_path: Path) -> None:
+    """A one-slot run over two silos finishes; its models and updates cross the shaped links
+    (bytes both ways) and every training call is padded to the silo's device time."""
+    with Testbed(PROFILES["hetero"], silos=2) as bed:
+        redis = bed.start_redis(tmp_path / "redis")
+        run = silos.run_pwfl(bed, redis, ["--runs-dir", str(tmp_path), "--task", "synthetic",
+                                          "--slots", "1", "--rounds", "2", "--local-steps", "4",
+                                          "--no-progress", "--http-port", "0"],
+                             "tb-e2e", tmp_path / "tb-e2e", step_s=0.05)
+    assert run.exit_code == 0, (tmp_path / "tb-e2e" / "coordinator.console.log").read_text()
+    assert run.link["download_bytes"] > 0
+    assert run.link["upload_bytes"] > 0
+    assert run.emulation.calls == 4  # 2 silos x 2 rounds
+    assert run.emulation.padded_s > 0
