@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.testbed import Testbed, silos
+from bench.testbed import tasks as testbed_tasks
 from bench.testbed.profiles import PROFILES, STEP_S
 from replay.events import read_log
 from replay.summary import RunSummary, summarise
@@ -60,7 +61,8 @@ MODES = ("one", "one-async", "independent", "sweep", "pbt", "merged")
 BASELINES = ("one", "one-async")  # one slot: synchronous, asynchronous
 GOAL_TIME_RATIO = 0.7
 GOAL_GAIN_POINTS = 1.0
-PARTITION_OPTION = {"synthetic": "seed"}  # the task option that fixes the clients' data
+# The task option that fixes the clients' data, where it is not partition_seed.
+PARTITION_OPTION = {"synthetic": "seed", "bench.testbed.tasks:PerturbedNoopTask": "seed"}
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,10 @@ def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[st
 
 
 def common_args(args: argparse.Namespace, seed: int) -> list[str]:
+    # ResNet-18-sized: no-op compute whose updates still differ from the model (a plain
+    # --noop-training update has the model's digest and is never uploaded).
     task = ["--task", args.task] if args.model == "cnn" else [
-        "--task", "synthetic", "--task-option", "model=resnet18", "--noop-training",
-        "--eval-every", "0"]
+        "--task", testbed_tasks.SPEC, "--task-option", "model=resnet18", "--eval-every", "0"]
     option = PARTITION_OPTION.get(task[1], "partition_seed")
     agents = [] if args.testbed else ["--local-agents", "2", "--clients", "6"]
     return [*task, *agents, "--rounds", str(args.rounds),
@@ -130,7 +133,8 @@ def run_on_testbed(args: argparse.Namespace, run_id: str, coordinator_args: list
     """Run one mode over the testbed's silos; its event log (and `testbed.json` beside it)."""
     started = time.monotonic()
     run = silos.run_pwfl(args.bed, args.redis, ["--runs-dir", str(args.out), *coordinator_args],
-                         run_id, args.out / run_id, args.step_s or STEP_S[args.model])
+                         run_id, args.out / run_id, args.step_s or STEP_S[args.model],
+                         ("--allow-task", testbed_tasks.SPEC))
     (args.out / run_id / "testbed.json").write_text(json.dumps(
         {"profile": args.bed.profile.name, "link": run.link,
          "emulation": asdict(run.emulation)}))

@@ -153,3 +153,25 @@ def test_a_pwfl_run_crosses_the_silos_links_with_emulated_devices(tmp_path: Path
     assert run.link["upload_bytes"] > 0
     assert run.emulation.calls == 4  # 2 silos x 2 rounds
     assert run.emulation.padded_s > 0
+
+
+def test_perturbed_noop_updates_differ_from_the_model_and_between_clients() -> None:
+    """The throughput task's 'training' changes the state (so its update is uploaded, not
+    found stored by digest), differently per client, and counts the job's steps."""
+    import torch
+
+    from bench.testbed.tasks import PerturbedNoopTask
+    from trainer_worker.task import TrainConfig
+
+    task = PerturbedNoopTask(model="mlp")
+    before = task.build_model(0).state_dict()
+    states = []
+    for client in ("0", "1"):
+        model = task.build_model(0)
+        outcome = task.train(model, client, TrainConfig(max_steps=40, batch_size=32),
+                             torch.device("cpu"))
+        states.append(model.state_dict())
+        assert outcome.num_examples == 40 * 32
+    first = next(iter(before))
+    assert not torch.equal(states[0][first], before[first])
+    assert not torch.equal(states[0][first], states[1][first])

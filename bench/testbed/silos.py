@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,11 @@ AGENTS_EXIT_S = 60.0
 
 
 def run_pwfl(bed: Testbed, redis: tuple[str, list[str]], coordinator_args: list[str],
-             run_id: str, run_dir: Path, step_s: float) -> PwflRun:
+             run_id: str, run_dir: Path, step_s: float, agent_args: Sequence[str] = ()
+             ) -> PwflRun:
     """The coordinator on the host (`coordinator_args` plus the bed's Redis, run id and
-    `--no-local-handoff`) and one agent per silo, until the run ends; its figures."""
+    `--no-local-handoff`) and one agent per silo (with `agent_args`), until the run ends;
+    its figures."""
     host_url, silo_urls = redis
     run_dir.mkdir(parents=True, exist_ok=True)
     before = bed.counters()
@@ -106,7 +108,7 @@ def run_pwfl(bed: Testbed, redis: tuple[str, list[str]], coordinator_args: list[
     with (run_dir / "coordinator.console.log").open("ab") as console:
         coordinator = bed.popen(None, argv, stdout=console, stderr=console,
                                 stdin=subprocess.DEVNULL)
-    agents = start_agents(bed, silo_urls, run_id, run_dir, step_s)
+    agents = start_agents(bed, silo_urls, run_id, run_dir, step_s, *agent_args)
     code = coordinator.wait()
     for agent in agents:  # they leave once the run is over (--exit-when-done)
         try:
