@@ -69,7 +69,7 @@ PARTITION_OPTION = {"synthetic": "seed", "bench.testbed.tasks:PerturbedNoopTask"
 class RunResult:
     mode: str
     seed: int
-    wall_s: float  # first round started to the last evaluation
+    wall_s: float  # first round started to the last evaluation (no evaluations: run end)
     time_to: dict[str, float | None]  # target -> seconds since the first round
     jobs_to: dict[str, int | None]  # target -> client jobs aggregated by then (load-free)
     curve: list[tuple[float, float]]  # (s since first round, best accuracy so far)
@@ -185,7 +185,7 @@ def result_of(mode: str, seed: int, path: Path) -> RunResult:
     testbed = path.parent / "testbed.json"
     extra = json.loads(testbed.read_text()) if testbed.exists() else {}
     return RunResult(
-        mode=mode, seed=seed, wall_s=curve[-1][0] if curve else 0.0,
+        mode=mode, seed=seed, wall_s=curve[-1][0] if curve else rounds_s,
         time_to=times, jobs_to={k: jobs_by(summary, t) for k, t in times.items()}, curve=curve,
         final_best=max(finals, default=None),
         client_busy=1.0 - summary.client_idle_fraction_after_first_round,

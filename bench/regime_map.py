@@ -125,6 +125,7 @@ def figure(regimes: list[Regime], title: str) -> bytes:
     """Grouped bars per profile: the three ratios, goals as dashed lines; PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     series = (("3 slots / 1 slot, time to 85% (CNN)", "slots_vs_one", "#4C72B0"),
               ("3 slots / 1 slot, time per job (ResNet-18-sized)", "resnet_slots_vs_one",
@@ -133,24 +134,29 @@ def figure(regimes: list[Regime], title: str) -> bytes:
     fig = Figure(figsize=(1.6 + 1.5 * len(regimes), 4.2))
     ax = fig.add_subplot()
     width = 0.26
-    for i, (label, attr, colour) in enumerate(series):
+    for i, (_, attr, colour) in enumerate(series):
         for x, r in enumerate(regimes):
             value = getattr(r, attr)
             pos = x + (i - 1) * width
             if value is None:
-                ax.text(pos, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(pos, 0.02, f"{'abc'[i]}: n/a", ha="center", va="bottom", fontsize=7,
+                        rotation=90)
             else:
-                ax.bar(pos, value, width, color=colour, label=label if x == 0 else None)
+                ax.bar(pos, value, width, color=colour)
                 ax.text(pos, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
-    for goal, text in ((GOAL_SLOTS, "goal: slots 0.7"), (GOAL_FLOWER, "goal: Flower 0.3")):
+    for goal, text in ((GOAL_SLOTS, "goal: slots 0.7"), (GOAL_FLOWER, "goal: vs Flower 0.3")):
         ax.axhline(goal, color="#999999", linestyle="--", linewidth=0.8)
-        ax.text(len(regimes) - 0.5, goal, text, fontsize=7, va="bottom", ha="right")
+        ax.text(-0.45, goal, text, fontsize=7, va="bottom", ha="left", color="#666666")
     ax.axhline(1.0, color="#2b2b2b", linewidth=0.8)
+    values = [v for r in regimes for _, a, _ in series if (v := getattr(r, a)) is not None]
+    ax.set_ylim(0, max([1.2, *(1.15 * v for v in values)]))
+    ax.set_xlim(-0.5, len(regimes) - 0.5)
     ax.set_xticks(range(len(regimes)), [r.profile for r in regimes])
     ax.set_ylabel("ratio (below 1: slots / PWFL faster)")
     ax.set_title(title, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left", frameon=False)
+    ax.legend(handles=[Patch(color=colour, label=f"{'abc'[i]}: {label}")
+                       for i, (label, _, colour) in enumerate(series)],
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
