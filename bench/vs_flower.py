@@ -356,6 +356,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(root; python -m bench.testbed --help), devices EMULATED by padding; "
                         "the simulation engine is left out (it has no network); reports the "
                         "MB each moves per round over the links")
+    p.add_argument("--step-s", type=float, default=STEP_S["cnn"], metavar="SECONDS",
+                   help="with --testbed: nominal seconds per training step at speed 1 "
+                        f"(default {STEP_S['cnn']:g}); raise it when the link table counts "
+                        "overruns beyond the first calls")
     p.add_argument("--flower-child", help=argparse.SUPPRESS)
     return p
 
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     default = pwfl_default_setting()
     engines_run = ("deployment",) if args.testbed else args.flower_engines
     plan = build_plan(engines_run, default, args.candidate, args.deployment_default_job)
-    outcomes = (_on_testbed(args.testbed, plan, seeds, step_rounds, epoch_rounds)
+    outcomes = (_on_testbed(args.testbed, args.step_s, plan, seeds, step_rounds, epoch_rounds)
                 if args.testbed else _run_all(plan, seeds, step_rounds, epoch_rounds))
     print(f"Fashion-MNIST, {CLIENTS} clients, Dirichlet({ALPHA}), seeds {seeds}; "
           f"{step_rounds} rounds of step-budget jobs, {epoch_rounds} of whole-epoch jobs")
@@ -414,13 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _on_testbed(name: str, plan: list[tuple[str, Setting]], seeds: list[int],
+def _on_testbed(name: str, step_s: float, plan: list[tuple[str, Setting]], seeds: list[int],
                 step_rounds: int, epoch_rounds: int) -> list[Outcome]:
     """The plan's runs over the testbed's silos (PWFL's agents, Flower's SuperNodes)."""
     with Testbed(PROFILES[name]) as bed, tempfile.TemporaryDirectory() as tmp:
         print(f"testbed: {bed.profile.describe()}", file=sys.stderr, flush=True)
         redis = bed.start_redis(Path(tmp) / "redis")
-        runners = on_testbed.runners(bed, redis, STEP_S["cnn"], pwfl_args, pwfl_outcome)
+        runners = on_testbed.runners(bed, redis, step_s, pwfl_args, pwfl_outcome)
         return _run_all(plan, seeds, step_rounds, epoch_rounds, runners)
 
 
