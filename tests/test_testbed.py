@@ -178,3 +178,15 @@ def test_perturbed_noop_updates_differ_from_the_model_and_between_clients() -> N
     first = next(iter(before))
     assert not torch.equal(states[0][first], before[first])
     assert not torch.equal(states[0][first], states[1][first])
+
+
+def test_profiles_give_every_silo_its_clients_and_devices() -> None:
+    """Six clients in every profile; wan-3x2 puts two on each of three silos, hetero gives
+    its silos slowdowns 1,1,1,2,4,4 (set up nothing: no root needed)."""
+    assert {p.clients for p in PROFILES.values()} == {6}
+    shared = Testbed(PROFILES["wan-3x2"])
+    assert [s.clients for s in shared.silos] == [(0, 1), (2, 3), (4, 5)]
+    assert shared.clients == 6
+    hetero = Testbed(PROFILES["hetero"])
+    assert [s.emulate_device(0.05) for s in hetero.silos][3:] == [
+        "step_s=0.05,slowdown=2", "step_s=0.05,slowdown=4", "step_s=0.05,slowdown=4"]

@@ -81,9 +81,11 @@ def run_deployment(setting: Setting, seed: int, rounds: int, workdir: Path,
 
 
 def on_silos(plan: Plan, bed: Testbed, step_s: float) -> Plan:
-    """`plan` with SuperNode i in silo i, dialling the SuperLink through the silo's relay."""
+    """`plan` with partition p's SuperNode in the silo hosting client p, dialling the SuperLink
+    through that silo's relay."""
     relayed = bed.expose(plan.superlink_port)
     nodes = tuple(SiloNode(silo.link.netns, address, silo.link.silo_address,
                            silo.emulate_device(step_s))
-                  for silo, address in zip(bed.silos, relayed, strict=True))
+                  for silo, address in zip(bed.silos, relayed, strict=True)
+                  for _ in silo.clients)  # partition p's node in the silo that hosts client p
     return dataclasses.replace(plan, silos=nodes)

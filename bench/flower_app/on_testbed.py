@@ -43,7 +43,7 @@ def runners(bed: Testbed, redis: tuple[str, list[str]], step_s: float,
         out.emulated_calls, out.emulated_overran = run.emulation.calls, run.emulation.overran
         return out
 
-    assert len(bed.silos) == CLIENTS, "one silo per client"
+    assert bed.clients == CLIENTS, f"the silos host {bed.clients} clients, not {CLIENTS}"
     return {"pwfl": pwfl, "flower-deployment": functools.partial(
         engines.run_deployment, bed=bed, step_s=step_s)}
 

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from bench.testbed import netns
-from bench.testbed.profiles import STEP_S, Profile
+from bench.testbed.profiles import Profile
 from bench.testbed.relay import RelayThread
 
 PR_SET_PDEATHSIG = 1
@@ -46,6 +46,7 @@ class Silo:
 
     link: netns.SiloLink
     slowdown: float
+    clients: tuple[int, ...]  # the client (partition) ids this silo hosts
 
     @property
     def index(self) -> int:
@@ -89,8 +90,9 @@ class Testbed:
     def __init__(self, profile: Profile, *, silos: int | None = None) -> None:
         self.profile = profile
         count = profile.silos if silos is None else silos
-        self.silos = [Silo(netns.SiloLink(os.getpid(), i), profile.slowdowns[i % profile.silos])
-                      for i in range(count)]
+        k = profile.clients_per_silo
+        self.silos = [Silo(netns.SiloLink(os.getpid(), i), profile.slowdowns[i % profile.silos],
+                           tuple(range(i * k, (i + 1) * k))) for i in range(count)]
         self.procs: list[subprocess.Popen[bytes]] = []
         self._relays: RelayThread | None = None
         self._stack = contextlib.ExitStack()
@@ -125,8 +127,10 @@ class Testbed:
         for silo in self.silos:
             netns.remove(silo.link)
 
-    def step_s(self, model: str = "cnn") -> float:
-        return STEP_S[model]
+    @property
+    def clients(self) -> int:
+        """Clients over all silos (client ids 0 .. clients-1)."""
+        return sum(len(silo.clients) for silo in self.silos)
 
     def expose(self, port: int) -> list[str]:
         """`host:port` per silo, reaching 127.0.0.1:`port` through the silo's delaying relay."""

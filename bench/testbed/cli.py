@@ -53,6 +53,7 @@ def describe(bed: Testbed) -> dict[str, Any]:
             "step_s": STEP_S, "silos": [
                 {"index": s.index, "netns": s.link.netns, "host_address": s.link.host_address,
                  "silo_address": s.link.silo_address, "slowdown": s.slowdown,
+                 "clients": list(s.clients),
                  "emulate_device_cnn": s.emulate_device(STEP_S["cnn"])} for s in bed.silos]}
 
 

@@ -28,6 +28,7 @@ class Profile:
     rtt_ms: float  # added by the relay, half each way; 0: no delay
     slowdowns: tuple[float, ...] = (1.0,) * SILOS  # one per silo: speed 1/k
     summary: str = ""
+    clients_per_silo: int = 1  # each silo's agent hosts this many clients (one device each)
 
     @property
     def one_way_delay_s(self) -> float:
@@ -37,10 +38,15 @@ class Profile:
     def silos(self) -> int:
         return len(self.slowdowns)
 
+    @property
+    def clients(self) -> int:
+        return self.silos * self.clients_per_silo
+
     def describe(self) -> str:
         rate = "unshaped" if self.rate_mbit is None else f"{self.rate_mbit:g} Mbit/s each way"
         speeds = ",".join(f"{k:g}" for k in self.slowdowns)
-        return (f"{self.name}: {self.silos} silos, {rate}, +{self.rtt_ms:g} ms RTT, "
+        return (f"{self.name}: {self.silos} silos x {self.clients_per_silo} client(s), {rate}, "
+                f"+{self.rtt_ms:g} ms RTT, "
                 f"device slowdowns {speeds} (EMULATION: training padded to nominal step times)")
 
 
@@ -54,6 +60,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             summary="wan links, devices of speeds 1,1,1,1/2,1/4,1/4"),
     Profile("slow-hetero", 20.0, 100.0, HETERO,
             summary="slow-wan links, devices of speeds 1,1,1,1/2,1/4,1/4"),
+    Profile("wan-3x2", 100.0, 40.0, (1.0,) * (SILOS // 2), clients_per_silo=2,
+            summary="wan links, 3 silos of 2 clients each: a model crosses a link once per "
+                    "silo for PWFL (agent cache), once per client for Flower"),
 )}
 
 

@@ -1,6 +1,7 @@
 """PWFL on the testbed: one agent per silo, inside its namespace, and what they report.
 
-Silo i hosts client i: its agent reaches Redis through the silo's relay and link,
+Silo i hosts clients i*k .. i*k+k-1 (k clients per silo, one trainer each): its agent
+reaches Redis through the silo's relay and link,
 never through shared memory (`--no-local-handoff`: the namespaces share this host's
 /dev/shm, which real silos do not), and its trainer pads every training call to the
 silo's emulated device time (`--emulate-device`). `emulation_report` reads the
@@ -40,12 +41,15 @@ class EmulationReport:
 
 def start_agents(bed: Testbed, silo_redis: list[str], run_id: str, log_dir: Path,
                  step_s: float, *extra: str) -> list[subprocess.Popen[bytes]]:
-    """One agent per silo serving client `index` of `run_id`, exiting when the run ends."""
+    """One agent per silo serving its clients of `run_id` (a trainer, i.e. an emulated device,
+    per client), exiting when the run ends."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for silo, url in zip(bed.silos, silo_redis, strict=True):
         argv = [sys.executable, "-m", "client_agent", "--redis", url, "--run-id", run_id,
-                "--clients", str(silo.index), "--agent-id", f"silo-{silo.index}",
+                "--clients", ",".join(map(str, silo.clients)),
+                "--devices", ",".join("cpu" for _ in silo.clients),  # one device per client
+                "--agent-id", f"silo-{silo.index}",
                 "--exit-when-done", "--no-local-handoff", "--log-level", "warning",
                 "--log-file", str(log_dir / f"silo-{silo.index}.jsonl"),
                 "--emulate-device", silo.emulate_device(step_s), *extra]
@@ -104,7 +108,7 @@ def run_pwfl(bed: Testbed, redis: tuple[str, list[str]], coordinator_args: list[
     run_dir.mkdir(parents=True, exist_ok=True)
     before = bed.counters()
     argv = [sys.executable, "-m", "coordinator", *coordinator_args, "--redis", host_url,
-            "--run-id", run_id, "--no-local-handoff", "--clients", str(len(bed.silos))]
+            "--run-id", run_id, "--no-local-handoff", "--clients", str(bed.clients)]
     with (run_dir / "coordinator.console.log").open("ab") as console:
         coordinator = bed.popen(None, argv, stdout=console, stderr=console,
                                 stdin=subprocess.DEVNULL)
