@@ -27,6 +27,7 @@ from typing import Any
 PREFIX = "pwtb"
 _OWNED = re.compile(rf"^{PREFIX}(\d+)([nhs])(\d+)$")
 IP_TIMEOUT_S = 30.0
+MAX_SILOS = 16
 # tbf: a bucket that holds a few GSO super-packets (veth offloads up to 64 KiB) or 2 ms of
 # the rate, whichever is more; queued bytes beyond 50 ms of the rate are dropped.
 TBF_MIN_BURST_BYTES = 256 * 1024
@@ -46,6 +47,10 @@ class SiloLink:
     owner_pid: int
     index: int
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < MAX_SILOS:
+            raise TestbedError(f"a testbed holds at most {MAX_SILOS} silos, not silo {self.index}")
+
     @property
     def netns(self) -> str:
         return f"{PREFIX}{self.owner_pid}n{self.index}"
@@ -58,13 +63,19 @@ class SiloLink:
     def silo_link(self) -> str:
         return f"{PREFIX}{self.owner_pid}s{self.index}"
 
+    def _subnet(self) -> str:
+        """10.X.Y.0/30 with X, Y from the owner's pid and the index: 800 owners can hold
+        up to `MAX_SILOS` silos each at once without sharing an address."""
+        owner = self.owner_pid % 800
+        return f"10.{200 + owner % 50}.{(owner // 50) * MAX_SILOS + self.index}"
+
     @property
     def host_address(self) -> str:
-        return f"10.{200 + self.owner_pid % 50}.{self.index}.1"
+        return f"{self._subnet()}.1"
 
     @property
     def silo_address(self) -> str:
-        return f"10.{200 + self.owner_pid % 50}.{self.index}.2"
+        return f"{self._subnet()}.2"
 
 
 def run(*argv: str, netns: str | None = None) -> str:
@@ -145,7 +156,7 @@ def owned() -> list[SiloLink]:
     names = [ns["name"] for ns in json.loads(run("ip", "-j", "netns", "list") or "[]")]
     names += [ln["ifname"] for ln in json.loads(run("ip", "-j", "link", "show") or "[]")]
     found = {(int(m[1]), int(m[3])) for m in map(_OWNED.match, names) if m}
-    return [SiloLink(pid, index) for pid, index in sorted(found)]
+    return [SiloLink(pid, index) for pid, index in sorted(found) if index < MAX_SILOS]
 
 
 def _alive(pid: int) -> bool:
