@@ -151,8 +151,11 @@ def run_pwfl(setting: Setting, seed: int, rounds: int, runs_dir: Path) -> Outcom
     return pwfl_outcome(events, setting.label, seed)
 
 
-def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int) -> Outcome:
-    """Per-round times from a PWFL event log (one slot)."""
+def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int,
+                 trainer_key: str = "agent_id") -> Outcome:
+    """Per-round times from a PWFL event log (one slot). A round's slowest trainer is the
+    busiest `trainer_key` (an agent: local agents have one trainer each; on the testbed
+    every client has its own trainer, so "client_id")."""
     out = Outcome("pwfl", label, seed)
     start: dict[int, float] = {}
     busy: dict[int, dict[str, float]] = {}
@@ -163,7 +166,7 @@ def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int) -> Outcome
         elif e["event"] == "update_received":
             train_s = (e.get("timings") or {}).get("train_s", 0.0)
             per_agent = busy.setdefault(r, {})
-            per_agent[e["agent_id"]] = per_agent.get(e["agent_id"], 0.0) + train_s
+            per_agent[e[trainer_key]] = per_agent.get(e[trainer_key], 0.0) + train_s
         elif e["event"] == "aggregation_finished":
             out.round_wall_s.append(e["ts"] - start[r])
             out.slowest_train_s.append(max(busy.get(r, {}).values(), default=0.0))

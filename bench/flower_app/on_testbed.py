@@ -24,7 +24,7 @@ Runner = Callable[[Setting, int, int, Path], Outcome]
 
 def runners(bed: Testbed, redis: tuple[str, list[str]], step_s: float,
             pwfl_args: Callable[[Setting, int, int], list[str]],
-            pwfl_outcome: Callable[[list[dict[str, Any]], str, int], Outcome]
+            pwfl_outcome: Callable[[list[dict[str, Any]], str, int, str], Outcome]
             ) -> dict[str, Runner]:
     """The runs `bench.vs_flower` makes, by engine name, on `bed`'s silos."""
 
@@ -38,7 +38,7 @@ def runners(bed: Testbed, redis: tuple[str, list[str]], step_s: float,
                              f"{runs_dir / run_id / 'coordinator.console.log'}")
         path = runs_dir / run_id / "events.jsonl"
         events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out = pwfl_outcome(events, setting.label, seed)
+        out = pwfl_outcome(events, setting.label, seed, "client_id")  # a trainer per client
         out.link = run.link
         out.emulated_calls, out.emulated_overran = run.emulation.calls, run.emulation.overran
         return out
