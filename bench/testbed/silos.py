@@ -103,7 +103,7 @@ def run_pwfl(bed: Testbed, redis: tuple[str, list[str]], coordinator_args: list[
              ) -> PwflRun:
     """The coordinator on the host (`coordinator_args` plus the bed's Redis, run id and
     `--no-local-handoff`) and one agent per silo (with `agent_args`), until the run ends;
-    its figures."""
+    its figures. The bed's Redis is emptied afterwards."""
     host_url, silo_urls = redis
     run_dir.mkdir(parents=True, exist_ok=True)
     before = bed.counters()
@@ -120,4 +120,14 @@ def run_pwfl(bed: Testbed, redis: tuple[str, list[str]], coordinator_args: list[
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+    _flush(host_url)
     return PwflRun(code, link_bytes(before, bed.counters()), emulation_report(run_dir))
+
+
+def _flush(url: str) -> None:
+    """Empty the bed's Redis: runs are independent and keep what they need on disk, and a
+    finished run's 45 MB blobs would otherwise stay for their TTL (30 min) under the next."""
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        client.flushall()
