@@ -20,6 +20,7 @@ import structlog
 import torch
 
 from serialization import TensorSpec, schema_of
+from serialization.tasks import loadable
 
 log = structlog.get_logger()
 
@@ -34,6 +35,7 @@ class TaskLoadError(Exception):
 
 
 def load_task(spec: str, options: dict[str, Any]) -> TaskLike:
+    spec, options = loadable(spec, options)  # flower:module:client_fn -> the Flower adapter
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

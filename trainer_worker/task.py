@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from serialization.tasks import loadable
+
 
 class TaskError(Exception):
     """A task could not be loaded, or its data could not be found."""
@@ -85,7 +87,9 @@ class Task(ABC):
 
 
 def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
-    """Import ``module:factory`` and call the factory with the options."""
+    """Import ``module:factory`` and call the factory with the options
+    (``flower:module:client_fn`` runs a Flower client through `trainer_worker.tasks.flower`)."""
+    spec, options = loadable(spec, options or {})
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise TaskError(f"task {spec!r} is not of the form 'module:factory'")
@@ -93,7 +97,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise TaskError(f"cannot import task {spec!r}: {exc}") from exc
-    task = factory(**(options or {}))
+    task = factory(**options)
     if not isinstance(task, Task):
         raise TaskError(f"{spec!r} returned {type(task).__name__}, not a Task")
     return task
