@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator import security
+from coordinator import runfile, security
 from coordinator.population import options as population_options
 from coordinator.settings import (
     TASK_ALIASES,
@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--config", type=Path, metavar="RUN.toml",
+                   help="a run file: every option below as a TOML key (local_agents = 2, "
+                        "task_option = {alpha = 0.5}), [[slot]] and [bounds] tables as "
+                        "--slot-config takes; the command line overrides it. Every run "
+                        "writes its resolved runs/RUN_ID/run.toml, which --config reruns "
+                        "(default: none; docs/run-files.md)")
     g.add_argument("--slots", type=_positive(int), default=None,
                    help="weight slots: independent global models trained at once (default 3, "
                         "or one per --slot-config table / --sweep point)")
@@ -113,8 +119,10 @@ def _add_job_options(g: argparse._ArgumentGroup) -> None:
                    help="clients to wait for before starting; also the data partition count "
                         "(default 6)")
     g.add_argument("--task", default="fashion_mnist",
-                   help=f"task: {', '.join(TASK_ALIASES)} or an import path module:factory "
-                        "(default fashion_mnist); agents run a module:factory only if their "
+                   help=f"task: {', '.join(TASK_ALIASES)}, an import path module:factory, or "
+                        "flower:module:client_fn for a Flower NumPyClient's client_fn run "
+                        "unchanged (docs/from-flower.md) (default fashion_mnist); agents run "
+                        "a module:factory or flower:... only if their "
                         "operator allows it (client_agent --allow-task), --local-agents are "
                         "given it")
     g.add_argument("--task-option", type=_key_value, action="append", default=[],
@@ -361,12 +369,14 @@ def _replace(settings: CoordinatorSettings, **changes: Any) -> CoordinatorSettin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = runfile.parse_args(parser, argv)
     resume_state = None
     if args.resume:
         settings, resume_state = resume_settings(args)
     else:
         settings = settings_from_args(args)
+        runfile.write(settings.run_dir, runfile.resolved(args, settings, parser))
     from coordinator.run import run_coordinator
     from serialization.events import configure_events
 
