@@ -271,6 +271,13 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
                    help="model checkpoints kept per slot (default 2)")
     g.add_argument("--run-id", help="name for a new run (default: time-based)")
     g.add_argument("--no-progress", action="store_true", help="no live table on the terminal")
+    g.add_argument("--mlflow", action="store_true",
+                   help="when the run ends, log it to MLflow (python -m replay --to-mlflow "
+                        "RUN_DIR does the same later): a parent run, a child per slot with "
+                        "its configuration, per-round accuracy and losses, PBT and merge "
+                        "events and final model; $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///RUNS_DIR/mlflow.db (needs pip install 'pwfl[mlflow]'; "
+                        "default: off)")
     g.add_argument("--summary-json", action="store_true",
                    help="print the final summary as one JSON line on stdout")
 
@@ -383,8 +390,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_events("coordinator", log_file=settings.events_path, console_level=args.log_level)
     secrets = security.load_secrets(args, settings, os.environ)
     with redis_for(settings) as ready:
-        return run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json,
+        code = run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json,
                                secrets=secrets)
+    if args.mlflow:
+        _to_mlflow(settings)
+    return code
+
+
+def _to_mlflow(settings: CoordinatorSettings) -> None:
+    """Log the run to MLflow from its event log; a failure is reported, the run stands."""
+    from replay.errors import ReplayError
+    from replay.tracking import export
+
+    try:
+        parent = export(settings.run_dir)
+    except (ReplayError, OSError) as exc:
+        print(f"MLflow: not logged: {exc}", file=sys.stderr)  # noqa: T201 - the console
+        return
+    print(f"MLflow: logged as run {parent}", file=sys.stderr)  # noqa: T201 - the console
 
 
 if __name__ == "__main__":
