@@ -21,6 +21,7 @@ def task_spec(name: str) -> str:
     """The import path of a built-in task's short name; any other name unchanged."""
     return BUILTIN_TASKS.get(name, name)
 
+
 # A Flower client run unchanged: `flower:module:client_fn` names the user's client_fn,
 # and the agents' allowlist names exactly that (`--allow-task flower:module:client_fn`),
 # so allowing one Flower client never allows another.
