@@ -103,12 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--config", type=Path, metavar="RUN.toml",
-                   help="a run file: every option below as a TOML key (local_agents = 2, "
-                        "task_option = {alpha = 0.5}), [[slot]] and [bounds] tables as "
-                        "--slot-config takes; the command line overrides it. Every run "
-                        "writes its resolved runs/RUN_ID/run.toml, which --config reruns "
-                        "(default: none; docs/run-files.md)")
+    runfile.add_option(g)
     g.add_argument("--slots", type=_positive(int), default=None,
                    help="weight slots: independent global models trained at once (default 3, "
                         "or one per --slot-config table / --sweep point)")
@@ -392,22 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with redis_for(settings) as ready:
         code = run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json,
                                secrets=secrets)
-    if args.mlflow:
-        _to_mlflow(settings)
+    if args.mlflow:  # from the event log, as `python -m replay --to-mlflow RUN_DIR` does
+        from replay.tracking import export_after_run
+
+        export_after_run(settings.run_dir)
     return code
-
-
-def _to_mlflow(settings: CoordinatorSettings) -> None:
-    """Log the run to MLflow from its event log; a failure is reported, the run stands."""
-    from replay.errors import ReplayError
-    from replay.tracking import export
-
-    try:
-        parent = export(settings.run_dir)
-    except (ReplayError, OSError) as exc:
-        print(f"MLflow: not logged: {exc}", file=sys.stderr)  # noqa: T201 - the console
-        return
-    print(f"MLflow: logged as run {parent}", file=sys.stderr)  # noqa: T201 - the console
 
 
 if __name__ == "__main__":

@@ -40,6 +40,16 @@ class RunFileError(ValueError):
     """A run file cannot be used; the message names the file and the key."""
 
 
+def add_option(g: argparse._ArgumentGroup) -> None:
+    """--config RUN.toml."""
+    g.add_argument("--config", type=Path, metavar="RUN.toml",
+                   help="a run file: every option below as a TOML key (local_agents = 2, "
+                        "task_option = {alpha = 0.5}), [[slot]] and [bounds] tables as "
+                        "--slot-config takes; the command line overrides it. Every run "
+                        "writes its resolved runs/RUN_ID/run.toml, which --config reruns "
+                        "(default: none; docs/run-files.md)")
+
+
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Run-file key -> the parser's action, for every long option a file may set."""
     actions = {}

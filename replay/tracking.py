@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from replay.errors import TrackingError
+from replay.errors import ReplayError, TrackingError
 from replay.events import Event, read_log
 from replay.model import Run
 from replay.population import POPULATION_EVENTS, describe
@@ -54,6 +55,17 @@ def export(run_dir: Path, *, uri: str | None = None, experiment: str = EXPERIMEN
     experiment_id = _experiment(client, experiment, run_dir.parent / "mlartifacts")
     events = read_log(log_path).events
     return _Exporter(client, experiment_id, runs[-1], run_dir, events).export()
+
+
+def export_after_run(run_dir: Path) -> None:
+    """`python -m coordinator --mlflow`: log the run, saying on stderr how it went; a
+    failure is reported and leaves the run's exit status alone."""
+    try:
+        parent = export(run_dir)
+    except (ReplayError, OSError) as exc:
+        print(f"MLflow: not logged: {exc}", file=sys.stderr)  # noqa: T201 - the console
+        return
+    print(f"MLflow: logged as run {parent}", file=sys.stderr)  # noqa: T201 - the console
 
 
 def _client(uri: str) -> Any:
@@ -110,6 +122,7 @@ class _Exporter:
     def export(self) -> str:
         self._forget_earlier()
         parent = self.client.create_run(self.experiment_id, run_name=self.run.run_id,
+                                        start_time=self._ms(self.run.start),
                                         tags={RUN_ID_TAG: self.run.run_id,
                                               "pwfl.status": self.run.status})
         parent_id = parent.info.run_id
@@ -117,8 +130,13 @@ class _Exporter:
         for slot in self.summary.slots:
             if isinstance(slot.slot_id, int):
                 self._log_slot(parent_id, slot.slot_id)
-        self.client.set_terminated(parent_id, self._status())
+        self.client.set_terminated(parent_id, self._status(), end_time=self._ms(self.run.end))
         return str(parent_id)
+
+    @staticmethod
+    def _ms(ts: float) -> int:
+        """MLflow's times: the PWFL run's own (ms since the epoch), not the export's."""
+        return int(1000 * ts)
 
     def _forget_earlier(self) -> None:
         earlier = self.client.search_runs([self.experiment_id],
@@ -162,6 +180,7 @@ class _Exporter:
         label = self.summary.slot_labels.get(str(slot_id), f"slot {slot_id}")
         child = self.client.create_run(
             self.experiment_id, run_name=f"slot {slot_id}: {label}",
+            start_time=self._ms(self.run.start),
             tags={"mlflow.parentRunId": parent_id, RUN_ID_TAG: self.run.run_id,
                   "pwfl.slot_id": str(slot_id), "pwfl.label": label})
         child_id = child.info.run_id
@@ -171,7 +190,7 @@ class _Exporter:
         self._log_rounds(child_id, slot_id)
         self._log_population(child_id, slot_id)
         self._log_model(child_id, slot_id)
-        self.client.set_terminated(child_id, self._status())
+        self.client.set_terminated(child_id, self._status(), end_time=self._ms(self.run.end))
 
     def _log_rounds(self, run_id: str, slot_id: int) -> None:
         from mlflow.entities import Metric
