@@ -36,6 +36,9 @@ SHOWN_EVENTS = frozenset({"run_started", "round_closed", "slot_finished", "slot_
                           "run_finished"})
 
 
+SLOT_SOURCES = frozenset({"slot", "sweep", "slot_config"})
+
+
 class RunError(RuntimeError):
     """The run did not start or stopped with an error (the message has its console's end)."""
 
@@ -71,9 +74,9 @@ def request(config: str | Path | None, options: Mapping[str, Any]) -> dict[str, 
         if name not in known:
             raise runfile.unknown_key_error(key, known, "pwfl.run")
         given[name] = _plain(name, value)
-    if "sweep" in given or "slot_config" in given:
-        document = {k: v for k, v in document.items() if k not in ("slot", "sweep",
-                                                                      "slot_config")}
+    if SLOT_SOURCES & set(given):  # the keywords' slots replace the file's
+        document = {k: v for k, v in document.items() if runfile.normal_key(k) not in
+                    SLOT_SOURCES}
     return {**{runfile.normal_key(k): v for k, v in document.items()}, **given}
 
 

@@ -23,6 +23,8 @@ def test_keywords_are_run_file_keys_over_the_config_file(tmp_path: Path) -> None
                                                     "runs_dir": tmp_path})
     assert document == {"rounds": 5, "task": "synthetic", "local_agents": 2,
                         "sweep": ["lr=0.01,0.1"], "runs_dir": str(tmp_path)}
+    tables = pwfl.request(tmp_path / "run.toml", {"slot": [{"lr": 0.2}]})
+    assert tables["slot"] == [{"lr": 0.2}]
 
 
 def test_an_unknown_keyword_names_the_closest_option() -> None:
