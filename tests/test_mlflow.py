@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from replay.tracking import export
 from tests.e2e import ROOT, Run
+from tests.test_replay_population import CONFIGS, _population_log
 
 pytest.importorskip("mlflow")
 # MLflow 3.17's SQLite store uses SQLAlchemy 2.1's deprecated `noload`: its noise, not ours.
@@ -24,6 +26,24 @@ def _runs(uri: str) -> tuple[Any, list[Any]]:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("pwfl")
     return client, client.search_runs([experiment.experiment_id])
+
+
+def test_pbt_events_become_tags_on_their_slots_child_run(tmp_path: Path) -> None:
+    """From a log alone: one child per slot (not the merged pseudo-slot) with its configuration
+    as params and its test accuracy per round; an exploit and an explore are tags with the
+    replay's readable line, and event metrics at their round."""
+    uri = f"sqlite:///{tmp_path}/store.db"
+    export(_population_log(tmp_path), uri=uri)
+    client, runs = _runs(uri)
+    children = {r.data.tags["pwfl.slot_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert sorted(children) == ["0", "1", "2"]
+    assert [children[s].data.params["lr"] for s in "012"] == [str(c["lr"]) for c in CONFIGS]
+    tags = children["2"].data.tags
+    assert "<- copies slot 1 round 2" in tags["event.0002.pbt_exploit"]
+    assert "lr 0.03->0.036" in tags["event.0002.pbt_explore"]
+    assert tags["pwfl.pbt_exploits"] == "1"
+    history = client.get_metric_history(children["0"].info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
