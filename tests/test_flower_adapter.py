@@ -3,11 +3,13 @@ with Flower's own simulation engine on the same partitions."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -20,8 +22,17 @@ from tests.e2e import ROOT, Run
 from tests.test_agent_refusals import _job, _refused
 from trainer_worker.task import TaskError, TrainConfig, load_task
 
-pytest.importorskip("flwr")
+HAS_FLWR = importlib.util.find_spec("flwr") is not None
+TestFn = TypeVar("TestFn", bound=Callable[..., Any])
 
+
+def needs_flwr(test: TestFn) -> TestFn:
+    """The adapter's tests need Flower itself (the spec mapping and the allowlist do not);
+    importing flwr 1.41 warns about click's deprecations, which are not ours to fix."""
+    ignore = pytest.mark.filterwarnings(
+        "ignore:'click.utils.get_[a-z]+_stream' is deprecated:DeprecationWarning")
+    skip = pytest.mark.skipif(not HAS_FLWR, reason="needs flwr (pip install 'pwfl[flower]')")
+    return skip(ignore(test))  # type: ignore[no-any-return]
 CLIENT_FN = "examples.flower_client:client_fn"
 SPEC = "flower:" + CLIENT_FN
 RUN_CONFIG = {"examples-per-partition": 120, "test-examples": 200}
@@ -35,6 +46,7 @@ def test_a_flower_spec_loads_the_adapter_with_the_client_fn_as_an_option() -> No
     assert loadable("x.y:Task", {"a": 1}) == ("x.y:Task", {"a": 1})
 
 
+@needs_flwr
 def test_the_model_is_the_clients_parameters_in_get_parameters_order() -> None:
     """build_model is get_parameters of partition 0 under the seed: same seed, same arrays."""
     task = load_task(SPEC, OPTIONS)
@@ -45,6 +57,7 @@ def test_the_model_is_the_clients_parameters_in_get_parameters_order() -> None:
     assert not torch.equal(first["p000"], other["p000"])
 
 
+@needs_flwr
 def test_fit_gets_the_jobs_settings_and_its_count_and_metrics_are_the_updates() -> None:
     """train runs the client's fit with the TrainConfig as config; the returned arrays
     become the model, the example count and numeric metrics the outcome."""
@@ -57,6 +70,7 @@ def test_fit_gets_the_jobs_settings_and_its_count_and_metrics_are_the_updates() 
     assert not torch.equal(before, model.state_dict()["p000"])
 
 
+@needs_flwr
 def test_evaluation_uses_evaluate_fn_or_the_clients_evaluate() -> None:
     """Central evaluation: the evaluate_fn option on the test set, else the client's own
     evaluate on partition evaluate_partition; both give accuracy, loss, num_examples."""
@@ -68,6 +82,7 @@ def test_evaluation_uses_evaluate_fn_or_the_clients_evaluate() -> None:
     assert local.evaluate(local.build_model(0), CPU)["num_examples"] == 24
 
 
+@needs_flwr
 def test_a_client_fn_that_gives_no_numpy_client_is_a_task_error() -> None:
     """Only NumPyClients run: anything else is refused with a clear TaskError."""
     task = load_task("flower:builtins:repr", {"num_clients": 1})
@@ -109,6 +124,7 @@ def _flower_aggregate(run: Run, tmp_path: Path) -> list[np.ndarray]:
         return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
+@needs_flwr
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_first_round_aggregate_matches_flowers_simulation_engine(
