@@ -47,6 +47,7 @@ def test_run_returns_the_slots_models_and_tables_and_load_reads_them_back(
         redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep started from Python: one slot per point, their final models and accuracies,
     the replay's tables; load(run_dir) gives the same; the run.toml is the command line's."""
+    pytest.importorskip("pandas")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     options = {"task": "synthetic", "clients": 4, "local_agents": 1, "rounds": 2,
                "local_steps": 3, "sweep": {"lr": [0.01, 0.1]}, "http_port": 0,
