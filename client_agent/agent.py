@@ -102,7 +102,7 @@ class Agent:
         keys = Keys(run_id, s.namespace)
         registry = Registry(redis, keys, ttl_ms=s.heartbeat_ttl_ms)  # type: ignore[arg-type]
         pool = TrainerPool(list(s.devices), threads_per_trainer=s.threads, log_file=s.log_file,
-                           run_id=run_id, agent_id=s.name)
+                           run_id=run_id, agent_id=s.name, allowed_tasks=s.allowed_tasks)
         cache = ModelCache(s.cache_bytes)
         handoff = AgentHandoff(enabled=s.local_handoff)
         registration = Registration(agent_id=s.name, client_ids=list(s.client_ids),

@@ -123,8 +123,12 @@ class TrainerPool:
     """Trainer processes, one per device entry, sharing jobs first come first served."""
 
     def __init__(self, devices: list[str], *, threads_per_trainer: int = 1,
-                 log_file: str | None = None, run_id: str = "", agent_id: str = "") -> None:
+                 log_file: str | None = None, run_id: str = "", agent_id: str = "",
+                 allowed_tasks: frozenset[str] | None = None) -> None:
         self.devices = list(devices)
+        # The agent's allowlist, which every task load in the trainers obeys (None: none),
+        # including the tasks a task loads itself.
+        self.allowed_tasks = None if allowed_tasks is None else tuple(sorted(allowed_tasks))
         self.threads_per_trainer = threads_per_trainer
         self.log_file = log_file
         self.run_id = run_id
@@ -309,7 +313,7 @@ class TrainerPool:
         process = self._ctx.Process(
             target=worker.run, name=f"trainer-{device}", daemon=True,
             args=(theirs, device, self.threads_per_trainer, self.log_file, self.run_id,
-                  self.agent_id, prefix))
+                  self.agent_id, prefix, self.allowed_tasks))
         process.start()
         theirs.close()
         trainer = _Trainer(device, process, ours, prefix)

@@ -31,7 +31,7 @@ from coordinator import gradient
 from coordinator.checkpoints import CheckpointStore, json_safe
 from coordinator.clients import ClientTracker
 from coordinator.context import RunContext
-from coordinator.evaluation import Evaluator, load_task
+from coordinator.evaluation import Evaluator
 from coordinator.gradient.runner import GradientSlotRunner
 from coordinator.http import StatusServer
 from coordinator.job_table import JobTable
@@ -54,6 +54,7 @@ from coordinator.slot import SlotRunner
 from coordinator.status import RunStatus, SlotStatus
 from coordinator.strategies import make_strategy
 from serialization import decode
+from serialization.tasks import load_task
 
 log = structlog.get_logger()
 SHUTDOWN_WRITE_S = 5.0  # the final status write; Redis gone by then is not waited for

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from serialization.gradient import layout_digest
+from serialization.tasks import TaskPlugin
 from trainer_worker import shm
-from trainer_worker.task import Task, TaskError, TrainConfig
+from trainer_worker.task import TaskError, TrainConfig, error_text
 
 
 def layout_of(model: nn.Module) -> int:
@@ -66,14 +67,13 @@ def read_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
 class GradientSession:
     """One client's lease in gradient mode: weights in, one batch's gradient out, per step."""
 
-    def __init__(self, task: Task, model: nn.Module, client_id: str, config: TrainConfig,
+    def __init__(self, task: TaskPlugin, model: nn.Module, client_id: str, config: TrainConfig,
                  device: torch.device, weights_shm: str, shm_prefix: str) -> None:
         self.model = model
-        self.task = task
+        batches, self.batch_loss = _gradient_methods(task)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
-        self.batches: Iterator[tuple[Any, int]] = task.gradient_batches(client_id, config,
-                                                                        device)
+        self.batches: Iterator[tuple[Any, int]] = batches(client_id, config, device)
         self._weights_mem = shm.attach(weights_shm)
         self._grad_mem = shm.create(self.numel * 4, prefix=shm_prefix)
         self.weights = torch.frombuffer(shm.buffer(self._weights_mem), dtype=torch.float32,
@@ -98,7 +98,7 @@ class GradientSession:
             raise TaskError("the client has no examples") from None
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = self.task.batch_loss(self.model, batch)
+        loss = self.batch_loss(self.model, batch)
         loss.backward()  # type: ignore[no-untyped-call]
         computed = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -122,7 +122,17 @@ def _close(memory: shared_memory.SharedMemory) -> None:
     shm.release(memory)
 
 
-Loader = Callable[[str, dict[str, Any]], tuple[Task, nn.Module]]
+def _gradient_methods(task: TaskPlugin) -> tuple[Callable[..., Iterator[tuple[Any, int]]],
+                                                 Callable[[nn.Module, Any], torch.Tensor]]:
+    """The task's `gradient_batches` and `batch_loss` (optional methods of a task)."""
+    batches = getattr(task, "gradient_batches", None)
+    loss = getattr(task, "batch_loss", None)
+    if not callable(batches) or not callable(loss):
+        raise TaskError(f"{type(task).__name__} does not support gradient mode")
+    return batches, loss
+
+
+Loader = Callable[[str, dict[str, Any]], tuple[TaskPlugin, nn.Module]]
 
 
 class GradientSessions:
@@ -151,7 +161,7 @@ class GradientSessions:
             else:
                 self._close(job_id)
         except Exception as exc:  # noqa: BLE001 - a task failure is reported, never fatal
-            reply |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            reply |= {"status": "failed", "error": error_text(exc)}
         return reply
 
     def _open_session(self, job_id: str, message: dict[str, Any]) -> dict[str, Any]:

@@ -36,9 +36,10 @@ from torch import nn
 
 from serialization import TensorSpec, decode, encode_into, encoded_size, schema_of
 from serialization.events import configure_events
+from serialization.tasks import TaskPlugin, allow_tasks, load_task
 from trainer_worker import protocol, shm
 from trainer_worker.gradient import GradientSessions
-from trainer_worker.task import Task, TrainConfig, TrainOutcome, load_task
+from trainer_worker.task import TrainConfig, TrainOutcome, error_text, outcome_of
 
 log = structlog.get_logger()
 
@@ -47,8 +48,11 @@ StateDict = dict[str, torch.Tensor]
 
 
 def run(conn: Connection, device: str, threads: int, log_file: str | None, run_id: str,
-        agent_id: str, shm_prefix: str = "pwfl") -> None:
-    """Trainer process entry point: serve jobs on `conn` until told to stop, then exit."""
+        agent_id: str, shm_prefix: str = "pwfl",
+        allowed_tasks: tuple[str, ...] | None = None) -> None:
+    """Trainer process entry point: serve jobs on `conn` until told to stop, then exit.
+    `allowed_tasks`: the agent's allowlist, which every task load here obeys (None: none)."""
+    allow_tasks(allowed_tasks)
     configure_events("trainer", log_file=log_file)
     structlog.contextvars.bind_contextvars(run_id=run_id, agent_id=agent_id, device=device)
     torch.set_num_threads(threads)
@@ -119,7 +123,7 @@ def _exit_with_parent(trainer: Trainer) -> None:
 class _Loaded:
     """A task built in this process, with its model on the trainer's device."""
 
-    task: Task
+    task: TaskPlugin
     model: nn.Module
     schema: dict[str, TensorSpec]
 
@@ -135,7 +139,8 @@ class Trainer:
         self._lock = threading.Lock()
         self.gradients = GradientSessions(device, shm_prefix, self._task_and_model)
 
-    def _task_and_model(self, spec: str, options: dict[str, Any]) -> tuple[Task, nn.Module]:
+    def _task_and_model(self, spec: str,
+                        options: dict[str, Any]) -> tuple[TaskPlugin, nn.Module]:
         loaded = self._loaded(spec, options)
         return loaded.task, loaded.model
 
@@ -145,7 +150,7 @@ class Trainer:
         try:
             result = self._run(message)
         except Exception as exc:  # any task failure is reported, never fatal
-            error = f"{type(exc).__name__}: {exc}"
+            error = error_text(exc)
             log.warning("trainer_job_failed", job_id=job_id, error=error, exc_info=True)
             return {"op": "done", "job_id": job_id, "status": "failed", "error": error}
         return {"op": "done", "job_id": job_id, "status": "ok", **result}
@@ -185,8 +190,8 @@ class Trainer:
             loaded.model.load_state_dict(received)
             del received  # views over the agent's segment: drop them before it is closed
             loaded_at = time.perf_counter()
-            outcome = loaded.task.train(loaded.model, str(message["client_id"]), config,
-                                        self.device)
+            outcome = outcome_of(loaded.task.train(loaded.model, str(message["client_id"]),
+                                                   config, self.device))
             trained_at = time.perf_counter()
             state = loaded.model.state_dict()
         name, nbytes = self._encode(state, meta)
