@@ -1,9 +1,9 @@
 """Gradient-session jobs on the agent: one trainer held per leased client for the lease.
 
-A gradient job (``config["mode"] == "gradient"``) opens a session on a free
-trainer and runs ``config["steps"]`` steps. Per step the slot's weights arrive
-once per agent, whatever the number of its clients in the lease: a `Downlink`
-per slot reads the broadcast stream and copies the weights into one
+A `GradientJob` opens a session on a free trainer and runs its `steps` steps.
+Per step the slot's weights arrive once per agent, whatever the number of its
+clients in the lease: a `Downlink` per slot reads the broadcast stream and
+copies the weights into one
 shared-memory segment all local trainers read. Each trainer writes its batch's
 gradient into its own segment, and the agent adds it to the slot's up stream
 straight from there (one XADD, no copy in Python). When the steps are done the
@@ -18,7 +18,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,10 +28,11 @@ from bus.connection import raise_if_cancelled
 from bus.credentials import Keyring
 from bus.keys import JOBS_GROUP, Keys
 from client_agent.trainers import TrainerLease, TrainerPool
-from serialization import Job, PayloadError, Result
+from serialization import GradientJob, PayloadError, Result
 from serialization.gradient import StepGradient, StepWeights
+from serialization.messages import Message
 from serialization.signing import signed
-from trainer_worker import shm
+from trainer_worker import protocol, shm
 
 log = structlog.get_logger()
 READ_BLOCK_MS = 1000
@@ -40,11 +41,6 @@ COPY_IN_THREAD_BYTES = 8 * 1024**2  # below this a memcpy is quicker than a thre
 
 class SessionFailed(Exception):
     """A gradient session could not go on (its reason is the message)."""
-
-
-def is_gradient_job(job: Job) -> bool:
-    """Whether a job asks for a gradient session rather than local training."""
-    return job.config.get("mode") == "gradient"
 
 
 @dataclass(eq=False)
@@ -145,7 +141,7 @@ class GradientRunner:
     keyring: Keyring | None = None
     _downlinks: dict[int, Downlink] = field(default_factory=dict)
 
-    async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
+    async def run(self, job: GradientJob, entry: streams.Entry, received_at: float) -> None:
         """Serve the job's session, then report its result and ack it (shielded)."""
         try:
             result = await self._serve(job, received_at)
@@ -155,17 +151,15 @@ class GradientRunner:
             result = self._result(job, "failed", error=f"{type(exc).__name__}: {exc}")
         await asyncio.shield(self._report(job, result, entry))
 
-    async def _serve(self, job: Job, received_at: float) -> Result:
+    async def _serve(self, job: GradientJob, received_at: float) -> Result:
         downlink = self._downlink(job.slot_id)
         try:
-            steps = int(job.config["steps"])
-            session = str(job.config["session"])
             async with asyncio.timeout(max(job.deadline_ts - time.time(), 0.0)):
-                await downlink.wait(session, 1)
+                await downlink.wait(job.session, 1)
             async with self.pool.checkout() as trainer:
                 grad_shm = await self._open(trainer, job, downlink)
                 try:
-                    totals = await self._steps(trainer, job, downlink, grad_shm, steps)
+                    totals = await self._steps(trainer, job, downlink, grad_shm)
                 finally:
                     await self._close(trainer, job, grad_shm)
         finally:
@@ -192,26 +186,24 @@ class GradientRunner:
             del self._downlinks[slot_id]
             await downlink.stop()
 
-    async def _open(self, trainer: TrainerLease, job: Job, downlink: Downlink) -> str:
+    async def _open(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink) -> str:
         assert downlink.memory is not None
         assert downlink.header is not None
-        reply = await trainer.request({
-            "op": "grad_open", "job_id": job.job_id, "client_id": job.client_id,
-            "task": job.task, "task_options": job.task_options, "config": job.config,
-            "weights_shm": downlink.memory.name, "weights_nbytes": downlink.header.numel * 4})
-        if reply.get("status") != "ok":
-            raise SessionFailed(str(reply.get("error", "the trainer could not open")))
-        if reply.get("layout") != downlink.header.layout:
-            await self._close(trainer, job, str(reply.get("grad_shm", "")))
+        reply = _reply(await trainer.request(protocol.GradOpen(
+            job_id=job.job_id, client_id=job.client_id, task=job.task,
+            task_options=job.task_options, config=job.config, weights_shm=downlink.memory.name,
+            weights_nbytes=downlink.header.numel * 4)), protocol.GradOpened)
+        if reply.layout != downlink.header.layout:
+            await self._close(trainer, job, reply.grad_shm)
             raise SessionFailed("the trainer's model does not match the slot's parameters")
         log.info("gradient_session_opened", job_id=job.job_id, client_id=job.client_id,
-                 session=job.config["session"], device=trainer.device)
-        return str(reply["grad_shm"])
+                 session=job.session, device=trainer.device)
+        return reply.grad_shm
 
-    async def _steps(self, trainer: TrainerLease, job: Job, downlink: Downlink, grad_shm: str,
-                     steps: int) -> tuple[int, float, int]:
-        session, stream = str(job.config["session"]), self.keys.gradient_up(job.slot_id)
-        step_timeout_s = float(job.config.get("step_deadline_s", 600.0))
+    async def _steps(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink,
+                     grad_shm: str) -> tuple[int, float, int]:
+        session, stream = job.session, self.keys.gradient_up(job.slot_id)
+        step_timeout_s, steps = job.step_deadline_s, job.steps
         memory = shm.attach(grad_shm)
         examples, loss_sum, done, step = 0, 0.0, 0, 1
         try:
@@ -220,17 +212,14 @@ class GradientRunner:
                 async with asyncio.timeout(step_timeout_s):  # the slot may give up on us
                     step = await downlink.wait(session, step)
                 asked = time.perf_counter()
-                reply = await trainer.request({"op": "grad_step", "job_id": job.job_id,
-                                               "step": step})
-                timings = {**(reply.get("timings") or {}),
+                reply = _reply(await trainer.request(
+                    protocol.GradStep(job_id=job.job_id, step=step)), protocol.GradDone)
+                timings = {**reply.timings,
                            "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
-                if reply.get("status") != "ok":
-                    raise SessionFailed(str(reply.get("error", "gradient step failed")))
                 numel = len(body) // 4 if downlink.header is None else downlink.header.numel
                 header = StepGradient(session=session, step=step, job_id=job.job_id,
-                                      client_id=job.client_id,
-                                      num_examples=int(reply["num_examples"]), numel=numel,
-                                      loss=float(reply["loss"]), agent_id=self.agent_id,
+                                      client_id=job.client_id, num_examples=reply.num_examples,
+                                      numel=numel, loss=reply.loss, agent_id=self.agent_id,
                                       timings=timings)
                 await gstreams.add(self.redis, stream, header.to_bytes(), body[: numel * 4])
                 examples += header.num_examples
@@ -241,19 +230,19 @@ class GradientRunner:
             shm.release(memory)
         return examples, loss_sum, done
 
-    async def _close(self, trainer: TrainerLease, job: Job, grad_shm: str) -> None:
+    async def _close(self, trainer: TrainerLease, job: GradientJob, grad_shm: str) -> None:
         try:
-            await trainer.request({"op": "grad_close", "job_id": job.job_id})
+            await trainer.request(protocol.GradClose(job_id=job.job_id))
         finally:
             if grad_shm:
                 shm.remove(grad_shm)
 
-    def _result(self, job: Job, status: str, **fields: Any) -> Result:
+    def _result(self, job: GradientJob, status: str, **fields: Any) -> Result:
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
                       round=job.round, client_id=job.client_id, status=status,
                       agent_id=self.agent_id, **fields)
 
-    async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
+    async def _report(self, job: GradientJob, result: Result, entry: streams.Entry) -> None:
         key = None if self.keyring is None else self.keyring.get(result.client_id)
         payload = (result if key is None else signed(result, key)).to_bytes()
         await streams.publish(self.redis, self.keys.results(job.slot_id), payload)
@@ -262,3 +251,17 @@ class GradientRunner:
     async def close(self) -> None:
         for slot_id in list(self._downlinks):
             await self._downlinks.pop(slot_id).stop()
+
+
+R = TypeVar("R", protocol.GradOpened, protocol.GradDone)
+
+
+def _reply(message: Message, kind: type[R]) -> R:
+    """The trainer's answer as `kind`; SessionFailed when it failed or is another kind."""
+    try:
+        reply = protocol.expect(message, kind)
+    except PayloadError as exc:
+        raise SessionFailed(str(exc)) from None
+    if reply.status != "ok":
+        raise SessionFailed(reply.error or f"the trainer's {kind.kind} failed")
+    return reply

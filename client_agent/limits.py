@@ -16,12 +16,12 @@ floor keeps short test deadlines from killing ordinary stragglers.
 
 from __future__ import annotations
 
-from serialization import Job
+from serialization import AnyJob
 
 MIN_AUTO_LIMIT_S = 60.0
 
 
-def train_time_limit_s(job: Job, fixed_s: float | None, now_ts: float) -> float:
+def train_time_limit_s(job: AnyJob, fixed_s: float | None, now_ts: float) -> float:
     """Seconds a training call for `job` starting at `now_ts` may take (see the module)."""
     if fixed_s is not None:
         return fixed_s

@@ -1,10 +1,11 @@
 """The agent's trainer processes: one per device, fed jobs over msgpack pipes.
 
 `TrainerPool` spawns `trainer_worker.worker.run` once per device entry and
-hands each job to a free trainer (first come, first served). Only small msgpack
-maps cross the pipes; the model and the update travel in shared memory (see
-`trainer_worker.worker` for the copies). The event loop only waits: a pipe is
-watched with `loop.add_reader`, together with the process sentinel.
+hands each job to a free trainer (first come, first served). Only the small
+messages of `trainer_worker.protocol` cross the pipes; the model and the update
+travel in shared memory (see `trainer_worker.worker` for the copies). The event
+loop only waits: a pipe is watched with `loop.add_reader`, together with the
+process sentinel.
 
 A trainer that dies in the middle of a job (killed, crashed, out of memory) is
 logged (`trainer_exited`), replaced on the same device, and the job returns a
@@ -37,6 +38,8 @@ from typing import Any
 import structlog
 
 from client_agent.model_cache import ModelSegment
+from serialization.errors import PayloadError
+from serialization.messages import Message
 from trainer_worker import protocol, shm, worker
 
 log = structlog.get_logger()
@@ -238,7 +241,7 @@ class TrainerPool:
         trainers = list(self._live)
         for trainer in trainers:
             with contextlib.suppress(OSError):
-                trainer.conn.send_bytes(protocol.pack({"op": "stop"}))
+                trainer.conn.send_bytes(protocol.pack(protocol.Stop()))
         await asyncio.gather(*(self._stop(t, timeout_s) for t in trainers))
         for name in _segments(self.shm_prefix + "-") | self._outstanding:
             shm.remove(name)
@@ -327,7 +330,7 @@ class TrainerPool:
                                         f"(exit code {process.exitcode})") from exc
             raise
         log.info("trainer_started", agent_id=self.agent_id, device=device,
-                 trainer_pid=ready.get("pid", process.pid))
+                 trainer_pid=ready.pid if isinstance(ready, protocol.Ready) else process.pid)
         return trainer
 
     async def _restart(self, device: str) -> _Trainer:
@@ -339,15 +342,18 @@ class TrainerPool:
                       error=repr(exc))
             raise
 
-    async def _reply_for(self, trainer: _Trainer, job_id: str) -> dict[str, Any]:
-        """The "done" for this job; replies to jobs whose waiter was cancelled are dropped."""
+    async def _reply_for(self, trainer: _Trainer, job_id: str) -> protocol.TrainDone:
+        """The `TrainDone` for this job; replies to jobs whose waiter was cancelled are
+        dropped."""
         while True:
             message = await _receive(trainer)
-            if message.get("op") == "done" and message.get("job_id") == job_id:
-                return message
-            if message.get("update_shm"):
-                shm.remove(str(message["update_shm"]))
-            log.info("trainer_reply_dropped", job_id=message.get("job_id"), expected=job_id)
+            if isinstance(message, protocol.TrainDone):
+                if message.job_id == job_id:
+                    return message
+                if message.update_shm:
+                    shm.remove(message.update_shm)
+            log.info("trainer_reply_dropped", job_id=getattr(message, "job_id", None),
+                     kind=message.kind, expected=job_id)
 
     async def _bury(self, trainer: _Trainer, job_id: str, *, grace_s: float = 5) -> int | None:
         """Reap a trainer that died mid-job (or kill one that hangs: `grace_s` 0); unlink
@@ -371,11 +377,12 @@ class TrainerPool:
         emit("trainer_exited", agent_id=self.agent_id, device=trainer.device,
              trainer_pid=process.pid, exitcode=process.exitcode, job_id=job_id)
 
-    def _reply(self, message: dict[str, Any], device: str, request: TrainRequest) -> TrainReply:
-        timings = dict(message.get("timings") or {})
-        if message.get("status") != "ok":
-            return _failed(request, device, str(message.get("error", "")), timings)
-        name, nbytes = str(message["update_shm"]), int(message["update_nbytes"])
+    def _reply(self, message: protocol.TrainDone, device: str,
+               request: TrainRequest) -> TrainReply:
+        timings = dict(message.timings)
+        if message.status != "ok":
+            return _failed(request, device, message.error, timings)
+        name, nbytes = message.update_shm, message.update_nbytes
         try:
             memory = shm.attach(name)
         except FileNotFoundError:
@@ -384,8 +391,7 @@ class TrainerPool:
         return TrainReply(
             job_id=request.job_id, status="ok", device=device,
             update=shm.buffer(memory)[:nbytes], update_nbytes=nbytes,
-            num_examples=int(message.get("num_examples", 0)),
-            metrics=dict(message.get("metrics") or {}), timings=timings,
+            num_examples=message.num_examples, metrics=dict(message.metrics), timings=timings,
             _memory=memory, _on_release=self._outstanding.discard)
 
 
@@ -415,7 +421,7 @@ class TrainerLease:
     def device(self) -> str:
         return self.slot.device
 
-    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, message: protocol.GradRequest) -> Message:
         """Send one message and return the trainer's reply; TrainerDied if it exits."""
         try:
             async with self.turn:
@@ -424,16 +430,16 @@ class TrainerLease:
                 self.trainer.conn.send_bytes(protocol.pack(message))
                 return await _receive(self.trainer)
         except (EOFError, OSError):
-            exitcode = await self.pool._lost(self.slot, self.trainer,
-                                             str(message.get("job_id", "")))
+            exitcode = await self.pool._lost(self.slot, self.trainer, message.job_id)
             raise TrainerDied(f"trainer died (exit code {exitcode})") from None
 
 
-def _train_message(request: TrainRequest) -> dict[str, Any]:
-    return {"op": "train", "job_id": request.job_id, "client_id": request.client_id,
-            "task": request.task, "task_options": request.task_options,
-            "config": request.config, "model_shm": request.model.name,
-            "model_nbytes": request.model.nbytes, "model_digest": request.model.digest}
+def _train_message(request: TrainRequest) -> protocol.TrainJob:
+    return protocol.TrainJob(job_id=request.job_id, client_id=request.client_id,
+                             task=request.task, task_options=request.task_options,
+                             config=request.config, model_shm=request.model.name,
+                             model_nbytes=request.model.nbytes,
+                             model_digest=request.model.digest)
 
 
 def _failed(request: TrainRequest, device: str, error: str,
@@ -442,13 +448,20 @@ def _failed(request: TrainRequest, device: str, error: str,
                       timings=timings or {})
 
 
-async def _receive(trainer: _Trainer) -> dict[str, Any]:
-    """The next message from a trainer; EOFError once it has exited."""
+async def _receive(trainer: _Trainer) -> Message:
+    """The next message from a trainer; EOFError once it has exited, and once it sends
+    what is no message (a trainer that breaks the protocol is treated as dead)."""
     conn = trainer.conn
     if not conn.poll():
         await _readable(conn.fileno(), trainer.process.sentinel)
     if conn.poll():
-        return protocol.unpack(conn.recv_bytes())  # EOFError at end of file
+        raw = conn.recv_bytes()  # EOFError at end of file
+        try:
+            return protocol.unpack(raw)
+        except PayloadError as exc:
+            log.error("trainer_bad_message", trainer_pid=trainer.process.pid,
+                      reason=exc.reason, error=exc.detail)
+            raise EOFError(f"the trainer sent a bad message: {exc}") from None
     raise EOFError("trainer exited")
 
 

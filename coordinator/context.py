@@ -32,7 +32,7 @@ from coordinator.results.validation import Rejections, ResultValidator
 from coordinator.run_state import RunState
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import RunStatus
-from serialization import Job
+from serialization import AnyJob, Message
 
 
 @dataclass
@@ -53,7 +53,7 @@ class RunContext:
     models: PublishedModels
     inboxes: SlotInboxes = field(default_factory=SlotInboxes)
     # A job's bytes as published: signed with its client's key when the run signs.
-    job_bytes: Callable[[Job], bytes] = Job.to_bytes
+    job_bytes: Callable[[AnyJob], bytes] = Message.to_bytes
     handoff: HostHandoff | None = None  # None: models and updates go through Redis only
     # Clients whose agents registered as sharing this host (they proved the handoff token).
     local_clients: frozenset[str] = frozenset()

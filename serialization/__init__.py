@@ -7,7 +7,16 @@ Imports no other package of ours. Everything that reads untrusted bytes raises
 import warnings
 
 from serialization.errors import PayloadError
-from serialization.messages import SCHEMA_VERSION, Job, Message, Registration, Result
+from serialization.messages import (
+    SCHEMA_VERSION,
+    AnyJob,
+    GradientJob,
+    Job,
+    Message,
+    Registration,
+    Result,
+    job_from_bytes,
+)
 from serialization.tensors import (
     DTYPES,
     TensorSpec,
@@ -23,6 +32,8 @@ from serialization.tensors import (
 __all__ = [
     "DTYPES",
     "SCHEMA_VERSION",
+    "AnyJob",
+    "GradientJob",
     "Job",
     "Message",
     "PayloadError",
@@ -34,6 +45,7 @@ __all__ = [
     "encode",
     "encode_into",
     "encoded_size",
+    "job_from_bytes",
     "read_header",
     "schema_of",
 ]

@@ -10,13 +10,14 @@ digest and size, the example count (its weight in the average), and what goes
 into the coordinator's log (agent id, metrics, timings, error). The blob itself is
 covered through its sha256 digest, which the coordinator checks against the bytes.
 
-Jobs. The coordinator signs each job with the key of the client it is for, and an
-agent holding keys runs only jobs that carry a good signature: what a job carries
-that changes what the agent does (run, job, slot, round and client, the model's
-digest and size, deadline, task spec, task options, training config) then comes
-from the coordinator, not from whoever else can write to Redis. One key per client
-serves both directions; the domain tags keep a result's signature from passing
-as a job's.
+Jobs. The coordinator signs each job (a weight job or a gradient session) with
+the key of the client it is for, and an agent holding keys runs only jobs that
+carry a good signature: what a job carries that changes what the agent does (run,
+job, slot, round and client, the model's digest and size or the session, its
+steps and step deadline, deadline, task spec, task options, training config) then
+comes from the coordinator, not from whoever else can write to Redis. One key per
+client serves both directions; the domain tags keep a result's signature from
+passing as a job's, and one kind of job's as the other's.
 
 The local handoff's fields (`bus.handoff`) are signed too when they are set
 (appended, so a message without them signs exactly as before).
@@ -30,15 +31,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
-from serialization.messages import Job, Result
+from serialization.messages import AnyJob, GradientJob, Job, Result
 
 SIGNATURE_BYTES = 32
 _RESULT_DOMAIN = "pwfl-result-v2"
 _JOB_DOMAIN = "pwfl-job-v1"
+_GRADIENT_JOB_DOMAIN = "pwfl-gradient-job-v1"
+J = TypeVar("J", bound=AnyJob)
 
 
 def _canonical(value: Any) -> Any:
@@ -93,17 +96,26 @@ def signature_problem(result: Result, key: bytes | None) -> str | None:
     return None
 
 
-def job_signature(job: Job, key: bytes) -> bytes:
-    """HMAC-SHA256 of what the job asks of the agent, under its client's `key` (32 bytes)."""
-    return hmac.new(key, _job_bytes(job), hashlib.sha256).digest()
+def _gradient_job_bytes(job: GradientJob) -> bytes:
+    return _packed([_GRADIENT_JOB_DOMAIN, job.run_id, job.job_id, job.slot_id, job.round,
+                    job.client_id, job.session, job.steps, float(job.step_deadline_s),
+                    float(job.deadline_ts), job.task, job.task_options, job.config,
+                    float(job.published_ts)])
 
 
-def signed_job(job: Job, key: bytes) -> Job:
+def job_signature(job: AnyJob, key: bytes) -> bytes:
+    """HMAC-SHA256 of what the job asks of the agent, under its client's `key` (32 bytes);
+    each kind of job under its own domain tag."""
+    signed_bytes = _job_bytes(job) if isinstance(job, Job) else _gradient_job_bytes(job)
+    return hmac.new(key, signed_bytes, hashlib.sha256).digest()
+
+
+def signed_job(job: J, key: bytes) -> J:
     """The same job carrying its signature."""
     return dataclasses.replace(job, signature=job_signature(job, key))
 
 
-def job_signature_problem(job: Job, key: bytes | None) -> str | None:
+def job_signature_problem(job: AnyJob, key: bytes | None) -> str | None:
     """None when `job` is signed with `key`; otherwise why not (for the refusal log)."""
     if key is None:
         return f"no signing key for client {job.client_id!r}"

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from serialization import Job, Result
+from serialization import GradientJob, Job, Result
 from serialization.signing import (
     SIGNATURE_BYTES,
     job_signature,
@@ -102,3 +102,24 @@ def test_unsigned_or_wrongly_keyed_jobs_are_problems() -> None:
 def test_a_result_signature_never_passes_as_a_job_signature() -> None:
     """The two directions use distinct domain tags under the same client key."""
     assert job_signature(JOB, KEY) != result_signature(RESULT, KEY)
+
+
+GRADIENT_JOB = GradientJob(job_id="s0-r1-c3-abcd", run_id="run", slot_id=0, round=1,
+                           client_id="3", session="s0-r1-abc", steps=50, step_deadline_s=60.0,
+                           deadline_ts=1700000000.0, task="synthetic")
+
+
+def test_a_signed_gradient_session_verifies_after_the_wire() -> None:
+    """A gradient session signed with its client's key passes the agent's check."""
+    sent = signed_job(GRADIENT_JOB, KEY)
+    assert job_signature_problem(GradientJob.from_bytes(sent.to_bytes()), KEY) is None
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("session", "other"), ("steps", 5000), ("step_deadline_s", 1.0), ("task", "evil:Task"),
+    ("config", {"batch_size": 1}), ("client_id", "4"),
+])
+def test_what_a_gradient_session_asks_is_signed(field: str, value: object) -> None:
+    """Session, steps, step deadline, task, config and ids of a gradient session are signed."""
+    forged = dataclasses.replace(signed_job(GRADIENT_JOB, KEY), **{field: value})
+    assert job_signature_problem(forged, KEY) == "signature does not match the client's key"

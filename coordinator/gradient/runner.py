@@ -31,7 +31,7 @@ from coordinator.delivery import Delivery
 from coordinator.evaluation import evaluate_round
 from coordinator.gradient.optimizer import FlatModel, weighted_mean
 from coordinator.job_table import JobRecord, new_job_id
-from serialization import Job, PayloadError, encode
+from serialization import GradientJob, PayloadError, encode
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
 
 log = structlog.get_logger()
@@ -175,13 +175,15 @@ class GradientSlotRunner:
         items = []
         for record in session.jobs.values():
             ctx.jobs.add(record)
-            config = {**ctx.job_config(record), "mode": "gradient", "session": session.name,
-                      "steps": ctx.settings.gradient_steps,
-                      "step_deadline_s": 2 * ctx.settings.deadline_s}
-            job = Job(job_id=record.job_id, run_id=ctx.settings.run_id, slot_id=self.slot_id,
-                      round=record.round, client_id=record.client_id, model_digest="",
-                      model_nbytes=0, deadline_ts=deadline_ts, task=ctx.settings.task,
-                      task_options=ctx.task_options, config=config, published_ts=time.time())
+            config = ctx.job_config(record)
+            job = GradientJob(job_id=record.job_id, run_id=ctx.settings.run_id,
+                              slot_id=self.slot_id, round=record.round,
+                              client_id=record.client_id, session=session.name,
+                              steps=ctx.settings.gradient_steps,
+                              step_deadline_s=2 * ctx.settings.deadline_s,
+                              deadline_ts=deadline_ts, task=ctx.settings.task,
+                              task_options=ctx.task_options, config=config,
+                              published_ts=time.time())
             items.append((ctx.keys.jobs(record.client_id), ctx.job_bytes(job)))
             log.info("job_published", slot_id=self.slot_id, round=record.round,
                      client_id=record.client_id, job_id=record.job_id, seed=config["seed"])
