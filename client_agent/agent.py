@@ -114,7 +114,8 @@ class Agent:
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
                                allowed_tasks=s.allowed_tasks, handoff=handoff)
-            self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring)
+            self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring,
+                                            train_timeout_s=s.train_timeout_s)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,

@@ -3,12 +3,13 @@
 A `GradientJob` opens a session on a free trainer and runs its `steps` steps.
 Per step the slot's weights arrive once per agent, whatever the number of its
 clients in the lease: a `Downlink` per slot reads the broadcast stream and
-copies the weights into one
-shared-memory segment all local trainers read. Each trainer writes its batch's
-gradient into its own segment, and the agent adds it to the slot's up stream
-straight from there (one XADD, no copy in Python). When the steps are done the
-job reports an ordinary `Result` (examples seen, mean loss) and is acked, as a
-weight-mode job is.
+copies the weights into one shared-memory segment all local trainers read. Each
+trainer writes its batch's gradient into its own segment, and the agent adds it
+to the slot's up stream straight from there (one XADD, no copy in Python). When
+the steps are done the job reports an ordinary `Result` (examples seen, mean
+loss) and is acked, as a weight-mode job is. Each call to the trainer is bounded
+(`client_agent.gradient_session`): a hung step fails its session with
+`train_timeout` and the others sharing its trainer go on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -27,20 +28,17 @@ from bus import streams
 from bus.connection import raise_if_cancelled
 from bus.credentials import Keyring
 from bus.keys import JOBS_GROUP, Keys
-from client_agent.trainers import TrainerLease, TrainerPool
+from client_agent.gradient_session import SessionFailed, SessionTalk
+from client_agent.limits import gradient_open_limit_s, gradient_step_limit_s
+from client_agent.trainers import TrainerLease, TrainerPool, TrainTimeout
 from serialization import GradientJob, PayloadError, Result
 from serialization.gradient import StepGradient, StepWeights
-from serialization.messages import Message
 from serialization.signing import signed
-from trainer_worker import protocol, shm
+from trainer_worker import shm
 
 log = structlog.get_logger()
 READ_BLOCK_MS = 1000
 COPY_IN_THREAD_BYTES = 8 * 1024**2  # below this a memcpy is quicker than a thread hop
-
-
-class SessionFailed(Exception):
-    """A gradient session could not go on (its reason is the message)."""
 
 
 @dataclass(eq=False)
@@ -139,6 +137,7 @@ class GradientRunner:
     pool: TrainerPool
     agent_id: str
     keyring: Keyring | None = None
+    train_timeout_s: float | None = None  # --train-timeout-s; None: from the step deadline
     _downlinks: dict[int, Downlink] = field(default_factory=dict)
 
     async def run(self, job: GradientJob, entry: streams.Entry, received_at: float) -> None:
@@ -146,9 +145,10 @@ class GradientRunner:
         try:
             result = await self._serve(job, received_at)
         except Exception as exc:  # noqa: BLE001 - any failure is this job's failed result
+            error = str(exc) if isinstance(exc, TrainTimeout) else f"{type(exc).__name__}: {exc}"
             log.warning("gradient_session_failed", job_id=job.job_id, client_id=job.client_id,
-                        error=f"{type(exc).__name__}: {exc}")
-            result = self._result(job, "failed", error=f"{type(exc).__name__}: {exc}")
+                        error=error)
+            result = self._result(job, "failed", error=error)
         await asyncio.shield(self._report(job, result, entry))
 
     async def _serve(self, job: GradientJob, received_at: float) -> Result:
@@ -157,17 +157,26 @@ class GradientRunner:
             async with asyncio.timeout(max(job.deadline_ts - time.time(), 0.0)):
                 await downlink.wait(job.session, 1)
             async with self.pool.checkout() as trainer:
-                grad_shm = await self._open(trainer, job, downlink)
+                talk = self._talk(trainer, job, downlink)
+                await talk.open()
                 try:
-                    totals = await self._steps(trainer, job, downlink, grad_shm)
+                    totals = await self._steps(talk, job, downlink)
                 finally:
-                    await self._close(trainer, job, grad_shm)
+                    await talk.close()
         finally:
             await self._release(job.slot_id)
         examples, loss_sum, done = totals
         metrics = {"train_loss": loss_sum / max(examples, 1), "steps": float(done)}
         return self._result(job, "ok", num_examples=examples, metrics=metrics,
                             timings={"total_s": round(time.time() - received_at, 6)})
+
+    def _talk(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink) -> SessionTalk:
+        assert downlink.memory is not None
+        assert downlink.header is not None
+        return SessionTalk(trainer, job, downlink.memory.name, downlink.header.numel * 4,
+                           downlink.header.layout,
+                           open_limit_s=gradient_open_limit_s(job, self.train_timeout_s),
+                           step_limit_s=gradient_step_limit_s(job, self.train_timeout_s))
 
     def _downlink(self, slot_id: int) -> Downlink:
         downlink = self._downlinks.get(slot_id)
@@ -186,56 +195,27 @@ class GradientRunner:
             del self._downlinks[slot_id]
             await downlink.stop()
 
-    async def _open(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink) -> str:
-        assert downlink.memory is not None
-        assert downlink.header is not None
-        reply = _reply(await trainer.request(protocol.GradOpen(
-            job_id=job.job_id, client_id=job.client_id, task=job.task,
-            task_options=job.task_options, config=job.config, weights_shm=downlink.memory.name,
-            weights_nbytes=downlink.header.numel * 4)), protocol.GradOpened)
-        if reply.layout != downlink.header.layout:
-            await self._close(trainer, job, reply.grad_shm)
-            raise SessionFailed("the trainer's model does not match the slot's parameters")
-        log.info("gradient_session_opened", job_id=job.job_id, client_id=job.client_id,
-                 session=job.session, device=trainer.device)
-        return reply.grad_shm
-
-    async def _steps(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink,
-                     grad_shm: str) -> tuple[int, float, int]:
-        session, stream = job.session, self.keys.gradient_up(job.slot_id)
-        step_timeout_s, steps = job.step_deadline_s, job.steps
-        memory = shm.attach(grad_shm)
+    async def _steps(self, talk: SessionTalk, job: GradientJob,
+                     downlink: Downlink) -> tuple[int, float, int]:
+        stream = self.keys.gradient_up(job.slot_id)
         examples, loss_sum, done, step = 0, 0.0, 0, 1
-        try:
-            body = shm.buffer(memory)
-            while step <= steps:
-                async with asyncio.timeout(step_timeout_s):  # the slot may give up on us
-                    step = await downlink.wait(session, step)
-                asked = time.perf_counter()
-                reply = _reply(await trainer.request(
-                    protocol.GradStep(job_id=job.job_id, step=step)), protocol.GradDone)
-                timings = {**reply.timings,
-                           "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
-                numel = len(body) // 4 if downlink.header is None else downlink.header.numel
-                header = StepGradient(session=session, step=step, job_id=job.job_id,
-                                      client_id=job.client_id, num_examples=reply.num_examples,
-                                      numel=numel, loss=reply.loss, agent_id=self.agent_id,
-                                      timings=timings)
-                await gstreams.add(self.redis, stream, header.to_bytes(), body[: numel * 4])
-                examples += header.num_examples
-                loss_sum += header.loss * header.num_examples
-                done, step = done + 1, step + 1
-            del body
-        finally:
-            shm.release(memory)
+        while step <= job.steps:
+            async with asyncio.timeout(job.step_deadline_s):  # the slot may give up on us
+                step = await downlink.wait(job.session, step)
+            asked = time.perf_counter()
+            reply = await talk.step(step)
+            timings = {**reply.timings,
+                       "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
+            numel = downlink.header.numel if downlink.header is not None else 0
+            header = StepGradient(session=job.session, step=step, job_id=job.job_id,
+                                  client_id=job.client_id, num_examples=reply.num_examples,
+                                  numel=numel, loss=reply.loss, agent_id=self.agent_id,
+                                  timings=timings)
+            await gstreams.add(self.redis, stream, header.to_bytes(), talk.gradient(numel * 4))
+            examples += header.num_examples
+            loss_sum += header.loss * header.num_examples
+            done, step = done + 1, step + 1
         return examples, loss_sum, done
-
-    async def _close(self, trainer: TrainerLease, job: GradientJob, grad_shm: str) -> None:
-        try:
-            await trainer.request(protocol.GradClose(job_id=job.job_id))
-        finally:
-            if grad_shm:
-                shm.remove(grad_shm)
 
     def _result(self, job: GradientJob, status: str, **fields: Any) -> Result:
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
@@ -252,16 +232,3 @@ class GradientRunner:
         for slot_id in list(self._downlinks):
             await self._downlinks.pop(slot_id).stop()
 
-
-R = TypeVar("R", protocol.GradOpened, protocol.GradDone)
-
-
-def _reply(message: Message, kind: type[R]) -> R:
-    """The trainer's answer as `kind`; SessionFailed when it failed or is another kind."""
-    try:
-        reply = protocol.expect(message, kind)
-    except PayloadError as exc:
-        raise SessionFailed(str(exc)) from None
-    if reply.status != "ok":
-        raise SessionFailed(reply.error or f"the trainer's {kind.kind} failed")
-    return reply

@@ -6,6 +6,12 @@ trainer; its client's lease is never returned either. So every call gets a bound
 `--train-timeout-s` when the operator knows how long training takes, otherwise
 one derived from the job's deadline (`train_time_limit_s`).
 
+A gradient session's calls are bounded too (`gradient_step_limit_s`): each step
+by the session's step deadline (`GradientJob.step_deadline_s`, which the
+coordinator sets above its own wait for a step), unless `--train-timeout-s` says
+otherwise; opening a session (the task and its data loaded, the model built) gets
+at least `MIN_AUTO_LIMIT_S`.
+
 The derived bound is the time left until the job's round deadline plus one more
 round deadline (the round's length, `deadline_ts - published_ts`), and at least
 `MIN_AUTO_LIMIT_S`. A call past its own deadline is not yet hung: its update can
@@ -16,7 +22,7 @@ floor keeps short test deadlines from killing ordinary stragglers.
 
 from __future__ import annotations
 
-from serialization import AnyJob
+from serialization import AnyJob, GradientJob
 
 MIN_AUTO_LIMIT_S = 60.0
 
@@ -27,3 +33,13 @@ def train_time_limit_s(job: AnyJob, fixed_s: float | None, now_ts: float) -> flo
         return fixed_s
     round_s = job.deadline_ts - job.published_ts if job.published_ts else 0.0
     return max(MIN_AUTO_LIMIT_S, job.deadline_ts - now_ts + max(round_s, 0.0))
+
+
+def gradient_step_limit_s(job: GradientJob, fixed_s: float | None) -> float:
+    """Seconds one gradient step's trainer call for `job` may take (see the module)."""
+    return fixed_s if fixed_s is not None else job.step_deadline_s
+
+
+def gradient_open_limit_s(job: GradientJob, fixed_s: float | None) -> float:
+    """Seconds opening `job`'s session on a trainer may take (see the module)."""
+    return fixed_s if fixed_s is not None else max(MIN_AUTO_LIMIT_S, job.step_deadline_s)

@@ -14,6 +14,8 @@ raise for them. A training call that outlasts its request's time limit (a stuck
 user call, a deadlocked data loader) is logged (`train_timeout`), its trainer is
 killed and replaced the same way, and the job fails with reason `train_timeout`:
 the trainer serves the agent's other clients again instead of holding them too.
+A gradient session's calls (`TrainerLease.request`) are bounded the same way, by
+the same code; the other sessions sharing the trainer reopen on its replacement.
 Every update segment a trainer makes is named after the pool
 and that trainer, so whatever a dead trainer leaves behind can be found and
 unlinked.
@@ -278,17 +280,24 @@ class TrainerPool:
             async with asyncio.timeout(limit_s):
                 message = await self._reply_for(trainer, request.job_id)
         except TimeoutError:  # before OSError, which it subclasses
-            log.warning("train_timeout", agent_id=self.agent_id, job_id=request.job_id,
-                        client_id=request.client_id, device=slot.device,
-                        trainer_pid=trainer.process.pid, limit_s=limit_s)
-            await self._replace(slot, trainer, request.job_id, grace_s=0)
-            return _failed(request, slot.device,
-                           f"{TRAIN_TIMEOUT}: no result within {limit_s:g} s; the trainer "
-                           f"on {slot.device} was killed and restarted")
+            error = await self._timed_out(slot, trainer, request.job_id, request.client_id,
+                                          limit_s or 0.0)
+            return _failed(request, slot.device, error)
         except (EOFError, OSError):
             exitcode = await self._replace(slot, trainer, request.job_id, grace_s=5)
             return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
         return self._reply(message, slot.device, request)
+
+    async def _timed_out(self, slot: TrainerSlot, trainer: _Trainer, job_id: str,
+                         client_id: str, limit_s: float) -> str:
+        """A call (a weight job's training, a gradient step) outlasted its limit: log
+        `train_timeout`, kill its trainer and start another; the failed call's error."""
+        log.warning("train_timeout", agent_id=self.agent_id, job_id=job_id,
+                    client_id=client_id, device=slot.device, trainer_pid=trainer.process.pid,
+                    limit_s=limit_s)
+        await self._replace(slot, trainer, job_id, grace_s=0)
+        return (f"{TRAIN_TIMEOUT}: no result within {limit_s:g} s; the trainer on "
+                f"{slot.device} was killed and restarted")
 
     async def _replace(self, slot: TrainerSlot, trainer: _Trainer, job_id: str, *,
                        grace_s: float) -> int | None:
@@ -399,6 +408,16 @@ class TrainerDied(RuntimeError):
     """The trainer held by a `TrainerLease` exited in the middle of a conversation."""
 
 
+class TrainerReplaced(TrainerDied):
+    """The lease's trainer was replaced under this conversation (another conversation's
+    call hung or killed it): `reattach`, then reopen what the old trainer held."""
+
+
+class TrainTimeout(TrainerDied):
+    """This conversation's call outlasted its limit: its trainer was killed and restarted
+    (the message is the failed call's error, ``train_timeout: ...``)."""
+
+
 @dataclass(eq=False)
 class _Shared:
     """A trainer held by conversations: how many, and whose turn it is on the pipe."""
@@ -421,17 +440,34 @@ class TrainerLease:
     def device(self) -> str:
         return self.slot.device
 
-    async def request(self, message: protocol.GradRequest) -> Message:
-        """Send one message and return the trainer's reply; TrainerDied if it exits."""
+    async def request(self, message: protocol.GradRequest, *, timeout_s: float | None = None,
+                      client_id: str = "") -> Message:
+        """Send one message and return the trainer's reply within `timeout_s` (None: no
+        bound). TrainTimeout when it takes longer (the trainer is killed and restarted
+        before the others sharing it get their turn), TrainerReplaced when the trainer was
+        replaced under this conversation, TrainerDied if it exits."""
         try:
             async with self.turn:
                 if self.slot.trainer is not self.trainer:
-                    raise EOFError("the trainer was replaced")
+                    raise TrainerReplaced("the trainer was replaced")
                 self.trainer.conn.send_bytes(protocol.pack(message))
-                return await _receive(self.trainer)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        return await _receive(self.trainer)
+                except TimeoutError:  # before OSError, which it subclasses
+                    error = await self.pool._timed_out(self.slot, self.trainer,
+                                                       message.job_id, client_id,
+                                                       timeout_s or 0.0)
+                    raise TrainTimeout(error) from None
         except (EOFError, OSError):
             exitcode = await self.pool._lost(self.slot, self.trainer, message.job_id)
             raise TrainerDied(f"trainer died (exit code {exitcode})") from None
+
+    async def reattach(self) -> None:
+        """Take the slot's current trainer (started anew if none is running) after
+        TrainerReplaced; whatever the old one held is gone."""
+        async with self.turn:
+            self.trainer = await self.pool._running(self.slot)
 
 
 def _train_message(request: TrainRequest) -> protocol.TrainJob:

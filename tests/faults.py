@@ -26,7 +26,8 @@ READ_SLACK_S = 2.0
 # The test-only tasks (tests/e2e_tasks.py) that agents started here may run, besides the
 # built-in ones: an agent runs no task it was not told to (--allow-task).
 TEST_TASKS = tuple(f"--allow-task=tests.e2e_tasks:{name}"
-                   for name in ("SlowClientTask", "FlakyTask", "HangingTask"))
+                   for name in ("SlowClientTask", "FlakyTask", "HangingTask",
+                                "HangingGradientTask"))
 
 
 @dataclass
