@@ -9,7 +9,8 @@ to the slot's up stream straight from there (one XADD, no copy in Python). When
 the steps are done the job reports an ordinary `Result` (examples seen, mean
 loss) and is acked, as a weight-mode job is. Each call to the trainer is bounded
 (`client_agent.gradient_session`): a hung step fails its session with
-`train_timeout` and the others sharing its trainer go on.
+`train_timeout` and the others sharing its trainer go on. With client keys each
+gradient is signed with its client's key (`serialization.signing`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from client_agent.limits import gradient_open_limit_s, gradient_step_limit_s
 from client_agent.trainers import TrainerLease, TrainerPool, TrainTimeout
 from serialization import GradientJob, PayloadError, Result
 from serialization.gradient import StepGradient, StepWeights
-from serialization.signing import signed
+from serialization.signing import signed, signed_gradient
 from trainer_worker import shm
 
 log = structlog.get_logger()
@@ -211,11 +212,24 @@ class GradientRunner:
                                   client_id=job.client_id, num_examples=reply.num_examples,
                                   numel=numel, loss=reply.loss, agent_id=self.agent_id,
                                   timings=timings)
-            await gstreams.add(self.redis, stream, header.to_bytes(), talk.gradient(numel * 4))
+            body = talk.gradient(numel * 4)
+            header = await self._signed(header, body)
+            await gstreams.add(self.redis, stream, header.to_bytes(), body)
+            del body
             examples += header.num_examples
             loss_sum += header.loss * header.num_examples
             done, step = done + 1, step + 1
         return examples, loss_sum, done
+
+    async def _signed(self, header: StepGradient, body: memoryview) -> StepGradient:
+        """With its client's key, the header signed over its body's digest (hashed off the
+        loop when big); unchanged without one."""
+        key = None if self.keyring is None else self.keyring.get(header.client_id)
+        if key is None:
+            return header
+        if len(body) >= COPY_IN_THREAD_BYTES:
+            return await asyncio.to_thread(signed_gradient, header, body, key)
+        return signed_gradient(header, body, key)
 
     def _result(self, job: GradientJob, status: str, **fields: Any) -> Result:
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,

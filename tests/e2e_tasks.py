@@ -112,14 +112,16 @@ class BrokenGradientTask(SyntheticTask):
 class HangingGradientTask(SyntheticTask):
     """The synthetic task whose listed clients' gradient step `hang_at` (counted from the
     session's first batch) never returns (a stuck user call); with `once_file`, only the
-    first trainer to get there hangs, so the client serves again after the restart."""
+    first trainer to get there hangs, so the client serves again after the restart. Every
+    gradient step takes at least `step_s`."""
 
     def __init__(self, hang_clients: list[str] | None = None, hang_at: int = 2,
-                 once_file: str = "", **options: Any) -> None:
+                 once_file: str = "", step_s: float = 0.0, **options: Any) -> None:
         super().__init__(**options)
         self._hang = set(hang_clients or [])
         self._hang_at = hang_at
         self._once_file = once_file
+        self._step_s = step_s
 
     def gradient_batches(self, client_id: str, config: TrainConfig,
                          device: torch.device) -> Iterator[tuple[Any, int]]:
@@ -130,6 +132,7 @@ class HangingGradientTask(SyntheticTask):
         inner, hang = batch
         if hang and _first_to_create(self._once_file):
             threading.Event().wait()  # forever: only a kill ends this call
+        time.sleep(self._step_s)
         return super().batch_loss(model, inner)
 
 

@@ -249,6 +249,7 @@ class GradientSlotRunner:
         session.read_ids.append(entry.entry_id)
         try:
             header = StepGradient.from_bytes(entry.header)
+            self.ctx.validator.check_gradient(header)
         except PayloadError as exc:
             self.ctx.reject(None, exc.reason, exc.detail, entry_id=entry.entry_id)
             return
@@ -292,6 +293,7 @@ class GradientSlotRunner:
         valid: list[tuple[np.ndarray, int]] = []
         for header, body in gradients:
             try:
+                self.ctx.validator.check_gradient(header, body)
                 valid.append((flat_view(body, self.model.numel), header.num_examples))
             except PayloadError as exc:
                 self.ctx.reject(None, exc.reason, exc.detail, client_id=header.client_id,
