@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 from bus.embedded import EmbeddedRedis
-from coordinator.clients import TRIM_EVERY_S
+from coordinator.trimming import TRIM_EVERY_S
 
 ROOT = Path(__file__).resolve().parents[1]
 # A blob or two in flight and a few stream entries come and go even at a trough;

@@ -59,7 +59,7 @@ class StatusServer:
         return app
 
     def _add_observability_routes(self, app: web.Application, obs: Observability) -> None:
-        from coordinator.observability import STATIC_FILES, models, static_file
+        from coordinator.observability import STATIC_FILES, downloads, static_file
         from coordinator.observability.metrics import CONTENT_TYPE
 
         async def page(request: web.Request) -> web.Response:
@@ -75,11 +75,11 @@ class StatusServer:
                                 headers={"Content-Type": CONTENT_TYPE})
 
         async def model(request: web.Request) -> web.Response:
-            return await models.model_response(request, obs.models, obs.checkpoints(),
+            return await downloads.model_response(request, obs.models, obs.checkpoints(),
                                                obs.run_id)
 
         async def checkpoints(request: web.Request) -> web.Response:
-            return await models.checkpoints_response(request, obs.checkpoints(), obs.run_id)
+            return await downloads.checkpoints_response(request, obs.checkpoints(), obs.run_id)
 
         app.router.add_get("/", page)
         app.router.add_get("/static/{name}", page)

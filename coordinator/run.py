@@ -82,6 +82,24 @@ def _redis_gone(exc: BaseException) -> bool:
     return isinstance(exc, RedisUnavailable)
 
 
+def _exit_for(exc: Exception, settings: CoordinatorSettings, console: Console) -> int:
+    """What the user is told of an error, and the exit code; an unexpected error re-raised."""
+    refusal = refused(exc)
+    if refusal is not None:  # login, ACL or TLS: retrying or resuming will not help
+        log.error("redis_refused", reason=refusal.reason, error=str(refusal))
+        console.print(f"[red]error:[/] {escape(str(refusal))}", soft_wrap=True)
+        return EXIT_REFUSED
+    message = _user_error(exc)
+    if message is None:
+        raise exc
+    console.print(f"[red]error:[/] {message}")
+    if _redis_gone(exc):
+        console.print(f"Redis stayed unreachable for over {settings.redis_outage_s:g} s "
+                      f"(--redis-outage-s); once it is back, continue with: "
+                      f"python -m coordinator --resume {settings.run_id}")
+    return 2
+
+
 def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, Any] | None = None,
                     summary_json: bool = False, secrets: CoordinatorSecrets | None = None) -> int:
     """Run to the end (events already configured); exit 0 when every slot finished, 1 if not
@@ -106,21 +124,8 @@ def run_coordinator(settings: CoordinatorSettings, *, resume_state: dict[str, An
         how = "stopped (POST /stop)" if coordinator.stop_requested else "terminated"
         console.print(f"{how}; resume with: python -m coordinator --resume {settings.run_id}")
         return 1 if coordinator.stop_requested else 143
-    except Exception as exc:
-        refusal = refused(exc)
-        if refusal is not None:  # login, ACL or TLS: retrying or resuming will not help
-            log.error("redis_refused", reason=refusal.reason, error=str(refusal))
-            console.print(f"[red]error:[/] {escape(str(refusal))}", soft_wrap=True)
-            return EXIT_REFUSED
-        message = _user_error(exc)
-        if message is None:
-            raise
-        console.print(f"[red]error:[/] {message}")
-        if _redis_gone(exc):
-            console.print(f"Redis stayed unreachable for over {settings.redis_outage_s:g} s "
-                          f"(--redis-outage-s); once it is back, continue with: "
-                          f"python -m coordinator --resume {settings.run_id}")
-        return 2
+    except Exception as exc:  # noqa: BLE001 - _exit_for re-raises what the user cannot fix
+        return _exit_for(exc, settings, console)
     Progress(coordinator.status, live=False).final()
     console.print(f"wall time {summary.wall_s:.1f}s; events: {summary.events_path}")
     if summary_json:

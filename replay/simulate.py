@@ -2,7 +2,7 @@
 
 `coordinator.scheduling.ClientPool` decides which clients each slot leases and
 `coordinator.quorum.RoundQuorum` when each round closes, exactly as in the
-coordinator; only time is simulated. The slot loop mirrors `coordinator.slot`:
+coordinator; only time is simulated. The slot loop mirrors `coordinator.slots.lifecycle`:
 lease, publish the model, one job per client, fold each update as it arrives
 (one at a time per slot), close on quorum or deadline, aggregate; evaluation and
 checkpoint run in the background while the next round trains, one at a time per

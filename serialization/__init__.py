@@ -50,6 +50,6 @@ __all__ = [
     "schema_of",
 ]
 
-# Decoded tensors are read-only views over received bytes by contract (DESIGN.md:
-# zero-copy decode); torch can only warn that it cannot mark them read-only.
+# Decoded tensors are read-only views over received bytes by contract (zero-copy
+# decode, `tensors.decode`); torch can only warn that it cannot mark them read-only.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+import torch
 
 from bus.connection import connect
 from bus.embedded import EmbeddedRedis
@@ -31,6 +33,22 @@ from tests.e2e import Run, start_coordinator
 from tests.faults import AgentProc, stop_agents
 
 RedisFactory = Callable[..., EmbeddedRedis]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_global_state() -> Iterator[None]:
+    """Every test starts from the same process-wide state, whatever ran before it (the
+    suite passes in any order): torch on one thread (as in the trainers) and seeded; what a
+    test changes of the environment, the working directory or torch's threads is restored."""
+    threads, cwd, environ = torch.get_num_threads(), os.getcwd(), dict(os.environ)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+    os.chdir(cwd)
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @pytest.fixture(scope="session")

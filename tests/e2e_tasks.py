@@ -158,3 +158,26 @@ class SlowEvalTask(SyntheticTask):
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         time.sleep(self._eval_s)
         return super().evaluate(model, device)
+
+
+class SlowGradientTask(SyntheticTask):
+    """The synthetic task whose listed clients take `slow_s` over each gradient step from
+    step `slow_at` on (a device that falls behind the step deadline)."""
+
+    def __init__(self, slow_clients: list[str] | None = None, slow_at: int = 2,
+                 slow_s: float = 0.0, **options: Any) -> None:
+        super().__init__(**options)
+        self._slow = set(slow_clients or [])
+        self._slow_at = slow_at
+        self._slow_s = slow_s
+
+    def gradient_batches(self, client_id: str, config: TrainConfig,
+                         device: torch.device) -> Iterator[tuple[Any, int]]:
+        for step, (batch, n) in enumerate(super().gradient_batches(client_id, config, device), 1):
+            yield (batch, client_id in self._slow and step >= self._slow_at), n
+
+    def batch_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        inner, slow = batch
+        if slow:
+            time.sleep(self._slow_s)
+        return super().batch_loss(model, inner)

@@ -15,9 +15,9 @@ a package is the node of its ``__init__``. Edges:
   read a half-initialised module, depending on import order); it imports the sibling
   module that defines the name instead. That case is a cycle here and fails.
 
-The direction rules are DESIGN.md's "Imports run one way" (the coordinator loads a
-task plugin by its import path at run time with importlib, which is no import
-statement, so it is not an edge).
+The direction rules are docs/architecture.md's "The packages and who may import whom"
+(the coordinator loads a task plugin by its import path at run time with importlib,
+which is no import statement, so it is not an edge).
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bus", "coordinator", "client_agent", "trainer_worker", "serialization", "replay",
             "bench")
-# package -> the packages of ours it must never import (DESIGN.md, "Imports run one way")
+# package -> the packages of ours it must never import (docs/architecture.md); bench/ is
+# not shipped, so no shipped package may import it
 FORBIDDEN = {
     "serialization": set(PACKAGES) - {"serialization"},
     "bus": set(PACKAGES) - {"bus", "serialization"},
-    "trainer_worker": {"bus", "coordinator", "client_agent"},
-    "coordinator": {"client_agent", "trainer_worker"},
+    "trainer_worker": {"bus", "coordinator", "client_agent", "bench"},
+    "coordinator": {"client_agent", "trainer_worker", "bench"},
+    "client_agent": {"coordinator", "bench"},
+    "replay": {"client_agent", "trainer_worker", "bench"},
 }
 
 

@@ -27,7 +27,7 @@ from bus.handoff import SHM_DIR, SPARE_MODELS, Advert, AgentHandoff, HostHandoff
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord
 from coordinator.results.fold import fetch_and_fold
-from coordinator.results.validation import ResultValidator, SegmentReader, UpdateRejected
+from coordinator.results.validation import ResultValidator, SegmentReader
 from coordinator.strategies import make_strategy
 from serialization import Result, encode, schema_of
 from tests.e2e import Run, read_events, start_coordinator
@@ -132,12 +132,9 @@ async def test_bad_segments_are_rejected_with_the_reasons_of_bad_blobs(tmp_path:
                         update_nbytes=nbytes or len(payload), num_examples=3,
                         update_shm=segment)
         delivery = Delivery(JobRecord("j", 0, 1, "c"), result)
-        try:
-            await fetch_and_fold(SegmentReader(host, segment), validator, strategy, aggregate,
-                                 delivery, 1.0)
-        except UpdateRejected as exc:
-            return exc.reason
-        return "folded"
+        verdict = await fetch_and_fold(SegmentReader(host, segment), validator, strategy,
+                                       aggregate, delivery, 1.0)
+        return "folded" if verdict.accepted else verdict.reason
 
     tampered = bytearray(payload)
     tampered[-1] ^= 1

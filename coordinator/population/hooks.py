@@ -51,12 +51,18 @@ class Snapshot:
 
 
 class SlotHandle(Protocol):
-    """What the hook needs of a running slot (coordinator.slot.SlotRunner)."""
+    """What the hook needs of a running weight slot (`slots.factory.PopulationMember`)."""
 
     slot_id: int
-    config: SlotConfig | None
-    strategy: Strategy
-    latest: Snapshot | None
+
+    @property
+    def config(self) -> SlotConfig: ...
+
+    @property
+    def strategy(self) -> Strategy: ...
+
+    @property
+    def latest(self) -> Snapshot: ...
 
     @property
     def status(self) -> SlotStatus: ...
@@ -65,6 +71,29 @@ class SlotHandle(Protocol):
 
     async def replace_model(self, state: State, strategy: Strategy, config: SlotConfig,
                             round_: int) -> None: ...
+
+
+class MergeEvaluations:
+    """Merged models evaluated in the background (`evaluate` blocks: it queues on the
+    coordinator's evaluation thread), logged as ``merge_evaluated``."""
+
+    def __init__(self, evaluate: Callable[[State], dict[str, float]]) -> None:
+        self._evaluate = evaluate
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, epoch: int, round_: int, state: State) -> None:
+        task = asyncio.create_task(self._run(epoch, round_, state), name=f"merge-{epoch}-eval")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def _run(self, epoch: int, round_: int, state: State) -> None:
+        metrics = await asyncio.to_thread(self._evaluate, state)
+        log.info("merge_evaluated", slot_id="merged", epoch=epoch, round=round_,
+                 accuracy=metrics.get("accuracy"), loss=metrics.get("loss"))
 
 
 @dataclass
@@ -83,14 +112,12 @@ class Population:
     pbt_settings: pbt.PbtSettings | None = None
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     merge_every: int = 0
-    evaluate: Callable[[State], dict[str, float]] | None = None  # blocking, for merges
+    evaluations: MergeEvaluations | None = None  # None: merged models are not evaluated
     rng: random.Random = field(default_factory=random.Random)
     _arrived: dict[int, dict[int, Snapshot]] = field(default_factory=dict)
     _examples: dict[int, int] = field(default_factory=dict)
     _merged: PendingMerge | None = None
     _adopted: dict[int, int] = field(default_factory=dict)
-    _evaluations: set[asyncio.Task[None]] = field(default_factory=set)
-    _evaluating: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model to evaluate on
     _failed: set[int] = field(default_factory=set)  # slots that gave up: no donor, not merged
 
     async def round_closed(self, slot: SlotHandle, round_: int) -> None:
@@ -119,8 +146,8 @@ class Population:
 
     async def wait_evaluations(self) -> None:
         """Let the merged models' evaluations finish (the run's end waits for them)."""
-        while self._evaluations:
-            await asyncio.gather(*self._evaluations)
+        if self.evaluations is not None:
+            await self.evaluations.wait()
 
     # -- PBT -----------------------------------------------------------------------------
 
@@ -181,18 +208,8 @@ class Population:
         self._merged = PendingMerge(epoch, merged, {s: arrived[s].state for s in order})
         log.info("slots_merged", epoch=epoch, round=round_, slot_ids=order,
                  weights=dict(zip(map(str, order), weights, strict=True)))
-        if self.evaluate is not None:
-            task = asyncio.create_task(self._evaluate_merge(epoch, round_, merged),
-                                       name=f"merge-{epoch}-eval")
-            self._evaluations.add(task)
-            task.add_done_callback(self._evaluations.discard)
-
-    async def _evaluate_merge(self, epoch: int, round_: int, state: State) -> None:
-        assert self.evaluate is not None
-        async with self._evaluating:
-            metrics = await asyncio.to_thread(self.evaluate, state)
-        log.info("merge_evaluated", slot_id="merged", epoch=epoch, round=round_,
-                 accuracy=metrics.get("accuracy"), loss=metrics.get("loss"))
+        if self.evaluations is not None:
+            self.evaluations.submit(epoch, round_, merged)
 
     async def _adopt(self, slot: SlotHandle, round_: int) -> None:
         pending = self._merged

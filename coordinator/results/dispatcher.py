@@ -18,8 +18,9 @@ import structlog
 from bus import streams
 from bus.connection import raise_if_cancelled
 from bus.keys import RESULTS_GROUP, Keys
-from coordinator.delivery import SlotInboxes
-from coordinator.results.validation import Rejections, ResultValidator, UpdateRejected
+from coordinator.delivery import Delivery
+from coordinator.results.sink import ResultSink
+from coordinator.results.validation import ResultValidator, UpdateRejected
 
 log = structlog.get_logger()
 
@@ -32,16 +33,22 @@ class LeaseReleaser(Protocol):
     def release(self, client_id: str, slot_id: int, round_: int, reason: str) -> object: ...
 
 
+class Router(Protocol):
+    """Hands a delivery to its slot (`coordinator.slots.registry.Slots`)."""
+
+    async def route(self, delivery: Delivery) -> None: ...
+
+
 class ResultDispatcher:
     def __init__(self, *, redis: aioredis.Redis, keys: Keys, slots: int,
-                 validator: ResultValidator, rejections: Rejections, leases: LeaseReleaser,
-                 inboxes: SlotInboxes) -> None:
+                 validator: ResultValidator, results: ResultSink, leases: LeaseReleaser,
+                 slots_router: Router) -> None:
         self._redis = redis
         self._keys = keys
         self._validator = validator
-        self._rejections = rejections
+        self._results = results
         self._leases = leases
-        self._inboxes = inboxes
+        self._router = slots_router
         self._streams = [keys.results(slot_id) for slot_id in range(slots)]
 
     async def run(self) -> None:
@@ -64,7 +71,7 @@ class ResultDispatcher:
         try:
             delivery = self._validator.admit(entry)
         except UpdateRejected as exc:
-            self._rejections.report(None, exc.reason, exc.detail, **exc.fields)
+            self._results.reject(None, exc.reason, exc.detail, **exc.fields)
             await streams.ack(self._redis, entry.stream, RESULTS_GROUP, [entry.entry_id])
             return
         record, result = delivery.record, delivery.result
@@ -76,4 +83,4 @@ class ResultDispatcher:
         if not delivery.recovered:  # a lost client's lease went back when it was lost
             reason = "result" if result.status == "ok" else "failed"
             self._leases.release(record.client_id, record.slot_id, record.round, reason)
-        await self._inboxes.route(delivery)
+        await self._router.route(delivery)

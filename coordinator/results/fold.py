@@ -1,30 +1,59 @@
-"""Fetching, validating and folding one client update.
+"""Fetching, validating and folding one client update, to a verdict.
 
 The bytes are fetched on the event loop (network I/O); hashing, decoding,
 validation and the fold run in a worker thread (torch and hashlib release the
 GIL), so the loop keeps heartbeats and leases on time meanwhile. What is
-acceptable is `ResultValidator`'s decision; this module only orders the steps
-and times them.
+acceptable is `ResultValidator`'s decision; this module orders the steps, times
+them and returns a `Verdict`: the caller reports a rejection, it is never raised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from bus.blobs import BlobRef
 from coordinator.delivery import Delivery
-from coordinator.results.validation import BlobReader, ResultValidator, SegmentReader
+from coordinator.results.validation import (
+    BlobReader,
+    ResultValidator,
+    SegmentReader,
+    UpdateRejected,
+)
 from coordinator.strategies import Strategy
 
 
-async def fetch_and_fold(blobs: BlobReader, validator: ResultValidator, strategy: Strategy,
-                         aggregate: Any, delivery: Delivery, scale: float) -> dict[str, Any]:
-    """Fetch the update blob, validate it and fold it; its stats for `update_folded`.
+@dataclass(frozen=True)
+class Verdict:
+    """An update folded (with what `update_folded` logs: bytes, timings, weight), or
+    rejected with the reason that labels its counter."""
 
-    Raises UpdateRejected.
-    """
+    accepted: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    detail: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def rejected(cls, exc: UpdateRejected) -> Verdict:
+        return cls(False, reason=exc.reason, detail=exc.detail, fields=exc.fields)
+
+
+async def fetch_and_fold(blobs: BlobReader, validator: ResultValidator, strategy: Strategy,
+                         aggregate: Any, delivery: Delivery, scale: float) -> Verdict:
+    """Fetch the update, validate it and fold it into `aggregate` with weight
+    ``num_examples * scale``."""
+    try:
+        return Verdict(True, await _fetch_and_fold(blobs, validator, strategy, aggregate,
+                                                   delivery, scale))
+    except UpdateRejected as exc:
+        return Verdict.rejected(exc)
+
+
+async def _fetch_and_fold(blobs: BlobReader, validator: ResultValidator, strategy: Strategy,
+                          aggregate: Any, delivery: Delivery, scale: float) -> dict[str, Any]:
     ref = validator.claimed_blob(delivery.result)
     start = time.perf_counter()
     num_examples = delivery.result.num_examples

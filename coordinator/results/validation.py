@@ -19,8 +19,10 @@ next one costs:
 4. `folds_late`: an update whose round has closed is folded or dropped
    (``closed_round``), as the late policy says.
 
-A rejection is an `UpdateRejected`; `Rejections.report` logs it
-(``update_rejected``) and counts it in the run's status, and the run goes on.
+Inside this module a rejection is an `UpdateRejected`; what leaves it is a verdict
+(`coordinator.results.fold.Verdict` for updates, `admit`'s delivery or rejection for
+messages), which `coordinator.results.sink.ResultSink.reject` reports
+(``update_rejected``, counted in the run's status), and the run goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import re
 from collections.abc import Callable, Container, Mapping
 from typing import Any, Protocol
 
-import structlog
 import torch
 
 from bus.blobs import BlobRef
@@ -42,7 +43,6 @@ from bus.handoff import HostHandoff
 from bus.streams import Entry
 from coordinator.delivery import Delivery
 from coordinator.job_table import JobRecord, JobTable
-from coordinator.status import RunStatus
 from coordinator.strategies import Strategy, StrategyError
 from serialization import DTYPES, PayloadError, Result, TensorSpec, decode
 from serialization.gradient import StepGradient
@@ -53,13 +53,10 @@ from serialization.signing import (
 )
 from serialization.tensors import ALIGN
 
-log = structlog.get_logger()
-
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_NUM_EXAMPLES = 10**9
 HEADER_ALLOWANCE = 1024 * 1024
 Payload = bytes | bytearray | memoryview  # an update's bytes: fetched, or a mapped segment
-LOGGED_CHARS = 200  # claimed ids come from untrusted messages (up to 1 MiB): a prefix is logged
 
 
 class UpdateRejected(Exception):
@@ -108,26 +105,6 @@ def _fetch_rejection(exc: BlobMissing) -> UpdateRejected:
     if isinstance(exc, BlobSizeMismatch):
         return UpdateRejected("size_mismatch", str(exc))
     return UpdateRejected("missing_blob", str(exc))
-
-
-class Rejections:
-    """Logs (``update_rejected``) and counts every rejection; the process goes on serving."""
-
-    def __init__(self, status: RunStatus) -> None:
-        self._status = status
-
-    def report(self, delivery: Delivery | None, reason: str, detail: str, **fields: Any) -> None:
-        self._status.reject(reason)
-        fields = {k: v[:LOGGED_CHARS] if isinstance(v, str) else v for k, v in fields.items()}
-        if delivery is not None:
-            record = delivery.record
-            fields |= {"slot_id": record.slot_id, "round": record.round,
-                       "client_id": record.client_id, "job_id": record.job_id}
-        log.warning("update_rejected", reason=reason, detail=detail, **fields)
-
-    def closed_round(self) -> None:
-        """An update that will never be aggregated (its round closed); `update_late` says so."""
-        self._status.reject("closed_round")
 
 
 class ResultValidator:
