@@ -30,7 +30,7 @@ from bus.connection import raise_if_cancelled
 from bus.credentials import Keyring
 from bus.keys import JOBS_GROUP, Keys
 from client_agent.gradient_session import SessionFailed, SessionTalk
-from client_agent.limits import gradient_open_limit_s, gradient_step_limit_s
+from client_agent.limits import gradient_call_limit_s
 from client_agent.trainers import TrainerLease, TrainerPool, TrainTimeout
 from serialization import GradientJob, PayloadError, Result
 from serialization.gradient import StepGradient, StepWeights
@@ -176,8 +176,7 @@ class GradientRunner:
         assert downlink.header is not None
         return SessionTalk(trainer, job, downlink.memory.name, downlink.header.numel * 4,
                            downlink.header.layout,
-                           open_limit_s=gradient_open_limit_s(job, self.train_timeout_s),
-                           step_limit_s=gradient_step_limit_s(job, self.train_timeout_s))
+                           limit_s=gradient_call_limit_s(job, self.train_timeout_s))
 
     def _downlink(self, slot_id: int) -> Downlink:
         downlink = self._downlinks.get(slot_id)

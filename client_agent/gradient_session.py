@@ -40,8 +40,7 @@ class SessionTalk:
     weights_shm: str
     weights_nbytes: int
     layout: int  # the slot's parameter layout, which the trainer's model must match
-    open_limit_s: float
-    step_limit_s: float
+    limit_s: float  # each call's bound (`client_agent.limits.gradient_call_limit_s`)
     taken: int = 0  # batches whose gradient the trainer computed
     _memory: shared_memory.SharedMemory | None = None
     _grad_shm: str = ""
@@ -58,10 +57,10 @@ class SessionTalk:
         """Have the trainer take the next batch's gradient into the segment."""
         message = protocol.GradStep(job_id=self.job.job_id, step=step)
         try:
-            raw = await self._ask(message, self.step_limit_s)
+            raw = await self._ask(message, self.limit_s)
         except TrainerReplaced:
             await self._reopen()
-            raw = await self._ask(message, self.step_limit_s)
+            raw = await self._ask(message, self.limit_s)
         reply = _reply(raw, protocol.GradDone)
         self.taken += 1
         return reply
@@ -76,7 +75,7 @@ class SessionTalk:
         with it."""
         try:
             if self._grad_shm:
-                await self._ask(protocol.GradClose(job_id=self.job.job_id), self.step_limit_s)
+                await self._ask(protocol.GradClose(job_id=self.job.job_id), self.limit_s)
         except TrainerReplaced:
             pass  # its trainer is gone, and the session with it
         finally:
@@ -87,7 +86,7 @@ class SessionTalk:
             job_id=self.job.job_id, client_id=self.job.client_id, task=self.job.task,
             task_options=self.job.task_options, config=self.job.config,
             weights_shm=self.weights_shm, weights_nbytes=self.weights_nbytes,
-            skip_batches=self.taken), self.open_limit_s)
+            skip_batches=self.taken), self.limit_s)
         reply = _reply(raw, protocol.GradOpened)
         self._grad_shm = reply.grad_shm
         if reply.layout != self.layout:

@@ -6,11 +6,11 @@ trainer; its client's lease is never returned either. So every call gets a bound
 `--train-timeout-s` when the operator knows how long training takes, otherwise
 one derived from the job's deadline (`train_time_limit_s`).
 
-A gradient session's calls are bounded too (`gradient_step_limit_s`): each step
-by the session's step deadline (`GradientJob.step_deadline_s`, which the
-coordinator sets above its own wait for a step), unless `--train-timeout-s` says
-otherwise; opening a session (the task and its data loaded, the model built) gets
-at least `MIN_AUTO_LIMIT_S`.
+A gradient session's calls (open, each step, close) are bounded too
+(`gradient_call_limit_s`): by `--train-timeout-s` when given, else by the
+session's step deadline (`GradientJob.step_deadline_s`, which the coordinator
+sets above its own wait for a step; a client that misses that wait is dropped
+from the session but may still answer), with the same floor.
 
 The derived bound is the time left until the job's round deadline plus one more
 round deadline (the round's length, `deadline_ts - published_ts`), and at least
@@ -35,11 +35,6 @@ def train_time_limit_s(job: AnyJob, fixed_s: float | None, now_ts: float) -> flo
     return max(MIN_AUTO_LIMIT_S, job.deadline_ts - now_ts + max(round_s, 0.0))
 
 
-def gradient_step_limit_s(job: GradientJob, fixed_s: float | None) -> float:
-    """Seconds one gradient step's trainer call for `job` may take (see the module)."""
-    return fixed_s if fixed_s is not None else job.step_deadline_s
-
-
-def gradient_open_limit_s(job: GradientJob, fixed_s: float | None) -> float:
-    """Seconds opening `job`'s session on a trainer may take (see the module)."""
+def gradient_call_limit_s(job: GradientJob, fixed_s: float | None) -> float:
+    """Seconds one trainer call of `job`'s gradient session may take (see the module)."""
     return fixed_s if fixed_s is not None else max(MIN_AUTO_LIMIT_S, job.step_deadline_s)

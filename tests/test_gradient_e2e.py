@@ -123,7 +123,8 @@ def test_failing_client_leaves_the_session(launch: Callable[..., Run]) -> None:
 def test_a_hung_step_is_bounded_by_the_step_deadline(launch: Callable[..., Run],
                                                       tmp_path: Path) -> None:
     """With no --train-timeout-s, a gradient step that never returns is killed after the
-    session's step deadline (twice --deadline): the slot drops the client at --deadline
+    session's step deadline (twice --deadline, at least 60 s, the floor of a derived
+    bound, which spares ordinary stragglers): the slot drops the client at --deadline
     and steps on with the other, the hung session fails with train_timeout, its lease
     returns and the client is averaged in every step of the next round."""
     run = launch("gradient-hang", "--mode", "gradient", "--task",
@@ -136,7 +137,7 @@ def test_a_hung_step_is_bounded_by_the_step_deadline(launch: Callable[..., Run],
     # The session's result may come after its round closed: the dispatcher logs it anyway.
     [failed] = [e for e in run.events("update_received") if e["status"] == "failed"]
     assert (failed["client_id"], failed["round"]) == ("1", 1)
-    assert failed["error"].startswith("train_timeout: no result within 8 s")
+    assert failed["error"].startswith("train_timeout: no result within 60 s")
     assert any(e["reason"] == "failed" for e in run.events("lease_returned")
                if e["client_id"] == "1")
     dropped = run.events("gradient_client_dropped")
