@@ -8,7 +8,22 @@ R rounds x 2 clients for each of three slots), the modes:
 - ``independent``: 3 slots, the same configuration, seeds SEED+i;
 - ``sweep``: 3 slots, ``--sweep lr=LR/2,LR,2LR``;
 - ``pbt``: 3 slots with ``--population pbt``;
-- ``merged``: 3 slots from one initial model, ``--merge every=K``.
+- ``merged``: 3 slots from one initial model, ``--merge every=K``;
+
+and two one-slot baselines a practitioner would try first (``one`` above is the
+synchronous one; the three-slot modes are judged against the better of the two):
+
+- ``one-async``: 1 slot, every client each round, ``--quorum 0.5 --late-policy fold
+  --staleness inverse`` (a round closes on half its clients; the rest fold in late).
+
+With ``--testbed PROFILE`` (root) every run goes over emulated silos
+(`bench/testbed`): six network namespaces behind shaped links with the profile's
+delay, one agent per silo inside it, devices emulated by padding each training
+call to the silo's nominal time (EMULATION: every table says how many calls
+overran it). Each run also records the bytes its silos moved over their links.
+``--model resnet18`` swaps the CNN for a ResNet-18-sized state dict (45 MB on the
+links) with no-op compute padded to a nominal device step: no accuracy, only
+throughput (client jobs per minute) and idle fractions.
 
 Everything is read back from the runs' event logs with the replay code: per run,
 the time (since the first round started) at which the best model so far (any slot,
@@ -33,23 +48,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.testbed import Testbed, silos
+from bench.testbed import tasks as testbed_tasks
+from bench.testbed.profiles import PROFILES, STEP_S
 from replay.events import read_log
 from replay.summary import RunSummary, summarise
 from replay.timeline import rebuild_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.88)
-MODES = ("one", "independent", "sweep", "pbt", "merged")
+MODES = ("one", "one-async", "independent", "sweep", "pbt", "merged")
+BASELINES = ("one", "one-async")  # one slot: synchronous, asynchronous
 GOAL_TIME_RATIO = 0.7
 GOAL_GAIN_POINTS = 1.0
-PARTITION_OPTION = {"synthetic": "seed"}  # the task option that fixes the clients' data
+# The task option that fixes the clients' data, where it is not partition_seed.
+PARTITION_OPTION = {"synthetic": "seed", "bench.testbed.tasks:PerturbedNoopTask": "seed"}
 
 
 @dataclass(frozen=True)
 class RunResult:
     mode: str
     seed: int
-    wall_s: float  # first round started to the last evaluation
+    wall_s: float  # first round started to the last evaluation (no evaluations: run end)
     time_to: dict[str, float | None]  # target -> seconds since the first round
     jobs_to: dict[str, int | None]  # target -> client jobs aggregated by then (load-free)
     curve: list[tuple[float, float]]  # (s since first round, best accuracy so far)
@@ -58,12 +78,17 @@ class RunResult:
     coordinator_busy: float
     jobs: int
     status: str = "finished"  # the run's end as its log says; others are not a wall-time bound
+    jobs_per_min: float = 0.0  # client jobs aggregated per minute once rounds run
+    link: dict[str, int] | None = None  # testbed: bytes (and drops) over the silos' links
+    emulation: dict[str, float] | None = None  # testbed: emulated training calls, overruns
 
 
 def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[str]:
     """The coordinator options that make a mode (beyond the common ones)."""
     return {
         "one": ["--slots", "1", "--clients-per-round", "6"],
+        "one-async": ["--slots", "1", "--clients-per-round", "6", "--quorum", "0.5",
+                      "--late-policy", "fold", "--staleness", "inverse"],
         "independent": ["--slots", "3"],
         "sweep": ["--sweep", f"lr={lr / 2:g},{lr:g},{lr * 2:g}"],
         "pbt": ["--slots", "3", "--population", "pbt", "--pbt-every", str(pbt_every)],
@@ -72,18 +97,27 @@ def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[st
 
 
 def common_args(args: argparse.Namespace, seed: int) -> list[str]:
-    return ["--task", args.task, "--clients", "6", "--rounds", str(args.rounds),
+    # ResNet-18-sized: no-op compute whose updates still differ from the model (a plain
+    # --noop-training update has the model's digest and is never uploaded).
+    task = ["--task", args.task] if args.model == "cnn" else [
+        "--task", testbed_tasks.SPEC, "--task-option", "model=resnet18", "--eval-every", "0"]
+    option = PARTITION_OPTION.get(task[1], "partition_seed")
+    agents = [] if args.testbed else ["--local-agents", "2", "--clients", "6"]
+    return [*task, *agents, "--rounds", str(args.rounds),
             "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
-            "--lr", f"{args.lr:g}", "--local-agents", "2", "--seed", str(seed),
-            "--task-option", f"{PARTITION_OPTION.get(args.task, 'partition_seed')}={seed}",
+            "--lr", f"{args.lr:g}", "--seed", str(seed), "--task-option", f"{option}={seed}",
             "--no-progress", "--http-port", "0"]
 
 
 def run_mode(args: argparse.Namespace, mode: str, seed: int) -> Path:
     """Run one mode to the end; its event log."""
     run_id = f"{mode}-seed{seed}"
+    coordinator_args = [*common_args(args, seed),
+                        *mode_args(mode, args.lr, args.merge_every, args.pbt_every)]
+    if args.bed is not None:
+        return run_on_testbed(args, run_id, coordinator_args)
     argv = [sys.executable, "-m", "coordinator", "--runs-dir", str(args.out), "--run-id", run_id,
-            *common_args(args, seed), *mode_args(mode, args.lr, args.merge_every, args.pbt_every)]
+            *coordinator_args]
     log = (args.out / f"{run_id}.console.log").open("wb")
     started = time.monotonic()
     code = subprocess.call(argv, cwd=ROOT, stdout=log, stderr=log,
@@ -92,6 +126,22 @@ def run_mode(args: argparse.Namespace, mode: str, seed: int) -> Path:
     print(f"  {run_id}: exit {code}, {time.monotonic() - started:.0f} s", flush=True)
     if code != 0:
         raise SystemExit(f"{run_id} failed (exit {code}): see {log.name}")
+    return args.out / run_id / "events.jsonl"
+
+
+def run_on_testbed(args: argparse.Namespace, run_id: str, coordinator_args: list[str]) -> Path:
+    """Run one mode over the testbed's silos; its event log (and `testbed.json` beside it)."""
+    started = time.monotonic()
+    run = silos.run_pwfl(args.bed, args.redis, ["--runs-dir", str(args.out), *coordinator_args],
+                         run_id, args.out / run_id, args.step_s or STEP_S[args.model],
+                         ("--allow-task", testbed_tasks.SPEC))
+    (args.out / run_id / "testbed.json").write_text(json.dumps(
+        {"profile": args.bed.profile.name, "link": run.link,
+         "emulation": asdict(run.emulation)}))
+    print(f"  {run_id}: exit {run.exit_code}, {time.monotonic() - started:.0f} s; "
+          f"{run.emulation.line()}", flush=True)
+    if run.exit_code != 0:
+        raise SystemExit(f"{run_id} failed (exit {run.exit_code}): see {args.out / run_id}")
     return args.out / run_id / "events.jsonl"
 
 
@@ -130,13 +180,18 @@ def result_of(mode: str, seed: int, path: Path) -> RunResult:
     curve = best_curve(summary)
     times = {f"{t:g}": time_to(curve, t) for t in TARGETS}
     finals = [s.final_accuracy for s in summary.slots if s.final_accuracy is not None]
+    jobs = sum(c.jobs_done for c in summary.clients)
+    rounds_s = summary.wall_s - (summary.first_round_s or 0.0)
+    testbed = path.parent / "testbed.json"
+    extra = json.loads(testbed.read_text()) if testbed.exists() else {}
     return RunResult(
-        mode=mode, seed=seed, wall_s=curve[-1][0] if curve else 0.0,
+        mode=mode, seed=seed, wall_s=curve[-1][0] if curve else rounds_s,
         time_to=times, jobs_to={k: jobs_by(summary, t) for k, t in times.items()}, curve=curve,
         final_best=max(finals, default=None),
         client_busy=1.0 - summary.client_idle_fraction_after_first_round,
         coordinator_busy=summary.coordinator_busy_fraction_after_first_round,
-        jobs=sum(c.jobs_done for c in summary.clients), status=summary.status)
+        jobs=jobs, status=summary.status, jobs_per_min=60.0 * jobs / max(rounds_s, 1e-9),
+        link=extra.get("link"), emulation=extra.get("emulation"))
 
 
 # -- aggregation ---------------------------------------------------------------------------
@@ -154,6 +209,11 @@ def _num(value: int | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _link_mb(r: RunResult) -> float | None:
+    """MB over the silos' links, both ways (testbed runs only)."""
+    return None if r.link is None else (r.link["download_bytes"] + r.link["upload_bytes"]) / 1e6
+
+
 def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     """Per mode: each metric's mean, spread and missing count over the seeds."""
     seeds = sorted({r.seed for r in results})
@@ -168,6 +228,11 @@ def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
             "accuracy_at_equal_time": [accuracy_at(r.curve, equal_t[r.seed]) for r in mine],
             "final_best_accuracy": [r.final_best for r in mine],
             "client_busy": [r.client_busy for r in mine],
+            "client_idle": [1.0 - r.client_busy for r in mine],
+            "jobs_per_min": [r.jobs_per_min for r in mine],
+            "link_mb": [_link_mb(r) for r in mine],
+            "overran": [_num(int(r.emulation["overran"])) if r.emulation else None
+                        for r in mine],
             "coordinator_busy": [r.coordinator_busy for r in mine],
             "wall_s": [r.wall_s for r in mine], "jobs": [float(r.jobs) for r in mine]}
         rows[mode] = {k: dict(zip(("mean", "spread", "missing"), _stats(v), strict=True))
@@ -175,36 +240,53 @@ def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _speed_key(row: dict[str, Any]) -> tuple[float, float, float]:
+    """Sort key, fastest first: time to 85% (never: last), accuracy at equal time, then
+    throughput (runs without accuracy)."""
+    t = row["time_to_0.85"]
+    missing = t["missing"] or t["mean"] is None
+    return (float("inf") if missing else t["mean"],
+            -(row["accuracy_at_equal_time"]["mean"] or 0.0), -(row["jobs_per_min"]["mean"] or 0))
+
+
+def recovered(rows: dict[str, dict[str, Any]], baseline: str) -> dict[str, float | None]:
+    """Per mode, the share of the baseline's client idle fraction that the mode turned into
+    work: (idle_baseline - idle_mode) / idle_baseline."""
+    idle = rows[baseline]["client_idle"]["mean"]
+    return {m: (idle - r["client_idle"]["mean"]) / idle if idle and r["client_idle"]["mean"]
+            is not None else None for m, r in rows.items()}
+
+
 def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The best multi-slot mode against one slot, and whether the issue's goal is met."""
-    one = rows.get("one")
-    others = {m: r for m, r in rows.items() if m != "one"}
-    if one is None or not others:
+    """The best multi-slot mode against the best one-slot baseline, and whether the issue's
+    goal is met."""
+    bases = {m: r for m, r in rows.items() if m in BASELINES}
+    others = {m: r for m, r in rows.items() if m not in BASELINES}
+    if not bases or not others:
         return {"best_mode": None}
-
-    def key(mode: str) -> tuple[float, float]:
-        t = others[mode]["time_to_0.85"]
-        missing = t["missing"] or t["mean"] is None
-        return (float("inf") if missing else t["mean"],
-                -(others[mode]["accuracy_at_equal_time"]["mean"] or 0.0))
-
-    best = min(others, key=key)
-    t_best, t_one = others[best]["time_to_0.85"], one["time_to_0.85"]
+    base = min(bases, key=lambda m: _speed_key(bases[m]))
+    best = min(others, key=lambda m: _speed_key(others[m]))
+    t_best, t_one = others[best]["time_to_0.85"], bases[base]["time_to_0.85"]
     ratio = (t_best["mean"] / t_one["mean"]
              if t_best["mean"] and t_one["mean"] and not t_best["missing"]
              and not t_one["missing"] else None)
     a_best = others[best]["accuracy_at_equal_time"]["mean"]
-    a_one = one["accuracy_at_equal_time"]["mean"]
+    a_one = bases[base]["accuracy_at_equal_time"]["mean"]
     gain = (a_best - a_one) * 100 if a_best is not None and a_one is not None else None
-    return {"best_mode": best, "best_time_to_85_vs_one_slot": ratio,
+    j_best, j_one = others[best]["jobs_per_min"]["mean"], bases[base]["jobs_per_min"]["mean"]
+    return {"best_mode": best, "baseline": base, "best_time_to_85_vs_one_slot": ratio,
             "best_accuracy_gain_points": gain,
+            "best_jobs_per_min_vs_one_slot": j_best / j_one if j_best and j_one else None,
+            "one_slot_client_idle": bases[base]["client_idle"]["mean"],
+            "best_recovered_idle": recovered(rows, base)[best],
             "goal_met": bool(ratio is not None and ratio <= GOAL_TIME_RATIO
                              and gain is not None and gain >= GOAL_GAIN_POINTS)}
 
 
-def _cell(stat: dict[str, Any], scale: float = 1.0, unit: str = "") -> str:
+def _cell(stat: dict[str, Any], scale: float = 1.0, unit: str = "", absent: str = "never"
+          ) -> str:
     if stat["mean"] is None:
-        return "never"
+        return absent
     text = f"{stat['mean'] * scale:.1f}±{stat['spread'] * scale:.1f}{unit}"
     return text + (f" ({stat['missing']} never)" if stat["missing"] else "")
 
@@ -213,37 +295,59 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     first = rows[next(iter(rows))]
     header = ["mode", *(f"to {k[8:]}" for k in first if k.startswith("time_to")),
               *(f"jobs to {k[8:]}" for k in first if k.startswith("jobs_to")),
-              "acc @ equal t", "final best", "client busy", "coord busy", "wall", "jobs"]
+              "acc @ equal t", "final best", "client idle", "idle recovered", "jobs/min",
+              "coord busy", "link MB", "overran", "wall", "jobs"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    base = verdict(rows).get("baseline")
+    back = recovered(rows, base) if base else {}
     for mode, row in rows.items():
         times = [_cell(v, unit="s") for k, v in row.items() if k.startswith("time_to")]
         jobs = [_cell(v) for k, v in row.items() if k.startswith("jobs_to")]
+        share = back.get(mode)
         lines.append(" | ".join([
             mode, *times, *jobs, _cell(row["accuracy_at_equal_time"], 100, "%"),
-            _cell(row["final_best_accuracy"], 100, "%"), _cell(row["client_busy"], 100, "%"),
-            _cell(row["coordinator_busy"], 100, "%"), _cell(row["wall_s"], unit="s"),
-            _cell(row["jobs"])]))
+            _cell(row["final_best_accuracy"], 100, "%"), _cell(row["client_idle"], 100, "%"),
+            "-" if share is None else f"{share * 100:.0f}%",
+            _cell(row["jobs_per_min"]),
+            _cell(row["coordinator_busy"], 100, "%"), _cell(row["link_mb"], absent="-"),
+            _cell(row["overran"], absent="-"), _cell(row["wall_s"], unit="s"), _cell(row["jobs"])]))
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.payoff", description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.payoff", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=16, help="rounds per slot (default 16)")
     p.add_argument("--seeds", default="0,1,2", help="partition and run seeds (default 0,1,2)")
     p.add_argument("--modes", default=",".join(MODES), help=f"default {','.join(MODES)}")
     p.add_argument("--task", default="fashion_mnist", help="default fashion_mnist")
+    p.add_argument("--model", choices=tuple(STEP_S), default="cnn",
+                   help="cnn: the task's CNN, trained (accuracy); resnet18: a ResNet-18-sized "
+                        "state dict with no-op compute, evaluation off (throughput and idle "
+                        "fractions only) (default cnn)")
+    p.add_argument("--testbed", choices=tuple(PROFILES), metavar="PROFILE",
+                   help="run every mode over the emulated silos of this profile (root; see "
+                        "python -m bench.testbed --help): one agent per silo behind its shaped, "
+                        "delayed link, devices EMULATED by padding (default: 2 local agents)")
+    p.add_argument("--step-s", type=float, default=None, metavar="SECONDS",
+                   help="with --testbed: nominal seconds per training step at speed 1 (default "
+                        f"{', '.join(f'{k} {v:g}' for k, v in STEP_S.items())}); raise it when "
+                        "the tables count overruns beyond the first calls")
     p.add_argument("--max-steps", type=int, default=40, help="local steps per job (default 40)")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument("--lr", type=float, default=0.05, help="client lr; the sweep's middle point "
                                                           "(default 0.05)")
     p.add_argument("--merge-every", type=int, default=2, help="merged mode's K (default 2)")
     p.add_argument("--pbt-every", type=int, default=2, help="pbt mode's K (default 2)")
-    p.add_argument("--out", type=Path, default=Path("runs/payoff"),
-                   help="where the runs go (default runs/payoff)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where the runs go (default runs/payoff, or runs/payoff-PROFILE[-MODEL] "
+                        "with --testbed)")
     p.add_argument("--reuse", action="store_true",
                    help="read runs already in --out instead of running them again")
-    args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _run_all(args: argparse.Namespace) -> list[RunResult]:
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for mode in args.modes.split(","):
@@ -252,14 +356,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = run_mode(args, mode, seed)
             results.append(result_of(mode, seed, path))
             _save(args.out, results)  # what is done so far survives a stopped benchmark
+    return results
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    if not args.testbed:
+        return Path("runs/payoff")
+    return Path(f"runs/payoff-{args.testbed}" + ("" if args.model == "cnn" else f"-{args.model}"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.out = args.out or _default_out(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.bed = None
+    if args.testbed and not (args.reuse and (args.out / "results.json").exists()):
+        with Testbed(PROFILES[args.testbed]) as args.bed:
+            print(f"testbed: {args.bed.profile.describe()}", flush=True)
+            args.redis = args.bed.start_redis(args.out / "redis")
+            results = _run_all(args)
+    else:
+        results = _run_all(args)
     rows = table(results)
     print(render(rows))
     for r in results:
         if r.status != "finished":
             print(f"note: {r.mode}-seed{r.seed} ended {r.status} after {r.wall_s:.0f} s; its "
                   "numbers are up to then (see its log)")
+    if args.testbed:
+        print(f"EMULATION: {PROFILES[args.testbed].describe()}; 'overran' counts training "
+              "calls whose real compute exceeded their nominal time (emulation failed)")
     print(json.dumps({**verdict(rows), "seeds": args.seeds, "rounds": args.rounds,
-                      "max_steps": args.max_steps}))
+                      "max_steps": args.max_steps, "testbed": args.testbed,
+                      "model": args.model}))
     return 0
 
 

@@ -68,7 +68,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.flower_app import engines
+from bench.flower_app import engines, on_testbed
 from bench.flower_app.runs import (
     ALPHA,
     CLIENTS,
@@ -78,6 +78,8 @@ from bench.flower_app.runs import (
     Setting,
     pwfl_default_setting,
 )
+from bench.testbed import PROFILES, Testbed
+from bench.testbed.profiles import STEP_S
 
 TARGETS = (0.80, 0.85, 0.88)
 INSTALL_PEER = "pip install 'pwfl[peer]'  (i.e. pip install 'flwr[simulation]==1.41.0')"
@@ -125,15 +127,21 @@ def partition_indices(seed: int) -> list[list[int]]:
 # --- PWFL -----------------------------------------------------------------------------
 
 
+def pwfl_args(setting: Setting, seed: int, rounds: int) -> list[str]:
+    """The coordinator's options for one slot with `setting` (agents and Redis not included)."""
+    return ["--task", "fashion_mnist", "--task-option", f"partition_seed={seed}",
+            "--task-option", f"alpha={ALPHA}", "--slots", "1", "--rounds", str(rounds),
+            "--no-progress", "--http-port", "0", "--epochs", str(setting.epochs),
+            "--batch-size", str(setting.batch_size), "--lr", str(setting.lr), "--momentum",
+            str(setting.momentum), "--max-steps", str(setting.max_steps), "--local-steps",
+            str(setting.local_steps)]
+
+
 def run_pwfl(setting: Setting, seed: int, rounds: int, runs_dir: Path) -> Outcome:
     run_id = f"vs-flower-{setting.label}-{seed}"
     argv = [sys.executable, "-m", "coordinator", "--runs-dir", str(runs_dir), "--run-id",
-            run_id, "--task", "fashion_mnist", "--task-option", f"partition_seed={seed}",
-            "--task-option", f"alpha={ALPHA}", "--slots", "1", "--rounds", str(rounds),
-            "--clients", str(CLIENTS), "--local-agents", "2", "--no-progress", "--http-port",
-            "0", "--epochs", str(setting.epochs), "--batch-size", str(setting.batch_size),
-            "--lr", str(setting.lr), "--momentum", str(setting.momentum), "--max-steps",
-            str(setting.max_steps), "--local-steps", str(setting.local_steps)]
+            run_id, "--clients", str(CLIENTS), "--local-agents", "2",
+            *pwfl_args(setting, seed, rounds)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
@@ -143,8 +151,11 @@ def run_pwfl(setting: Setting, seed: int, rounds: int, runs_dir: Path) -> Outcom
     return pwfl_outcome(events, setting.label, seed)
 
 
-def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int) -> Outcome:
-    """Per-round times from a PWFL event log (one slot)."""
+def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int,
+                 trainer_key: str = "agent_id") -> Outcome:
+    """Per-round times from a PWFL event log (one slot). A round's slowest trainer is the
+    busiest `trainer_key` (an agent: local agents have one trainer each; on the testbed
+    every client has its own trainer, so "client_id")."""
     out = Outcome("pwfl", label, seed)
     start: dict[int, float] = {}
     busy: dict[int, dict[str, float]] = {}
@@ -155,7 +166,7 @@ def pwfl_outcome(events: list[dict[str, Any]], label: str, seed: int) -> Outcome
         elif e["event"] == "update_received":
             train_s = (e.get("timings") or {}).get("train_s", 0.0)
             per_agent = busy.setdefault(r, {})
-            per_agent[e["agent_id"]] = per_agent.get(e["agent_id"], 0.0) + train_s
+            per_agent[e[trainer_key]] = per_agent.get(e[trainer_key], 0.0) + train_s
         elif e["event"] == "aggregation_finished":
             out.round_wall_s.append(e["ts"] - start[r])
             out.slowest_train_s.append(max(busy.get(r, {}).values(), default=0.0))
@@ -342,25 +353,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment-default-job", action="store_true",
                    help="with 'deployment', also run Flower's deployment engine with PWFL's "
                         "default job (about 10 more minutes per seed; default off)")
+    p.add_argument("--testbed", metavar="PROFILE", choices=tuple(PROFILES),
+                   help="run PWFL (one agent per silo) and Flower's deployment engine (one "
+                        "SuperNode per silo) over the same emulated silos of this profile "
+                        "(root; python -m bench.testbed --help), devices EMULATED by padding; "
+                        "the simulation engine is left out (it has no network); reports the "
+                        "MB each moves per round over the links")
+    p.add_argument("--step-s", type=float, default=STEP_S["cnn"], metavar="SECONDS",
+                   help="with --testbed: nominal seconds per training step at speed 1 "
+                        f"(default {STEP_S['cnn']:g}); raise it when the link table counts "
+                        "overruns beyond the first calls")
     p.add_argument("--flower-child", help=argparse.SUPPRESS)
     return p
 
 
-def _runner(engine: str) -> Callable[[Setting, int, int, Path], Outcome]:
-
-    return {"flower-sim": engines.run_simulation, "flower-deployment": engines.run_deployment,
-            "pwfl": run_pwfl}[engine]
+Runners = dict[str, Callable[[Setting, int, int, Path], Outcome]]
+RUNNERS: Runners = {"flower-sim": engines.run_simulation,
+                    "flower-deployment": engines.run_deployment, "pwfl": run_pwfl}
 
 
 def _run_all(plan: list[tuple[str, Setting]], seeds: list[int], step_rounds: int,
-             epoch_rounds: int) -> list[Outcome]:
+             epoch_rounds: int, runners: Runners = RUNNERS) -> list[Outcome]:
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for name, setting in plan:
                 rounds = step_rounds if setting.local_steps else epoch_rounds
                 began = time.perf_counter()
-                outcomes.append(_runner(name)(setting, seed, rounds, Path(tmp)))
+                outcomes.append(runners[name](setting, seed, rounds, Path(tmp)))
                 print(f"seed {seed}: {name} {outcomes[-1].setting} ({rounds} rounds) done in "
                       f"{time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     return outcomes
@@ -385,14 +405,30 @@ def main(argv: list[str] | None = None) -> int:
     epoch_rounds = 3 if args.quick else args.epoch_rounds
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     default = pwfl_default_setting()
-    plan = build_plan(args.flower_engines, default, args.candidate, args.deployment_default_job)
-    outcomes = _run_all(plan, seeds, step_rounds, epoch_rounds)
+    engines_run = ("deployment",) if args.testbed else args.flower_engines
+    plan = build_plan(engines_run, default, args.candidate, args.deployment_default_job)
+    outcomes = (_on_testbed(args.testbed, args.step_s, plan, seeds, step_rounds, epoch_rounds)
+                if args.testbed else _run_all(plan, seeds, step_rounds, epoch_rounds))
     print(f"Fashion-MNIST, {CLIENTS} clients, Dirichlet({ALPHA}), seeds {seeds}; "
           f"{step_rounds} rounds of step-budget jobs, {epoch_rounds} of whole-epoch jobs")
     for setting in {s.label: s for _, s in plan}.values():
         print(f"  {setting.label}: {setting.describe()}")
+    if args.testbed:
+        print(f"testbed {args.testbed} (EMULATION: devices padded to nominal step times; "
+              "'overran': calls whose real compute was longer); bytes over the silos' links:")
+        print("\n".join(on_testbed.link_lines(outcomes)))
     print(json.dumps(report(summarise(outcomes), default.label)))
     return 0
+
+
+def _on_testbed(name: str, step_s: float, plan: list[tuple[str, Setting]], seeds: list[int],
+                step_rounds: int, epoch_rounds: int) -> list[Outcome]:
+    """The plan's runs over the testbed's silos (PWFL's agents, Flower's SuperNodes)."""
+    with Testbed(PROFILES[name]) as bed, tempfile.TemporaryDirectory() as tmp:
+        print(f"testbed: {bed.profile.describe()}", file=sys.stderr, flush=True)
+        redis = bed.start_redis(Path(tmp) / "redis")
+        runners = on_testbed.runners(bed, redis, step_s, pwfl_args, pwfl_outcome)
+        return _run_all(plan, seeds, step_rounds, epoch_rounds, runners)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from client_agent.limits import MIN_AUTO_LIMIT_S
 from client_agent.settings import AgentSettings
 from serialization.events import configure_events
 from serialization.tasks import BUILTIN_TASKS, task_spec
+from trainer_worker.emulation import ENV as EMULATION_ENV
+from trainer_worker.emulation import EmulatedDevice, EmulationError
 
 DESCRIPTION = """\
 Serve PWFL jobs for the clients this machine hosts. The agent registers its
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "proves it shares this host's /dev/shm, models and updates are "
                         "handed over in shared memory instead; others always use Redis). Use "
                         "it where /dev/shm cannot hold a few models, or to test the Redis path")
+    p.add_argument("--emulate-device", type=_emulated_device, metavar="step_s=S[,slowdown=K]",
+                   help="EMULATION, for benchmarks only: pad every training call with sleep to "
+                        "S seconds per step times K (a device K times slower than one taking S "
+                        "per step); each call logs device_emulated, with overran=true when the "
+                        "real compute took longer (default: off, real compute time)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics (jobs, trainer restarts, model cache hits, "
                         "shared memory) at http://HOST:PORT/metrics; 0 picks a free port "
@@ -148,6 +155,13 @@ def _task_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor module:factory")
     return spec
+
+
+def _emulated_device(text: str) -> EmulatedDevice:
+    try:
+        return EmulatedDevice.parse(text)
+    except EmulationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> float:
@@ -190,6 +204,7 @@ def settings_from_args(args: argparse.Namespace,
                          reclaim_idle_ms=args.reclaim_idle_ms,
                          train_timeout_s=args.train_timeout_s,
                          local_handoff=args.local_handoff,
+                         emulated_device=args.emulate_device,
                          allowed_tasks=frozenset([*BUILTIN_TASKS.values(), *args.allow_task]))
 
 
@@ -220,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_events("agent", log_file=args.log_file, console_level=args.log_level)
     settings = settings_from_args(args)  # after the events: secret-file warnings are logged
+    if settings.emulated_device is not None:  # read by the spawned trainers at their start
+        os.environ[EMULATION_ENV] = settings.emulated_device.to_text()
     if args.metrics_port is not None:
         from client_agent.metrics import serve_metrics
 

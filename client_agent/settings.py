@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from bus.connection import DEFAULT_OUTAGE_S, RedisSettings
 from bus.credentials import Keyring
 from serialization.tasks import BUILTIN_TASKS
+from trainer_worker.emulation import EmulatedDevice
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class AgentSettings:
     allowed_tasks: frozenset[str] = frozenset(BUILTIN_TASKS.values())
     # Models and updates in shared memory with a coordinator proven to share this host.
     local_handoff: bool = True
+    # Benchmarks only (bench/testbed): pad each training call to a nominal device time.
+    emulated_device: EmulatedDevice | None = None
 
     @property
     def name(self) -> str:

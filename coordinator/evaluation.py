@@ -19,6 +19,7 @@ import structlog
 import torch
 
 from serialization import TensorSpec, schema_of
+from serialization.slot_events import EvaluationFinished, EvaluationSkipped, emit
 from serialization.tasks import TaskPlugin
 
 log = structlog.get_logger()
@@ -124,12 +125,12 @@ async def evaluate_round(evaluator: Evaluator, slot_id: int, round_: int,
         return {}
     next_due = min((round_ // eval_every + 1) * eval_every, last_round)
     if round_ != last_round and newest_round >= next_due:
-        log.info("evaluation_skipped", slot_id=slot_id, round=round_, newer_round=newest_round)
+        emit(log, EvaluationSkipped(slot_id, round=round_, newer_round=newest_round))
         return {}
     start = time.perf_counter()
     metrics = await evaluator.evaluate_in_background(slot_id, state)
-    log.info("evaluation_finished", slot_id=slot_id, round=round_,
-             accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
-             num_examples=metrics.get("num_examples"),
-             duration_s=round(time.perf_counter() - start, 6))
+    emit(log, EvaluationFinished(slot_id, round=round_, accuracy=metrics.get("accuracy"),
+                                 loss=metrics.get("loss"),
+                                 num_examples=metrics.get("num_examples"),
+                                 duration_s=round(time.perf_counter() - start, 6)))
     return metrics

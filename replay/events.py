@@ -51,7 +51,7 @@ OTHER_EVENTS = frozenset(
         "registration_undecodable", "secret_file_permissive", "shm_orphans_removed",
         "stream_group_recreated", "stream_entries_deleted_while_pending",
         "stream_entries_dead_lettered", "stream_trim_failed", "trainer_bad_message",
-        "trainer_job_failed", "trainer_reply_dropped", "trainer_restart_failed",
+        "trainer_job_failed", "trainer_reply_dropped", "device_emulated", "trainer_restart_failed",
         "strategy_bounds_unmet",
         "train_timeout", "job_refused", "redis_refused",
         "gradient_step", "gradient_client_dropped", "gradient_session_opened",

@@ -14,14 +14,15 @@ from typing import Any
 
 from replay.events import SlotId, slot_sort_key
 from replay.intervals import Span
+from serialization import slot_events as se
 
 # Coordinator work categories, and the events whose intervals make them up.
 CATEGORY_OF_EVENT = {
-    "update_folded": "aggregation",
-    "aggregation_finished": "aggregation",
-    "evaluation_finished": "evaluation",
+    se.UpdateFolded.name: "aggregation",
+    se.AggregationFinished.name: "aggregation",
+    se.EvaluationFinished.name: "evaluation",
     "checkpoint_written": "checkpoint",
-    "model_published": "io",
+    se.ModelPublished.name: "io",
 }
 CATEGORIES = ("aggregation", "evaluation", "checkpoint", "io")
 

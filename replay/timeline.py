@@ -29,6 +29,7 @@ from replay.model import (
     Segment,
 )
 from replay.population import MERGED, POPULATION_EVENTS
+from serialization import slot_events as se
 
 # Fields every line carries; the rest of run_started is the run's configuration.
 _COMMON_FIELDS = frozenset({"ts", "event", "level", "proc", "pid", "run_id"})
@@ -81,20 +82,20 @@ class _Builder:
             "client_lost": self._on_client_lost,
             "lease_taken": self._on_lease_taken,
             "lease_returned": self._on_lease_returned,
-            "round_started": self._on_round_started,
-            "model_published": self._on_model_published,
-            "job_published": self._on_job_published,
+            se.RoundStarted.name: self._on_round_started,
+            se.ModelPublished.name: self._on_model_published,
+            se.JobPublished.name: self._on_job_published,
             "update_received": self._on_update_received,
-            "update_folded": self._on_update_folded,
+            se.UpdateFolded.name: self._on_update_folded,
             "update_rejected": self._on_update_rejected,
-            "update_late": self._on_update_late,
-            "job_failed": self._on_job_failed,
-            "quorum_reached": self._on_quorum_reached,
-            "aggregation_finished": self._on_aggregation_finished,
-            "evaluation_finished": self._on_evaluation_finished,
+            se.UpdateLate.name: self._on_update_late,
+            se.JobFailed.name: self._on_job_failed,
+            se.QuorumReached.name: self._on_quorum_reached,
+            se.AggregationFinished.name: self._on_aggregation_finished,
+            se.EvaluationFinished.name: self._on_evaluation_finished,
             "checkpoint_written": self._on_checkpoint_written,
-            "round_closed": self._on_round_closed,
-            "round_failed": self._on_round_failed,
+            se.RoundClosed.name: self._on_round_closed,
+            se.RoundFailed.name: self._on_round_failed,
             **dict.fromkeys(POPULATION_EVENTS, self._on_population),
         }
 

@@ -2,9 +2,13 @@
 
 Imports no other package of ours. Everything that reads untrusted bytes raises
 `PayloadError` (with a `reason` label) and nothing else.
+
+The tensor names (`encode`, `decode`, ...) are imported on first use: the messages
+and the event types (`slot_events`) must stay importable without torch, since the
+replay tool reads logs on machines that have none.
 """
 
-import warnings
+from typing import TYPE_CHECKING, Any
 
 from serialization.errors import PayloadError
 from serialization.messages import (
@@ -17,17 +21,31 @@ from serialization.messages import (
     Result,
     job_from_bytes,
 )
-from serialization.tensors import (
-    DTYPES,
-    TensorSpec,
-    check_finite,
-    decode,
-    encode,
-    encode_into,
-    encoded_size,
-    read_header,
-    schema_of,
-)
+
+if TYPE_CHECKING:
+    from serialization.tensors import (
+        DTYPES,
+        TensorSpec,
+        check_finite,
+        decode,
+        encode,
+        encode_into,
+        encoded_size,
+        read_header,
+        schema_of,
+    )
+
+_TENSOR_NAMES = frozenset({"DTYPES", "TensorSpec", "check_finite", "decode", "encode",
+                           "encode_into", "encoded_size", "read_header", "schema_of"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TENSOR_NAMES:
+        from serialization import tensors
+
+        return getattr(tensors, name)
+    raise AttributeError(f"module 'serialization' has no attribute {name!r}")
+
 
 __all__ = [
     "DTYPES",
@@ -49,7 +67,3 @@ __all__ = [
     "read_header",
     "schema_of",
 ]
-
-# Decoded tensors are read-only views over received bytes by contract (zero-copy
-# decode, `tensors.decode`); torch can only warn that it cannot mark them read-only.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from types import MappingProxyType
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from serialization.errors import TaskError, TaskNotAllowed
+
+if TYPE_CHECKING:  # the coordinator's replay side imports serialization without torch
+    import torch
 
 BUILTIN_TASKS = MappingProxyType({
     "fashion_mnist": "trainer_worker.tasks.fashion_mnist:FashionMnistTask",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,6 +30,10 @@ import numpy as np
 import torch
 
 from serialization.errors import PayloadError
+
+# Decoded tensors are read-only views over received bytes by contract (zero-copy
+# decode); torch can only warn that it cannot mark them read-only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 MAGIC = b"PWFL"
 FORMAT_VERSION = 1

@@ -39,7 +39,7 @@ from serialization.errors import PayloadError
 from serialization.events import configure_events
 from serialization.messages import Message
 from serialization.tasks import TaskPlugin, allow_tasks, load_task
-from trainer_worker import protocol, shm
+from trainer_worker import emulation, protocol, shm
 from trainer_worker.gradient import GradientSessions
 from trainer_worker.task import TrainConfig, TrainOutcome, error_text, outcome_of
 
@@ -60,7 +60,8 @@ def run(conn: Connection, device: str, threads: int, log_file: str | None, run_i
     torch.set_num_threads(threads)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)  # stray allocations go to our GPU, not cuda:0
-    trainer = Trainer(torch.device(device), shm_prefix=shm_prefix)
+    trainer = Trainer(torch.device(device), shm_prefix=shm_prefix,
+                      emulated=emulation.EmulatedDevice.from_env(os.environ))
     _exit_with_parent(trainer)
     _warm_up()
     conn.send_bytes(protocol.pack(protocol.Ready(device=device, pid=os.getpid())))
@@ -141,8 +142,10 @@ class _Loaded:
 class Trainer:
     """Runs jobs: decode the model, train it, encode the update into a new segment."""
 
-    def __init__(self, device: torch.device, *, shm_prefix: str = "pwfl") -> None:
+    def __init__(self, device: torch.device, *, shm_prefix: str = "pwfl",
+                 emulated: emulation.EmulatedDevice | None = None) -> None:
         self.device = device
+        self.emulated = emulated  # benchmarks only: pad each job to a nominal device time
         self.shm_prefix = shm_prefix
         self._tasks: OrderedDict[str, _Loaded] = OrderedDict()
         self._pending: str | None = None  # update segment made but not yet handed over
@@ -202,6 +205,8 @@ class Trainer:
                                                    self.device))
             trained_at = time.perf_counter()
             state = loaded.model.state_dict()
+        trained_at = emulation.pad(self.emulated, loaded_at, trained_at, config,
+                                   outcome.num_examples)
         name, nbytes = self._encode(state, meta)
         timings = {"load_s": loaded_at - started, "train_s": trained_at - loaded_at,
                    "encode_s": time.perf_counter() - trained_at}

@@ -13,6 +13,11 @@ SIGKILLed, a parent-death signal kills the SuperLink and SuperNodes at once; Flo
 SuperExec and app processes watch their parent and leave on their own (seen: SuperExecs
 within seconds, a ServerApp process after about 40 s of retries).
 
+On the testbed (`bench/testbed`, `Plan.silos`), SuperNode i runs inside silo i's
+network namespace (`ip netns exec`), reaches the SuperLink through the silo's shaped
+link and delaying relay, serves its Runtime API on the silo's own address, and its
+ClientApp processes inherit the silo's emulated device (`PWFL_EMULATED_DEVICE`).
+
 Flower's defaults are kept (subprocess isolation: each SuperNode's SuperExec starts
 a `flwr-clientapp` process per message, the SuperLink's starts the `flwr-serverapp`)
 except one: the SuperLink's runtime dependency installation (`uv sync` of the app's
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
+EMULATION_ENV = "PWFL_EMULATED_DEVICE"  # trainer_worker.emulation.ENV, read by the ClientApp
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "pwfl-bench"  # the SuperLink connection's name in FLWR_HOME/config.toml
 START_TIMEOUT_S = 90.0
@@ -69,6 +75,17 @@ def toml_value(value: bool | int | float | str) -> str:
 
 
 @dataclass(frozen=True)
+class SiloNode:
+    """Where one SuperNode runs on the testbed: its namespace, the relayed SuperLink address
+    it dials, its own address, and its emulated device (`client_agent --emulate-device`)."""
+
+    netns: str
+    superlink: str
+    host: str
+    emulate_device: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """Where everything goes: ports, FLWR_HOME and logs, and the executables."""
 
@@ -76,6 +93,7 @@ class Plan:
     supernode_ports: tuple[int, ...]
     home: Path
     bin_dir: Path = field(default_factory=lambda: Path(sys.executable).parent)
+    silos: tuple[SiloNode, ...] = ()  # testbed: one per partition; empty: all on loopback
 
     @classmethod
     def on_free_ports(cls, nodes: int, home: Path) -> Plan:
@@ -91,11 +109,17 @@ class Plan:
                 "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation"]
 
+    def supernode_host(self, partition: int) -> str:
+        return self.silos[partition].host if self.silos else "127.0.0.1"
+
     def supernode_argv(self, partition: int) -> list[str]:
-        return [str(self.bin_dir / "flower-supernode"), "--insecure",
-                "--superlink", self.superlink_address, "--host", "127.0.0.1",
+        silo = self.silos[partition] if self.silos else None
+        argv = [str(self.bin_dir / "flower-supernode"), "--insecure",
+                "--superlink", silo.superlink if silo else self.superlink_address,
+                "--host", self.supernode_host(partition),
                 "--port", str(self.supernode_ports[partition]), "--node-config",
                 f"partition-id={partition} num-partitions={len(self.supernode_ports)}"]
+        return ["ip", "netns", "exec", silo.netns, *argv] if silo else argv
 
     def flwr_run_argv(self, run_config: dict[str, bool | int | float | str],
                       app_dir: Path = APP_DIR) -> list[str]:
@@ -173,11 +197,13 @@ class Federation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
         log = self.plan.home / f"{name}.log"
         handle = log.open("wb")
         self._logs.append(handle)
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.plan.env(), stdout=handle,
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.plan.env(), **(env or {})},
+                                stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         self.procs.append((proc, log))
@@ -189,8 +215,12 @@ class Federation:
         superlink = self._spawn(self.plan.superlink_argv(), "superlink")
         _wait_for_port(self.plan.superlink_port, superlink, self.plan.home / "superlink.log")
         for partition, port in enumerate(self.plan.supernode_ports):
-            node = self._spawn(self.plan.supernode_argv(partition), f"supernode-{partition}")
-            _wait_for_port(port, node, self.plan.home / f"supernode-{partition}.log")
+            device = ({EMULATION_ENV: self.plan.silos[partition].emulate_device}
+                      if self.plan.silos else {})
+            node = self._spawn(self.plan.supernode_argv(partition), f"supernode-{partition}",
+                               device)
+            _wait_for_port(port, node, self.plan.home / f"supernode-{partition}.log",
+                           self.plan.supernode_host(partition))
 
     def stop(self) -> None:
         """SIGTERM every group and detached descendant; SIGKILL what is left after a grace."""
@@ -252,15 +282,16 @@ def _signal_same(procs: list[tuple[int, int]], sig: signal.Signals) -> None:
                 os.kill(pid, sig)
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Until `port` accepts on loopback; FlowerProcessError if `proc` exits or time runs out."""
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path,
+                   host: str = "127.0.0.1") -> None:
+    """Until host:`port` accepts; FlowerProcessError if `proc` exits or time runs out."""
     name, deadline = log.stem, time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FlowerProcessError(f"{name} exited {proc.returncode} "
                                      f"before listening on {port}:\n{log_tail(log)}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            socket.create_connection((host, port), timeout=1.0).close()
             return
         except OSError:
             time.sleep(0.2)  # a process's listening socket offers nothing to await

@@ -9,15 +9,20 @@ Either way the ServerApp writes the run's Outcome as JSON, read back here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.flower_app.deployment import Federation, FlowerProcessError, Plan
+from bench.flower_app.deployment import Federation, FlowerProcessError, Plan, SiloNode
 from bench.flower_app.runs import CLIENTS, ROOT, FlowerRun, Outcome, Setting
+from bench.testbed.silos import link_bytes
+
+if TYPE_CHECKING:
+    from bench.testbed import Testbed
 
 
 def run_simulation(setting: Setting, seed: int, rounds: int, workdir: Path) -> Outcome:
@@ -51,16 +56,36 @@ def deployment_timeout_s(setting: Setting, rounds: int) -> float:
     return 300.0 + rounds * (600.0 if not setting.local_steps else 120.0)
 
 
-def run_deployment(setting: Setting, seed: int, rounds: int, workdir: Path) -> Outcome:
-    """Flower's deployment engine: a SuperLink, 6 SuperNodes and `flwr run`, then all stopped."""
+def run_deployment(setting: Setting, seed: int, rounds: int, workdir: Path,
+                   bed: Testbed | None = None, step_s: float = 0.0) -> Outcome:
+    """Flower's deployment engine: a SuperLink, 6 SuperNodes and `flwr run`, then all stopped;
+    with a testbed, SuperNode i in silo i (its link, relay and emulated device)."""
     home = workdir / f"flower-deployment-{setting.label}-{seed}"
     run = FlowerRun("flower-deployment", setting, seed, rounds, str(home / "outcome.json"))
+    plan = Plan.on_free_ports(CLIENTS, home)
+    if bed is not None:
+        plan = on_silos(plan, bed, step_s)
+    before = bed.counters() if bed is not None else []
     try:
-        with Federation(Plan.on_free_ports(CLIENTS, home)) as federation:
+        with Federation(plan) as federation:
             log = federation.run(run.run_config(), deployment_timeout_s(setting, rounds))
             if not Path(run.out).exists():
                 raise FlowerProcessError(federation.failure(
                     "flwr run ended without the ServerApp writing its outcome", log))
     except FlowerProcessError as exc:
         raise SystemExit(f"Flower deployment engine failed: {exc}") from exc
-    return Outcome(**json.loads(Path(run.out).read_text()))
+    outcome = Outcome(**json.loads(Path(run.out).read_text()))
+    if bed is not None:
+        outcome.link = link_bytes(before, bed.counters())
+    return outcome
+
+
+def on_silos(plan: Plan, bed: Testbed, step_s: float) -> Plan:
+    """`plan` with partition p's SuperNode in the silo hosting client p, dialling the SuperLink
+    through that silo's relay."""
+    relayed = bed.expose(plan.superlink_port)
+    nodes = tuple(SiloNode(silo.link.netns, address, silo.link.silo_address,
+                           silo.emulate_device(step_s))
+                  for silo, address in zip(bed.silos, relayed, strict=True)
+                  for _ in silo.clients)  # partition p's node in the silo that hosts client p
+    return dataclasses.replace(plan, silos=nodes)

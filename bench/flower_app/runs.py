@@ -65,6 +65,16 @@ class Outcome:
     accuracy: list[float] = field(default_factory=list)
     round_wall_s: list[float] = field(default_factory=list)  # sent out .. aggregated
     slowest_train_s: list[float] = field(default_factory=list)  # busiest trainer
+    # Testbed runs: bytes over the silos' links, and the emulated training calls (overran:
+    # real compute longer than the nominal device time, so the emulation failed for them).
+    link: dict[str, int] | None = None
+    emulated_calls: int = 0
+    emulated_overran: int = 0
+
+    def link_mb_per_round(self) -> float | None:
+        if self.link is None or not self.eval_end:
+            return None
+        return (self.link["download_bytes"] + self.link["upload_bytes"]) / 1e6 / len(self.eval_end)
 
     def time_to(self, target: float) -> float | None:
         for t, acc in zip(self.eval_end, self.accuracy, strict=True):

@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.observability.metrics import BUSY_KIND_OF_EVENT, event_seconds, event_ts
+from serialization import slot_events as se
 
 MAX_POINTS_PER_SLOT = 2000
 MAX_SEGMENTS_PER_CLIENT = 400
@@ -155,8 +156,8 @@ class DashboardState:
 
     _handlers: dict[str, Callable[[DashboardState, Mapping[str, Any]], list[Op]]] = {
         "run_started": _run_started, "run_resumed": _run_started,
-        "evaluation_finished": _evaluation, "lease_taken": _lease_taken,
-        "lease_returned": _lease_returned, "update_late": _update_late,
+        se.EvaluationFinished.name: _evaluation, "lease_taken": _lease_taken,
+        "lease_returned": _lease_returned, se.UpdateLate.name: _update_late,
         "run_finished": _run_finished,
     }
 

@@ -19,15 +19,16 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from coordinator.status import RunStatus
+from serialization import slot_events as se
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # From a fold on a small model (ms) to a slow round on real silos (minutes).
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                       60.0, 120.0, 300.0, 600.0, float("inf"))
 # The coordinator's kinds of work, as the replay counts its busy time.
-BUSY_KIND_OF_EVENT = {"model_published": "publish", "update_folded": "fold",
-                      "aggregation_finished": "aggregate", "evaluation_finished": "evaluate",
-                      "checkpoint_written": "checkpoint"}
+BUSY_KIND_OF_EVENT = {se.ModelPublished.name: "publish", se.UpdateFolded.name: "fold",
+                      se.AggregationFinished.name: "aggregate",
+                      se.EvaluationFinished.name: "evaluate", "checkpoint_written": "checkpoint"}
 JOB_OUTCOME_OF_RETURN = {"result": "done", "failed": "failed", "lost": "lost"}
 RUN_INFO_FIELDS = ("strategy", "policy", "task", "late_policy")
 
@@ -133,9 +134,9 @@ class RoundMetrics:
 
     handlers: dict[str, Handler] = {
         "run_started": _run_started, "run_resumed": _run_started,
-        "round_closed": _round_closed, "round_failed": _round_failed,
-        "quorum_reached": _quorum_reached, "aggregation_finished": _aggregation_finished,
-        "evaluation_finished": _evaluation_finished,
+        se.RoundClosed.name: _round_closed, se.RoundFailed.name: _round_failed,
+        se.QuorumReached.name: _quorum_reached, se.AggregationFinished.name: _aggregation_finished,
+        se.EvaluationFinished.name: _evaluation_finished,
     }
 
 
@@ -218,11 +219,11 @@ class TrafficMetrics:
 
     handlers: dict[str, Handler] = {
         "run_started": _run_started, "run_resumed": _run_started,
-        "model_published": _model_published, "job_published": _job_published,
+        se.ModelPublished.name: _model_published, se.JobPublished.name: _job_published,
         "lease_taken": _lease_taken, "lease_returned": _lease_returned,
-        "update_received": _update_received, "update_folded": _update_folded,
+        "update_received": _update_received, se.UpdateFolded.name: _update_folded,
         "update_rejected": _update_rejected,
-        "registration_undecodable": _registration_undecodable, "update_late": _update_late,
+        "registration_undecodable": _registration_undecodable, se.UpdateLate.name: _update_late,
         "redis_reconnected": _redis_reconnected, "http_unauthorized": _http_unauthorized,
     }
 

@@ -22,6 +22,7 @@ from coordinator.run_state import RunState
 from coordinator.settings import CoordinatorSettings
 from coordinator.slots.protocol import ClosedRound, State
 from coordinator.status import RunStatus
+from serialization.slot_events import RoundClosed, emit
 
 log = structlog.get_logger()
 
@@ -80,9 +81,9 @@ class EvaluationChain:
         status.rounds_done = closed.round
         if accuracy is not None:
             status.record_accuracy(closed.round, accuracy, self._status.elapsed_s)
-        log.info("round_closed", slot_id=self.slot_id, round=closed.round,
-                 duration_s=round(duration_s, 6), accuracy=accuracy,
-                 num_updates=closed.num_updates, **closed.fields)
+        emit(log, RoundClosed(self.slot_id, round=closed.round, duration_s=round(duration_s, 6),
+                              accuracy=accuracy, num_updates=closed.num_updates,
+                              more=closed.fields))
 
     async def checkpoint_replaced(self, round_: int, payload: bytes, strategy_state: State,
                                   config: SlotConfig) -> None:

@@ -35,7 +35,9 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.slots.protocol import ClosedRound, Inbox, RoundEnd, RoundProtocol, State
 from coordinator.slots.publishing import JobPublisher
 from serialization import GradientJob, PayloadError, encode
+from serialization import slot_events as events
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
+from serialization.slot_events import emit
 
 log = structlog.get_logger()
 READ_BLOCK_MS = 1000
@@ -135,9 +137,10 @@ class GradientSessions(RoundProtocol):
         records = self._jobs.records(self.slot_id, round_, clients)
         self._session = Session(round_, name, {r.client_id: r for r in records}, set(clients),
                                 time.monotonic())
-        log.info("round_started", slot_id=self.slot_id, round=round_, clients=list(clients),
-                 quorum_count=len(clients), deadline_s=s.deadline_s, wait_s=round(wait_s, 6),
-                 mode="gradient", steps=s.gradient_steps)
+        emit(log, events.RoundStarted(self.slot_id, round=round_, clients=list(clients),
+                                      quorum_count=len(clients), deadline_s=s.deadline_s,
+                                      wait_s=round(wait_s, 6),
+                                      more={"mode": "gradient", "steps": s.gradient_steps}))
         await self._broadcast(name, 1)  # before the jobs: agents find it at once
         deadline_ts = time.time() + s.deadline_s * s.gradient_steps
 
@@ -290,9 +293,10 @@ class GradientSessions(RoundProtocol):
         state, optimizer_state = self.model.state_dict(), self.model.optimizer_state()
         payload = await asyncio.to_thread(encode, state)
         self._latest = (session.round, state)
-        log.info("aggregation_finished", slot_id=self.slot_id, round=session.round,
-                 num_updates=session.steps_done, num_examples=session.num_examples,
-                 duration_s=round(session.step_s, 6))
+        emit(log, events.AggregationFinished(self.slot_id, round=session.round,
+                                             num_updates=session.steps_done,
+                                             num_examples=session.num_examples,
+                                             duration_s=round(session.step_s, 6)))
         return ClosedRound(session.round, state, payload, optimizer_state, session.steps_done,
                            session.num_examples,
                            {"steps": session.steps_done, "num_examples": session.num_examples})

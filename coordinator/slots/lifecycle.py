@@ -25,6 +25,8 @@ from coordinator.results.sink import ResultSink
 from coordinator.slots.chain import EvaluationChain
 from coordinator.slots.protocol import Inbox, InboxItem, RoundEnd, RoundProtocol
 from coordinator.status import RunStatus, SlotStatus
+from serialization import slot_events as events
+from serialization.slot_events import emit
 
 log = structlog.get_logger()
 
@@ -82,8 +84,8 @@ class Slot:
                 await self._gave_up(failure)
                 return
         self.status.state = "done"
-        log.info("slot_finished", slot_id=self.slot_id, rounds=self.status.rounds_done,
-                 accuracy=self.status.last_accuracy)
+        emit(log, events.SlotFinished(self.slot_id, rounds=self.status.rounds_done,
+                                      accuracy=self.status.last_accuracy))
 
     async def _rounds_with_companion(self) -> SlotFailed | None:
         """Every round, with the protocol's companion task beside them; the failure that
@@ -104,8 +106,9 @@ class Slot:
 
     async def _gave_up(self, exc: SlotFailed) -> None:
         self.status.state = "failed"
-        log.error("slot_failed", slot_id=self.slot_id, round=self.status.round, reason=str(exc),
-                  rounds=self.status.rounds_done, accuracy=self.status.last_accuracy)
+        emit(log, events.SlotFailed(self.slot_id, round=self.status.round, reason=str(exc),
+                                    rounds=self.status.rounds_done,
+                                    accuracy=self.status.last_accuracy))
         if self.hook is not None:
             await self.hook.slot_failed(self.status.round)
 
@@ -174,8 +177,8 @@ class Slot:
 
     def _job_failed(self, delivery: Delivery) -> None:
         record = delivery.record
-        log.warning("job_failed", slot_id=self.slot_id, round=record.round,
-                    client_id=record.client_id, job_id=record.job_id, error=delivery.result.error)
+        emit(log, events.JobFailed(self.slot_id, round=record.round, client_id=record.client_id,
+                                   job_id=record.job_id, error=delivery.result.error))
         self._status.counters["jobs_failed"] += 1
 
     async def _late(self, delivery: Delivery) -> None:
@@ -185,9 +188,9 @@ class Slot:
         fold = self._open is not None and self.rounds.folds_late(delivery)
         staleness = (self._open or self.status.round) - record.round
         action = "folded" if fold else "dropped"
-        log.info("update_late", slot_id=self.slot_id, round=record.round,
-                 current_round=self._open, client_id=record.client_id, job_id=record.job_id,
-                 action=action, staleness=staleness)
+        emit(log, events.UpdateLate(self.slot_id, round=record.round, current_round=self._open,
+                                    client_id=record.client_id, job_id=record.job_id,
+                                    action=action, staleness=staleness))
         self._status.counters[f"late_{action}"] += 1
         if fold:
             await self.rounds.fold_late(delivery, staleness)
@@ -196,8 +199,8 @@ class Slot:
 
     def _round_failed(self, round_: int, end: RoundEnd) -> None:
         self._status.counters["rounds_failed"] += 1
-        log.warning("round_failed", slot_id=self.slot_id, round=round_, reason=end.reason,
-                    **end.fields)
+        emit(log, events.RoundFailed(self.slot_id, round=round_, reason=end.reason,
+                                     more=end.fields))
 
     async def drop_after_finish(self, delivery: Delivery) -> None:
         """A late result for a slot that has finished all its rounds: dropped and acked."""

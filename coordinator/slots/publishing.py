@@ -30,6 +30,7 @@ from coordinator.settings import CoordinatorSettings, TrainingSettings
 from coordinator.slots.published import PublishedModels
 from coordinator.status import RunStatus
 from serialization import AnyJob, Result
+from serialization.slot_events import JobPublished, ModelPublished, emit
 
 log = structlog.get_logger()
 
@@ -69,9 +70,10 @@ class ModelPublisher:
         self.published.publish(slot_id, ref)
         self._status.counters["bytes_published"] += ref.nbytes
         put_s = time.perf_counter() - start
-        log.info("model_published", slot_id=slot_id, round=round_, digest=ref.digest,
-                 nbytes=ref.nbytes, encode_s=round(encode_s, 6), put_s=round(put_s, 6),
-                 shm_s=round(shm_s, 6), blob=blob, duration_s=round(encode_s + put_s, 6))
+        emit(log, ModelPublished(slot_id, round=round_, digest=ref.digest, nbytes=ref.nbytes,
+                                 encode_s=round(encode_s, 6), put_s=round(put_s, 6),
+                                 shm_s=round(shm_s, 6), blob=blob,
+                                 duration_s=round(encode_s + put_s, 6)))
         return ref
 
     async def _write(self, slot_id: int, ref: BlobRef, payload: bytes,
@@ -181,7 +183,7 @@ class JobPublisher:
             self.jobs.add(record)
             job = job_of(record, shared)
             items.append((self._keys.jobs(record.client_id), self._job_bytes(job)))
-            log.info("job_published", slot_id=record.slot_id, round=record.round,
-                     client_id=record.client_id, job_id=record.job_id, seed=job.config["seed"])
+            emit(log, JobPublished(record.slot_id, round=record.round, client_id=record.client_id,
+                                   job_id=record.job_id, seed=job.config["seed"]))
         await streams.publish_many(self._redis, items)
         self._status.counters["jobs_published"] += len(records)

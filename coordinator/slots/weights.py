@@ -32,6 +32,8 @@ from coordinator.slots.publishing import JobPublisher, ModelPublisher
 from coordinator.status import RunStatus
 from coordinator.strategies import Strategy
 from serialization import Job, encode
+from serialization import slot_events as events
+from serialization.slot_events import emit
 
 log = structlog.get_logger()
 
@@ -83,8 +85,9 @@ class WeightRounds(RoundProtocol):
         rule = QuorumRule(fraction=s.quorum, min_updates=s.min_clients, deadline_s=s.deadline_s)
         quorum = RoundQuorum(rule, len(records), time.monotonic())
         self._open = OpenRound(round_, {r.job_id: r for r in records}, aggregate, quorum)
-        log.info("round_started", slot_id=self.slot_id, round=round_, clients=list(clients),
-                 quorum_count=quorum.needed, deadline_s=s.deadline_s, wait_s=round(wait_s, 6))
+        emit(log, events.RoundStarted(self.slot_id, round=round_, clients=list(clients),
+                                      quorum_count=quorum.needed, deadline_s=s.deadline_s,
+                                      wait_s=round(wait_s, 6)))
         token, token_digest, segment = self._models.advert(ref)
         deadline_ts = time.time() + s.deadline_s
 
@@ -147,9 +150,10 @@ class WeightRounds(RoundProtocol):
         if not result.update_shm:  # a handed-over update is unlinked when handled
             opened.update_refs.append(BlobRef(result.update_digest, result.update_nbytes))
         record = delivery.record
-        log.info("update_folded", slot_id=self.slot_id, round=record.round,
-                 client_id=record.client_id, job_id=record.job_id,
-                 via="shm" if result.update_shm else "redis", **verdict.stats)
+        emit(log, events.UpdateFolded(self.slot_id, round=record.round,
+                                      client_id=record.client_id, job_id=record.job_id,
+                                      via="shm" if result.update_shm else "redis",
+                                      more=verdict.stats))
         return True
 
     # --- closing ---------------------------------------------------------------------
@@ -159,10 +163,10 @@ class WeightRounds(RoundProtocol):
         opened = self._open
         closure = opened.quorum.closure(time.monotonic())
         assert closure is not None
-        log.info("quorum_reached", slot_id=self.slot_id, round=opened.round,
-                 reason=closure.reason, received=closure.succeeded, failed=closure.failed,
-                 expected=closure.expected,
-                 wait_s=round(time.monotonic() - opened.quorum.started_at, 6))
+        emit(log, events.QuorumReached(
+            self.slot_id, round=opened.round, reason=closure.reason, received=closure.succeeded,
+            failed=closure.failed, expected=closure.expected,
+            wait_s=round(time.monotonic() - opened.quorum.started_at, 6)))
         if not closure.ok:
             self._open = None
         return RoundEnd(closure.ok, "no_quorum",
@@ -175,9 +179,10 @@ class WeightRounds(RoundProtocol):
         new_state = await asyncio.to_thread(self.strategy.finalize, opened.aggregate, self.state)
         strategy_state = self.strategy.state_dict()  # this round's, before the next one steps
         payload = await asyncio.to_thread(encode, new_state)
-        log.info("aggregation_finished", slot_id=self.slot_id, round=opened.round,
-                 num_updates=opened.num_updates, num_examples=opened.num_examples,
-                 duration_s=round(time.perf_counter() - start, 6))
+        emit(log, events.AggregationFinished(self.slot_id, round=opened.round,
+                                             num_updates=opened.num_updates,
+                                             num_examples=opened.num_examples,
+                                             duration_s=round(time.perf_counter() - start, 6)))
         old_payload = self._payload
         assert old_payload is not None  # published when the round opened
         self.latest = Snapshot(opened.round, new_state, strategy_state, opened.num_examples)

@@ -59,12 +59,26 @@ def client_app(fixed: dict[str, Any] | None = None) -> ClientApp:
         task.client_indices(partition)  # loading is not training: a cold process pays it
         began = time.perf_counter()
         outcome = task.train(model, str(partition), config, torch.device("cpu"))
-        metrics = MetricRecord({"train_s": time.perf_counter() - began, "pid": os.getpid(),
-                                "num-examples": outcome.num_examples})
+        metrics = MetricRecord({"pid": os.getpid(), "num-examples": outcome.num_examples,
+                                **_emulate(began, config, outcome.num_examples)})
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
                                    "metrics": metrics}), reply_to=msg)
 
     return app
+
+
+def _emulate(began: float, config: Any, num_examples: int) -> dict[str, float]:
+    """On the testbed, pad the training call to the node's emulated device time (as PWFL's
+    trainers do); the metrics: train_s, and with emulation whether the compute overran."""
+    from trainer_worker.emulation import EmulatedDevice, job_steps, pad
+
+    device = EmulatedDevice.from_env(os.environ)
+    ended = time.perf_counter()
+    if device is None:
+        return {"train_s": ended - began}
+    overran = ended - began > device.nominal_s(job_steps(config, num_examples))
+    ended = pad(device, began, ended, config, num_examples)
+    return {"train_s": ended - began, "emulated": 1.0, "overran": float(overran)}
 
 
 class _Marks:
@@ -80,6 +94,8 @@ class _Marks:
         per_process: dict[int, float] = {}
         for record in records:
             m = record.metric_records["metrics"]
+            self.out.emulated_calls += int(m.get("emulated", 0))  # type: ignore[arg-type]
+            self.out.emulated_overran += int(m.get("overran", 0))  # type: ignore[arg-type]
             pid = int(m["pid"])  # type: ignore[arg-type]
             per_process[pid] = per_process.get(pid, 0.0) + float(m["train_s"])  # type: ignore[arg-type]
         self.round_end.append(time.time())

@@ -1,0 +1,190 @@
+"""`python -m bench.regime_map`: where several slots pay off, one figure and one table.
+
+Reads what the testbed benchmarks left in RUNS (default `runs/`), per profile:
+
+- `payoff-PROFILE/results.json` (`bench.payoff --testbed PROFILE`): the best 3-slot
+  mode's time to 85% over the best one-slot baseline's (synchronous or asynchronous);
+- `payoff-PROFILE-resnet18/results.json` (`... --model resnet18`): the best 3-slot
+  mode's client jobs per minute over the best baseline's, shown inverted (time per
+  job) so that, like the others, below 1 means the slots win;
+- `vs-flower-PROFILE.log` (`bench.vs_flower --testbed PROFILE | tee ...`, its last
+  line): PWFL's best time to 85% (any payoff mode, or PWFL's default job in the
+  vs_flower run) over Flower's deployment engine's (Flower's default-like job).
+
+Missing files leave gaps ("-"); a target some seed never reached is "never". The
+figure is a PNG (profiles on the x axis, one bar per ratio, the issue's goals 0.7
+and 0.3 drawn), the table Markdown; both say that devices were emulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.payoff import BASELINES
+from bench.testbed.profiles import PROFILES
+
+GOAL_SLOTS = 0.7
+GOAL_FLOWER = 0.3
+T85 = "time_to_0.85"
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One profile's ratios (None: not measured or a target never reached)."""
+
+    profile: str
+    slots_vs_one: float | None  # best 3-slot time to 85% / best one-slot baseline's
+    best_slots: str | None
+    best_one: str | None
+    resnet_slots_vs_one: float | None  # best baseline's jobs/min / best 3-slot mode's
+    pwfl_vs_flower: float | None  # PWFL's best time to 85% / Flower deployment's
+    flower_t85_s: float | None
+    pwfl_t85_s: float | None
+
+
+def _rows(path: Path) -> dict[str, dict[str, Any]] | None:
+    return json.loads(path.read_text())["rows"] if path.exists() else None
+
+
+def _t85(row: dict[str, Any]) -> float | None:
+    stat = row[T85]
+    return None if stat["missing"] or stat["mean"] is None else float(stat["mean"])
+
+
+def _best(rows: dict[str, dict[str, Any]], modes: Sequence[str], key: str,
+          smaller: bool) -> tuple[str | None, float | None]:
+    """The mode among `modes` with the best mean of `key` (time: smaller), and that mean."""
+    found = [(m, _t85(rows[m]) if key == T85 else rows[m][key]["mean"])
+             for m in modes if m in rows]
+    found = [(m, v) for m, v in found if v is not None]
+    if not found:
+        return None, None
+    return min(found, key=lambda mv: mv[1] if smaller else -mv[1])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _flower(log: Path) -> tuple[float | None, float | None]:
+    """(Flower deployment's, PWFL default job's) mean time to 85% from a vs_flower log."""
+    if not log.exists():
+        return None, None
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+    if not lines:
+        return None, None
+    last = json.loads(lines[-1])
+    return (last.get("flower-deployment:flower-default-like:time_to_85_s"),
+            last.get("pwfl:pwfl-default-job:time_to_85_s"))
+
+
+def regime(runs: Path, profile: str) -> Regime:
+    """The ratios of `profile` from the files under `runs`."""
+    cnn = _rows(runs / f"payoff-{profile}" / "results.json") or {}
+    resnet = _rows(runs / f"payoff-{profile}-resnet18" / "results.json") or {}
+    slots = [m for m in cnn if m not in BASELINES]
+    best_one, t_one = _best(cnn, BASELINES, T85, smaller=True)
+    best_slots, t_slots = _best(cnn, slots, T85, smaller=True)
+    _, j_one = _best(resnet, BASELINES, "jobs_per_min", smaller=False)
+    _, j_slots = _best(resnet, [m for m in resnet if m not in BASELINES], "jobs_per_min",
+                       smaller=False)
+    flower, pwfl_default = _flower(runs / f"vs-flower-{profile}.log")
+    pwfl = min((t for t in (t_one, t_slots, pwfl_default) if t is not None), default=None)
+    return Regime(profile, _ratio(t_slots, t_one), best_slots, best_one,
+                  _ratio(j_one, j_slots), _ratio(pwfl, flower), flower, pwfl)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(regimes: list[Regime]) -> str:
+    """The Markdown table of the map."""
+    lines = ["| profile | best 3-slot / best 1-slot, time to 85% | modes | ResNet-18-sized: "
+             "3-slot / 1-slot time per job | PWFL best / Flower deployment, time to 85% | "
+             "PWFL t85 s | Flower t85 s |", "|---|---|---|---|---|---|---|"]
+    for r in regimes:
+        modes = f"{r.best_slots or '-'} vs {r.best_one or '-'}"
+        lines.append(f"| {r.profile} | {_fmt(r.slots_vs_one)} | {modes} | "
+                     f"{_fmt(r.resnet_slots_vs_one)} | {_fmt(r.pwfl_vs_flower)} | "
+                     f"{_fmt(r.pwfl_t85_s, 0)} | {_fmt(r.flower_t85_s, 0)} |")
+    lines.append("\nBelow 1: the first system or mode is faster. Devices EMULATED (training "
+                 f"padded to nominal step times); goals {GOAL_SLOTS} (slots) and "
+                 f"{GOAL_FLOWER} (Flower).")
+    return "\n".join(lines)
+
+
+def figure(regimes: list[Regime], title: str) -> bytes:
+    """Grouped bars per profile: the three ratios, goals as dashed lines; PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    series = (("3 slots / 1 slot, time to 85% (CNN)", "slots_vs_one", "#4C72B0"),
+              ("3 slots / 1 slot, time per job (ResNet-18-sized)", "resnet_slots_vs_one",
+               "#55A868"),
+              ("PWFL / Flower deployment, time to 85%", "pwfl_vs_flower", "#DD8452"))
+    fig = Figure(figsize=(1.6 + 1.5 * len(regimes), 4.2))
+    ax = fig.add_subplot()
+    width = 0.26
+    for i, (_, attr, colour) in enumerate(series):
+        for x, r in enumerate(regimes):
+            value = getattr(r, attr)
+            pos = x + (i - 1) * width
+            if value is None:
+                ax.text(pos, 0.02, f"{'abc'[i]}: n/a", ha="center", va="bottom", fontsize=7,
+                        rotation=90)
+            else:
+                ax.bar(pos, value, width, color=colour)
+                ax.text(pos, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+    for goal, text in ((GOAL_SLOTS, "goal: slots 0.7"), (GOAL_FLOWER, "goal: vs Flower 0.3")):
+        ax.axhline(goal, color="#999999", linestyle="--", linewidth=0.8)
+        ax.text(-0.45, goal, text, fontsize=7, va="bottom", ha="left", color="#666666")
+    ax.axhline(1.0, color="#2b2b2b", linewidth=0.8)
+    values = [v for r in regimes for _, a, _ in series if (v := getattr(r, a)) is not None]
+    ax.set_ylim(0, max([1.2, *(1.15 * v for v in values)]))
+    ax.set_xlim(-0.5, len(regimes) - 0.5)
+    ax.set_xticks(range(len(regimes)), [r.profile for r in regimes])
+    ax.set_ylabel("ratio (below 1: slots / PWFL faster)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=[Patch(color=colour, label=f"{'abc'[i]}: {label}")
+                       for i, (label, _, colour) in enumerate(series)],
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    return buffer.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.regime_map", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, default=Path("runs"),
+                   help="where the testbed benchmarks wrote (default runs/)")
+    p.add_argument("--profiles", default=",".join(PROFILES),
+                   help=f"profiles on the x axis, in order (default {','.join(PROFILES)})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="figure and table go to OUT.png and OUT.md (default RUNS/regime-map)")
+    p.add_argument("--title", default="Where several slots pay off (devices EMULATED)",
+                   help="the figure's title (say 'SMOKE RUN' for one)")
+    args = p.parse_args(argv)
+    out = args.out or args.runs / "regime-map"
+    regimes = [regime(args.runs, name) for name in args.profiles.split(",")]
+    text = table(regimes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(f"# {args.title}\n\n{text}\n")
+    out.with_suffix(".png").write_bytes(figure(regimes, args.title))
+    print(text)
+    print(f"figure: {out.with_suffix('.png')}, table: {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
