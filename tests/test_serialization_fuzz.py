@@ -1,5 +1,5 @@
 """Fuzzing in CI: random, mutated and edited inputs raise nothing but PayloadError
-(ValueError for the trainer pipe protocol).
+(the trainer pipe protocol's too).
 
 The same fuzzers run with ``python -m bench.fuzz --cases 100000`` for the big count.
 """
@@ -20,6 +20,7 @@ CASES = {
     "message_maps": 250,
     "protocol_random": 300,
     "protocol_mutated": 250,
+    "protocol_maps": 250,
 }
 
 

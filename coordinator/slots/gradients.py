@@ -30,10 +30,11 @@ from coordinator.delivery import Delivery
 from coordinator.gradient.optimizer import FlatModel, weighted_mean
 from coordinator.job_table import JobRecord
 from coordinator.results.sink import ResultSink
+from coordinator.results.validation import ResultValidator
 from coordinator.settings import CoordinatorSettings
 from coordinator.slots.protocol import ClosedRound, Inbox, RoundEnd, RoundProtocol, State
 from coordinator.slots.publishing import JobPublisher
-from serialization import Job, PayloadError, encode
+from serialization import GradientJob, PayloadError, encode
 from serialization import slot_events as events
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
 from serialization.slot_events import emit
@@ -103,8 +104,9 @@ class GradientSessions(RoundProtocol):
 
     def __init__(self, slot_id: int, model: FlatModel, first_round: int, *,
                  streams: SlotStreams, jobs: JobPublisher, results: ResultSink,
-                 settings: CoordinatorSettings) -> None:
+                 validator: ResultValidator, settings: CoordinatorSettings) -> None:
         self.slot_id = slot_id
+        self._validator = validator
         self.model = model
         self._streams = streams
         self._jobs = jobs
@@ -142,12 +144,12 @@ class GradientSessions(RoundProtocol):
         await self._broadcast(name, 1)  # before the jobs: agents find it at once
         deadline_ts = time.time() + s.deadline_s * s.gradient_steps
 
-        def job_of(record: JobRecord, shared: dict[str, Any]) -> Job:
-            config = {**self._jobs.config(record, None), "mode": "gradient", "session": name,
-                      "steps": s.gradient_steps, "step_deadline_s": 2 * s.deadline_s}
-            return Job(job_id=record.job_id, slot_id=self.slot_id, round=record.round,
-                       client_id=record.client_id, model_digest="", model_nbytes=0,
-                       deadline_ts=deadline_ts, config=config, **shared)
+        def job_of(record: JobRecord, shared: dict[str, Any]) -> GradientJob:
+            return GradientJob(job_id=record.job_id, slot_id=self.slot_id, round=record.round,
+                               client_id=record.client_id, session=name,
+                               steps=s.gradient_steps, step_deadline_s=2 * s.deadline_s,
+                               deadline_ts=deadline_ts,
+                               config=self._jobs.config(record, None), **shared)
 
         await self._jobs.publish(records, job_of)
 
@@ -181,6 +183,7 @@ class GradientSessions(RoundProtocol):
         session = self._session
         try:
             header = StepGradient.from_bytes(entry.header)
+            self._validator.check_gradient(header)  # with keys: its client's signature
         except PayloadError as exc:
             self._results.reject(None, exc.reason, exc.detail, entry_id=entry.entry_id)
             return
@@ -266,6 +269,7 @@ class GradientSessions(RoundProtocol):
         rejected = []
         for header, body in gathered:
             try:
+                self._validator.check_gradient(header, body)  # the body is what was signed
                 valid.append((flat_view(body, self.model.numel), header.num_examples))
             except PayloadError as exc:
                 rejected.append((header, exc))

@@ -1,8 +1,9 @@
 """Byzantine clients as a task plugin: a real task whose chosen clients corrupt their update.
 
 ``trainer_worker.tasks.attack:AttackTask`` wraps a task (``inner``, by alias or
-``module:factory``) and, for the client ids in ``attackers``, replaces the update
-(weights after training minus the weights received) before the trainer returns it.
+``module:factory``, loaded through the trainer's allowlist like any job's task) and,
+for the client ids in ``attackers``, replaces the update (weights after training
+minus the weights received) before the trainer returns it.
 Nothing in the agent or the coordinator knows about attacks: to them this is a
 task like any other, which is what makes it a fair test of the aggregation rules.
 
@@ -39,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from serialization.tasks import task_spec
-from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome, load_task
+from serialization.tasks import TaskPlugin, load_task
+from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome, outcome_of
 
 ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie")
 
@@ -118,7 +119,8 @@ class AttackTask(Task):
                  z: float | None = None, **inner_options: Any) -> None:
         if attack not in ATTACKS:
             raise TaskError(f"attack must be one of {ATTACKS}, not {attack!r}")
-        self.inner = load_task(task_spec(inner), inner_options)
+        # The same load_task as the trainer's, so the trainer's allowlist holds for `inner`.
+        self.inner: TaskPlugin = load_task(inner, inner_options)
         self.attackers = parse_attackers(attackers)
         self.attack, self.scale, self.sigma = attack, float(scale), float(sigma)
         num_clients = int(inner_options.get("num_clients", getattr(self.inner, "num_clients", 0)))
@@ -135,12 +137,12 @@ class AttackTask(Task):
     def train(self, model: nn.Module, client_id: str, config: TrainConfig,
               device: torch.device) -> TrainOutcome:
         if self.attack == "none" or client_id not in self.attackers:
-            return self.inner.train(model, client_id, config, device)
+            return outcome_of(self.inner.train(model, client_id, config, device))
         start = float_state(model)
         if self.attack == "alie":
             outcome, update = self._alie(model, client_id, config, device, start)
         else:
-            outcome = self.inner.train(model, client_id, config, device)
+            outcome = outcome_of(self.inner.train(model, client_id, config, device))
             update = self._corrupt(difference(float_state(model), start), config.seed)
         model.load_state_dict({k: start[k] + update[k] for k in start}, strict=False)
         return outcome
@@ -159,7 +161,7 @@ class AttackTask(Task):
         deltas, own = [], None
         for attacker in sorted(self.attackers):
             model.load_state_dict(start, strict=False)
-            outcome = self.inner.train(model, attacker, shared, device)
+            outcome = outcome_of(self.inner.train(model, attacker, shared, device))
             deltas.append(difference(float_state(model), start))
             if attacker == client_id:
                 own = outcome
