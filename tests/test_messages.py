@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz import jobs, registrations, results
 from serialization import (
     SCHEMA_VERSION,
     GradientJob,
@@ -22,6 +21,7 @@ from serialization import (
     job_from_bytes,
 )
 from serialization.messages import MAX_MESSAGE_BYTES
+from tests.fuzz import jobs, registrations, results
 
 JOB = Job(
     job_id="j1", run_id="r1", slot_id=2, round=7, client_id="c3", model_digest="ab" * 32,

@@ -2,7 +2,7 @@
 
 The strategies and targets live here once and serve twice: the tests
 (``tests/test_serialization_*.py``, ``tests/test_messages.py``) draw a couple of
-thousand cases from them in CI, and ``python -m bench.fuzz --cases 100000``
+thousand cases from them in CI, and ``python -m tests.fuzz --cases 100000``
 runs every fuzzer for the big count and prints how many cases each ran.
 
 Fuzzers (a strategy of inputs and a target that must not crash on them):
@@ -497,7 +497,7 @@ def _run_fuzzer(pool: Any, name: str, cases: int, first_seed: int) -> tuple[int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.fuzz", description=__doc__.splitlines()[0]
+        prog="python -m tests.fuzz", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--cases", type=int, default=100_000, help="cases per fuzzer")
     parser.add_argument("--seed", type=int, default=0, help="first batch's seed")
