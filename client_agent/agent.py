@@ -29,12 +29,12 @@ from bus.handoff import Advert, AgentHandoff
 from bus.keys import JOBS_GROUP, Keys
 from bus.registry import Registry, get_active_run
 from client_agent import declaration
-from client_agent.gradient import GradientRunner, is_gradient_job
+from client_agent.gradient import GradientRunner
 from client_agent.job_runner import JobRunner
 from client_agent.model_cache import ModelCache
 from client_agent.settings import AgentSettings
 from client_agent.trainers import TrainerPool
-from serialization import Job, PayloadError, Registration
+from serialization import AnyJob, GradientJob, PayloadError, Registration, job_from_bytes
 from trainer_worker import shm
 
 log = structlog.get_logger()
@@ -104,7 +104,7 @@ class Agent:
         keys = Keys(run_id, s.namespace)
         registry = Registry(redis, keys, ttl_ms=s.heartbeat_ttl_ms)  # type: ignore[arg-type]
         pool = TrainerPool(list(s.devices), threads_per_trainer=s.threads, log_file=s.log_file,
-                           run_id=run_id, agent_id=s.name)
+                           run_id=run_id, agent_id=s.name, allowed_tasks=s.allowed_tasks)
         cache = ModelCache(s.cache_bytes)
         handoff = AgentHandoff(enabled=s.local_handoff)
         registration = Registration(agent_id=s.name, client_ids=list(s.client_ids),
@@ -121,7 +121,8 @@ class Agent:
             runner = JobRunner(redis, keys, BlobStore(redis, keys), pool, cache,  # type: ignore[arg-type]
                                s.name, keyring=s.keyring, train_timeout_s=s.train_timeout_s,
                                allowed_tasks=s.allowed_tasks, handoff=handoff)
-            self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring)
+            self._gradient = GradientRunner(redis, keys, pool, s.name, keyring=s.keyring,
+                                            train_timeout_s=s.train_timeout_s)
             await registry.register(registration)
             log.info("agent_started", agent_id=s.name, client_ids=list(s.client_ids),
                      devices=list(s.devices), hostname=registration.hostname,
@@ -273,27 +274,34 @@ class Agent:
             return
         log.info("job_received", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
                  client_id=job.client_id)
-        # A gradient session is checked like any job (signature, allowlist): a refused one
-        # goes to the job runner, which refuses it and reports it failed.
-        refused = runner.refusal(job) is not None
-        gradient = self._gradient if is_gradient_job(job) and not refused else None
-        handler = gradient.run if gradient is not None else runner.run
-        task = asyncio.create_task(handler(job, entry, time.time()), name=job.job_id)
+        work, gradient = self._work(job, entry, runner)
+        task = asyncio.create_task(work, name=job.job_id)
         # Entry ids are unique per stream only: jobs published together share them.
         key = (entry.stream, entry.entry_id)
         self._in_flight[key] = task
-        if gradient is not None:
+        if gradient:
             self._sessions.add(key)
         task.add_done_callback(lambda _t: self._job_done(key))
+
+    def _work(self, job: AnyJob, entry: streams.Entry,
+              runner: JobRunner) -> tuple[Coroutine[Any, Any, None], bool]:
+        """What serves `job`, and whether it is a gradient session. A session is checked like
+        any job (signature, allowlist): a refused one goes to the job runner, which refuses
+        it and reports it failed."""
+        if (isinstance(job, GradientJob) and self._gradient is not None
+                and runner.refusal(job) is None):
+            return self._gradient.run(job, entry, time.time()), True
+        return runner.run(job, entry, time.time()), False
 
     def _job_done(self, key: tuple[str, str]) -> None:
         self._in_flight.pop(key, None)
         self._sessions.discard(key)
 
-    def _job_of(self, entry: streams.Entry, keys: Keys) -> Job | None:
-        """The entry's job, or None (logged and counted) when it is not a job for this stream."""
+    def _job_of(self, entry: streams.Entry, keys: Keys) -> AnyJob | None:
+        """The entry's job (a weight job or a gradient session, by its kind), or None
+        (logged and counted) when it is not a job for this stream."""
         try:
-            job = Job.from_bytes(entry.payload)
+            job = job_from_bytes(entry.payload)
         except PayloadError as exc:
             reason, detail = exc.reason, exc.detail
         else:

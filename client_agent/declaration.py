@@ -24,12 +24,15 @@ from bus.connection import as_text, redis_errors
 from bus.credentials import Keyring
 from bus.keys import Keys
 from client_agent.trainers import TrainerDied, TrainerPool
+from serialization import PayloadError
 from serialization.signing import declaration_signature
+from trainer_worker import protocol
 
 log = structlog.get_logger()
 
 STATE_WAIT_S = 10.0  # a coordinator writes the run state right after pointing agents at it
 STATE_POLL_S = 0.2
+DESCRIBE_TIMEOUT_S = 300.0  # loading a task (its data) to report sizes; past it, killed
 
 Declaration = tuple[dict[str, int], dict[str, bytes]]  # sizes, signatures, by client id
 
@@ -59,16 +62,16 @@ async def declare(redis: Any, keys: Keys, pool: TrainerPool, client_ids: Sequenc
     spec, options = found
     if spec not in allowed_tasks:
         return _undeclared(client_ids, f"task {spec!r} is not allowed on this agent")
-    message = {"op": "describe", "task": spec, "task_options": options,
-               "client_ids": list(client_ids)}
+    message = protocol.Describe(task=spec, task_options=options, client_ids=list(client_ids))
     try:
         async with pool.checkout() as lease:
-            reply = await lease.request(message)
-    except TrainerDied as exc:
-        return _undeclared(client_ids, str(exc))
-    if reply.get("status") != "ok":
-        return _undeclared(client_ids, str(reply.get("error", "no reply"))[:200])
-    sizes = {c: n for c, n in dict(reply.get("num_examples") or {}).items()
+            reply = protocol.expect(await lease.request(message, timeout_s=DESCRIBE_TIMEOUT_S),
+                                    protocol.Described)
+    except (TrainerDied, PayloadError) as exc:  # TrainTimeout too: it is a TrainerDied
+        return _undeclared(client_ids, str(exc)[:200])
+    if reply.status != "ok":
+        return _undeclared(client_ids, reply.error[:200])
+    sizes = {c: n for c, n in reply.num_examples.items()
              if c in client_ids and isinstance(n, int) and n > 0}
     log.info("examples_declared", client_ids=sorted(sizes), num_examples=sizes)
     return sizes, signatures(keys.run_id, sizes, keyring)

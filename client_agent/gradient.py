@@ -1,14 +1,16 @@
 """Gradient-session jobs on the agent: one trainer held per leased client for the lease.
 
-A gradient job (``config["mode"] == "gradient"``) opens a session on a free
-trainer and runs ``config["steps"]`` steps. Per step the slot's weights arrive
-once per agent, whatever the number of its clients in the lease: a `Downlink`
-per slot reads the broadcast stream and copies the weights into one
-shared-memory segment all local trainers read. Each trainer writes its batch's
-gradient into its own segment, and the agent adds it to the slot's up stream
-straight from there (one XADD, no copy in Python). When the steps are done the
-job reports an ordinary `Result` (examples seen, mean loss) and is acked, as a
-weight-mode job is.
+A `GradientJob` opens a session on a free trainer and runs its `steps` steps.
+Per step the slot's weights arrive once per agent, whatever the number of its
+clients in the lease: a `Downlink` per slot reads the broadcast stream and
+copies the weights into one shared-memory segment all local trainers read. Each
+trainer writes its batch's gradient into its own segment, and the agent adds it
+to the slot's up stream straight from there (one XADD, no copy in Python). When
+the steps are done the job reports an ordinary `Result` (examples seen, mean
+loss) and is acked, as a weight-mode job is. Each call to the trainer is bounded
+(`client_agent.gradient_session`): a hung step fails its session with
+`train_timeout` and the others sharing its trainer go on. With client keys each
+gradient is signed with its client's key (`serialization.signing`).
 """
 
 from __future__ import annotations
@@ -27,24 +29,17 @@ from bus import streams
 from bus.connection import raise_if_cancelled
 from bus.credentials import Keyring
 from bus.keys import JOBS_GROUP, Keys
-from client_agent.trainers import TrainerLease, TrainerPool
-from serialization import Job, PayloadError, Result
+from client_agent.gradient_session import SessionFailed, SessionTalk
+from client_agent.limits import gradient_call_limit_s
+from client_agent.trainers import TrainerLease, TrainerPool, TrainTimeout
+from serialization import GradientJob, PayloadError, Result
 from serialization.gradient import StepGradient, StepWeights
-from serialization.signing import signed
+from serialization.signing import signed, signed_gradient
 from trainer_worker import shm
 
 log = structlog.get_logger()
 READ_BLOCK_MS = 1000
 COPY_IN_THREAD_BYTES = 8 * 1024**2  # below this a memcpy is quicker than a thread hop
-
-
-class SessionFailed(Exception):
-    """A gradient session could not go on (its reason is the message)."""
-
-
-def is_gradient_job(job: Job) -> bool:
-    """Whether a job asks for a gradient session rather than local training."""
-    return job.config.get("mode") == "gradient"
 
 
 @dataclass(eq=False)
@@ -143,37 +138,45 @@ class GradientRunner:
     pool: TrainerPool
     agent_id: str
     keyring: Keyring | None = None
+    train_timeout_s: float | None = None  # --train-timeout-s; None: from the step deadline
     _downlinks: dict[int, Downlink] = field(default_factory=dict)
 
-    async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
+    async def run(self, job: GradientJob, entry: streams.Entry, received_at: float) -> None:
         """Serve the job's session, then report its result and ack it (shielded)."""
         try:
             result = await self._serve(job, received_at)
         except Exception as exc:  # noqa: BLE001 - any failure is this job's failed result
+            error = str(exc) if isinstance(exc, TrainTimeout) else f"{type(exc).__name__}: {exc}"
             log.warning("gradient_session_failed", job_id=job.job_id, client_id=job.client_id,
-                        error=f"{type(exc).__name__}: {exc}")
-            result = self._result(job, "failed", error=f"{type(exc).__name__}: {exc}")
+                        error=error)
+            result = self._result(job, "failed", error=error)
         await asyncio.shield(self._report(job, result, entry))
 
-    async def _serve(self, job: Job, received_at: float) -> Result:
+    async def _serve(self, job: GradientJob, received_at: float) -> Result:
         downlink = self._downlink(job.slot_id)
         try:
-            steps = int(job.config["steps"])
-            session = str(job.config["session"])
             async with asyncio.timeout(max(job.deadline_ts - time.time(), 0.0)):
-                await downlink.wait(session, 1)
+                await downlink.wait(job.session, 1)
             async with self.pool.checkout() as trainer:
-                grad_shm = await self._open(trainer, job, downlink)
+                talk = self._talk(trainer, job, downlink)
+                await talk.open()
                 try:
-                    totals = await self._steps(trainer, job, downlink, grad_shm, steps)
+                    totals = await self._steps(talk, job, downlink)
                 finally:
-                    await self._close(trainer, job, grad_shm)
+                    await talk.close()
         finally:
             await self._release(job.slot_id)
         examples, loss_sum, done = totals
         metrics = {"train_loss": loss_sum / max(examples, 1), "steps": float(done)}
         return self._result(job, "ok", num_examples=examples, metrics=metrics,
                             timings={"total_s": round(time.time() - received_at, 6)})
+
+    def _talk(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink) -> SessionTalk:
+        assert downlink.memory is not None
+        assert downlink.header is not None
+        return SessionTalk(trainer, job, downlink.memory.name, downlink.header.numel * 4,
+                           downlink.header.layout,
+                           limit_s=gradient_call_limit_s(job, self.train_timeout_s))
 
     def _downlink(self, slot_id: int) -> Downlink:
         downlink = self._downlinks.get(slot_id)
@@ -192,68 +195,47 @@ class GradientRunner:
             del self._downlinks[slot_id]
             await downlink.stop()
 
-    async def _open(self, trainer: TrainerLease, job: Job, downlink: Downlink) -> str:
-        assert downlink.memory is not None
-        assert downlink.header is not None
-        reply = await trainer.request({
-            "op": "grad_open", "job_id": job.job_id, "client_id": job.client_id,
-            "task": job.task, "task_options": job.task_options, "config": job.config,
-            "weights_shm": downlink.memory.name, "weights_nbytes": downlink.header.numel * 4})
-        if reply.get("status") != "ok":
-            raise SessionFailed(str(reply.get("error", "the trainer could not open")))
-        if reply.get("layout") != downlink.header.layout:
-            await self._close(trainer, job, str(reply.get("grad_shm", "")))
-            raise SessionFailed("the trainer's model does not match the slot's parameters")
-        log.info("gradient_session_opened", job_id=job.job_id, client_id=job.client_id,
-                 session=job.config["session"], device=trainer.device)
-        return str(reply["grad_shm"])
-
-    async def _steps(self, trainer: TrainerLease, job: Job, downlink: Downlink, grad_shm: str,
-                     steps: int) -> tuple[int, float, int]:
-        session, stream = str(job.config["session"]), self.keys.gradient_up(job.slot_id)
-        step_timeout_s = float(job.config.get("step_deadline_s", 600.0))
-        memory = shm.attach(grad_shm)
+    async def _steps(self, talk: SessionTalk, job: GradientJob,
+                     downlink: Downlink) -> tuple[int, float, int]:
+        stream = self.keys.gradient_up(job.slot_id)
         examples, loss_sum, done, step = 0, 0.0, 0, 1
-        try:
-            body = shm.buffer(memory)
-            while step <= steps:
-                async with asyncio.timeout(step_timeout_s):  # the slot may give up on us
-                    step = await downlink.wait(session, step)
-                asked = time.perf_counter()
-                reply = await trainer.request({"op": "grad_step", "job_id": job.job_id,
-                                               "step": step})
-                timings = {**(reply.get("timings") or {}),
-                           "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
-                if reply.get("status") != "ok":
-                    raise SessionFailed(str(reply.get("error", "gradient step failed")))
-                numel = len(body) // 4 if downlink.header is None else downlink.header.numel
-                header = StepGradient(session=session, step=step, job_id=job.job_id,
-                                      client_id=job.client_id,
-                                      num_examples=int(reply["num_examples"]), numel=numel,
-                                      loss=float(reply["loss"]), agent_id=self.agent_id,
-                                      timings=timings)
-                await gstreams.add(self.redis, stream, header.to_bytes(), body[: numel * 4])
-                examples += header.num_examples
-                loss_sum += header.loss * header.num_examples
-                done, step = done + 1, step + 1
+        while step <= job.steps:
+            async with asyncio.timeout(job.step_deadline_s):  # the slot may give up on us
+                step = await downlink.wait(job.session, step)
+            asked = time.perf_counter()
+            reply = await talk.step(step)
+            timings = {**reply.timings,
+                       "trainer_s": time.perf_counter() - asked}  # compute + pipe hop
+            numel = downlink.header.numel if downlink.header is not None else 0
+            header = StepGradient(session=job.session, step=step, job_id=job.job_id,
+                                  client_id=job.client_id, num_examples=reply.num_examples,
+                                  numel=numel, loss=reply.loss, agent_id=self.agent_id,
+                                  timings=timings)
+            body = talk.gradient(numel * 4)
+            header = await self._signed(header, body)
+            await gstreams.add(self.redis, stream, header.to_bytes(), body)
             del body
-        finally:
-            shm.release(memory)
+            examples += header.num_examples
+            loss_sum += header.loss * header.num_examples
+            done, step = done + 1, step + 1
         return examples, loss_sum, done
 
-    async def _close(self, trainer: TrainerLease, job: Job, grad_shm: str) -> None:
-        try:
-            await trainer.request({"op": "grad_close", "job_id": job.job_id})
-        finally:
-            if grad_shm:
-                shm.remove(grad_shm)
+    async def _signed(self, header: StepGradient, body: memoryview) -> StepGradient:
+        """With its client's key, the header signed over its body's digest (hashed off the
+        loop when big); unchanged without one."""
+        key = None if self.keyring is None else self.keyring.get(header.client_id)
+        if key is None:
+            return header
+        if len(body) >= COPY_IN_THREAD_BYTES:
+            return await asyncio.to_thread(signed_gradient, header, body, key)
+        return signed_gradient(header, body, key)
 
-    def _result(self, job: Job, status: str, **fields: Any) -> Result:
+    def _result(self, job: GradientJob, status: str, **fields: Any) -> Result:
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
                       round=job.round, client_id=job.client_id, status=status,
                       agent_id=self.agent_id, **fields)
 
-    async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
+    async def _report(self, job: GradientJob, result: Result, entry: streams.Entry) -> None:
         key = None if self.keyring is None else self.keyring.get(result.client_id)
         payload = (result if key is None else signed(result, key)).to_bytes()
         await streams.publish(self.redis, self.keys.results(job.slot_id), payload)
@@ -262,3 +244,4 @@ class GradientRunner:
     async def close(self) -> None:
         for slot_id in list(self._downlinks):
             await self._downlinks.pop(slot_id).stop()
+

@@ -26,7 +26,7 @@ from bus.keys import JOBS_GROUP, Keys
 from client_agent.limits import train_time_limit_s
 from client_agent.model_cache import ModelCache, ModelSegment
 from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
-from serialization import Job, Result
+from serialization import AnyJob, GradientJob, Job, Result
 from serialization.signing import job_signature_problem, signed
 from serialization.tasks import BUILTIN_TASKS
 
@@ -54,7 +54,8 @@ class JobRunner:
         default_factory=lambda: local_handoff.AgentHandoff(enabled=False))
     _fetching: dict[str, asyncio.Future[ModelSegment]] = field(default_factory=dict)
 
-    async def run(self, job: Job, entry: streams.Entry, received_at: float) -> None:
+    async def run(self, job: AnyJob, entry: streams.Entry, received_at: float) -> None:
+        """Run a weight job, or refuse a job of either kind (see `refusal`); report it."""
         try:
             result = await self._execute(job, received_at)
         except Exception as exc:
@@ -62,13 +63,15 @@ class JobRunner:
             result = self._failed(job, f"{type(exc).__name__}: {exc}", {})
         await asyncio.shield(self._report(job, result, entry))
 
-    async def _execute(self, job: Job, received_at: float) -> Result:
+    async def _execute(self, job: AnyJob, received_at: float) -> Result:
         refusal = self.refusal(job)
         if refusal is not None:
             reason, detail = refusal
             log.warning("job_refused", job_id=job.job_id, slot_id=job.slot_id, round=job.round,
                         client_id=job.client_id, task=job.task, reason=reason, detail=detail)
             return self._failed(job, f"{reason}: {detail}", {})
+        if isinstance(job, GradientJob):  # the agent hands sessions it runs to GradientRunner
+            return self._failed(job, "a gradient session reached the weight-job runner", {})
         if job.deadline_ts < time.time():
             return self._failed(job, "deadline passed before the job started", {})
         fetch_start = time.perf_counter()
@@ -85,7 +88,7 @@ class JobRunner:
         timings = {"fetch_s": round(fetch_s, 6), **reply.timings}
         return await self._upload(job, reply, timings, received_at)
 
-    def refusal(self, job: Job) -> tuple[str, str] | None:
+    def refusal(self, job: AnyJob) -> tuple[str, str] | None:
         """Why this agent will not run `job` (reason, detail), or None.
 
         With keys, a job must be signed with its client's key (else nothing in it is to
@@ -228,7 +231,7 @@ class JobRunner:
             return None
         return BlobRef(digest, update.nbytes), name
 
-    def _failed(self, job: Job, error: str, timings: dict[str, Any]) -> Result:
+    def _failed(self, job: AnyJob, error: str, timings: dict[str, Any]) -> Result:
         return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
                       round=job.round, client_id=job.client_id, status="failed",
                       agent_id=self.agent_id, error=error, timings=timings)
@@ -237,7 +240,7 @@ class JobRunner:
         key = None if self.keyring is None else self.keyring.get(result.client_id)
         return result if key is None else signed(result, key)
 
-    async def _report(self, job: Job, result: Result, entry: streams.Entry) -> None:
+    async def _report(self, job: AnyJob, result: Result, entry: streams.Entry) -> None:
         payload = self._signed(result).to_bytes()
         # A handed-over update whose result cannot be posted stays in the coordinator's
         # prefix (the post may have landed unseen): it goes when that coordinator stops.

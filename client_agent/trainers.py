@@ -1,10 +1,11 @@
 """The agent's trainer processes: one per device, fed jobs over msgpack pipes.
 
 `TrainerPool` spawns `trainer_worker.worker.run` once per device entry and
-hands each job to a free trainer (first come, first served). Only small msgpack
-maps cross the pipes; the model and the update travel in shared memory (see
-`trainer_worker.worker` for the copies). The event loop only waits: a pipe is
-watched with `loop.add_reader`, together with the process sentinel.
+hands each job to a free trainer (first come, first served). Only the small
+messages of `trainer_worker.protocol` cross the pipes; the model and the update
+travel in shared memory (see `trainer_worker.worker` for the copies). The event
+loop only waits: a pipe is watched with `loop.add_reader`, together with the
+process sentinel.
 
 A trainer that dies in the middle of a job (killed, crashed, out of memory) is
 logged (`trainer_exited`), replaced on the same device, and the job returns a
@@ -13,6 +14,8 @@ raise for them. A training call that outlasts its request's time limit (a stuck
 user call, a deadlocked data loader) is logged (`train_timeout`), its trainer is
 killed and replaced the same way, and the job fails with reason `train_timeout`:
 the trainer serves the agent's other clients again instead of holding them too.
+A gradient session's calls (`TrainerLease.request`) are bounded the same way, by
+the same code; the other sessions sharing the trainer reopen on its replacement.
 Every update segment a trainer makes is named after the pool
 and that trainer, so whatever a dead trainer leaves behind can be found and
 unlinked.
@@ -37,6 +40,8 @@ from typing import Any
 import structlog
 
 from client_agent.model_cache import ModelSegment
+from serialization.errors import PayloadError
+from serialization.messages import Message
 from trainer_worker import protocol, shm, worker
 
 log = structlog.get_logger()
@@ -123,8 +128,12 @@ class TrainerPool:
     """Trainer processes, one per device entry, sharing jobs first come first served."""
 
     def __init__(self, devices: list[str], *, threads_per_trainer: int = 1,
-                 log_file: str | None = None, run_id: str = "", agent_id: str = "") -> None:
+                 log_file: str | None = None, run_id: str = "", agent_id: str = "",
+                 allowed_tasks: frozenset[str] | None = None) -> None:
         self.devices = list(devices)
+        # The agent's allowlist, which every task load in the trainers obeys (None: none),
+        # including the tasks a task loads itself.
+        self.allowed_tasks = None if allowed_tasks is None else tuple(sorted(allowed_tasks))
         self.threads_per_trainer = threads_per_trainer
         self.log_file = log_file
         self.run_id = run_id
@@ -234,7 +243,7 @@ class TrainerPool:
         trainers = list(self._live)
         for trainer in trainers:
             with contextlib.suppress(OSError):
-                trainer.conn.send_bytes(protocol.pack({"op": "stop"}))
+                trainer.conn.send_bytes(protocol.pack(protocol.Stop()))
         await asyncio.gather(*(self._stop(t, timeout_s) for t in trainers))
         for name in _segments(self.shm_prefix + "-") | self._outstanding:
             shm.remove(name)
@@ -271,17 +280,24 @@ class TrainerPool:
             async with asyncio.timeout(limit_s):
                 message = await self._reply_for(trainer, request.job_id)
         except TimeoutError:  # before OSError, which it subclasses
-            log.warning("train_timeout", agent_id=self.agent_id, job_id=request.job_id,
-                        client_id=request.client_id, device=slot.device,
-                        trainer_pid=trainer.process.pid, limit_s=limit_s)
-            await self._replace(slot, trainer, request.job_id, grace_s=0)
-            return _failed(request, slot.device,
-                           f"{TRAIN_TIMEOUT}: no result within {limit_s:g} s; the trainer "
-                           f"on {slot.device} was killed and restarted")
+            error = await self._timed_out(slot, trainer, request.job_id, request.client_id,
+                                          limit_s or 0.0)
+            return _failed(request, slot.device, error)
         except (EOFError, OSError):
             exitcode = await self._replace(slot, trainer, request.job_id, grace_s=5)
             return _failed(request, slot.device, f"trainer died (exit code {exitcode})")
         return self._reply(message, slot.device, request)
+
+    async def _timed_out(self, slot: TrainerSlot, trainer: _Trainer, job_id: str,
+                         client_id: str, limit_s: float) -> str:
+        """A call (a weight job's training, a gradient step) outlasted its limit: log
+        `train_timeout`, kill its trainer and start another; the failed call's error."""
+        log.warning("train_timeout", agent_id=self.agent_id, job_id=job_id,
+                    client_id=client_id, device=slot.device, trainer_pid=trainer.process.pid,
+                    limit_s=limit_s)
+        await self._replace(slot, trainer, job_id, grace_s=0)
+        return (f"{TRAIN_TIMEOUT}: no result within {limit_s:g} s; the trainer on "
+                f"{slot.device} was killed and restarted")
 
     async def _replace(self, slot: TrainerSlot, trainer: _Trainer, job_id: str, *,
                        grace_s: float) -> int | None:
@@ -309,7 +325,7 @@ class TrainerPool:
         process = self._ctx.Process(
             target=worker.run, name=f"trainer-{device}", daemon=True,
             args=(theirs, device, self.threads_per_trainer, self.log_file, self.run_id,
-                  self.agent_id, prefix))
+                  self.agent_id, prefix, self.allowed_tasks))
         process.start()
         theirs.close()
         trainer = _Trainer(device, process, ours, prefix)
@@ -323,7 +339,7 @@ class TrainerPool:
                                         f"(exit code {process.exitcode})") from exc
             raise
         log.info("trainer_started", agent_id=self.agent_id, device=device,
-                 trainer_pid=ready.get("pid", process.pid))
+                 trainer_pid=ready.pid if isinstance(ready, protocol.Ready) else process.pid)
         return trainer
 
     async def _restart(self, device: str) -> _Trainer:
@@ -335,15 +351,18 @@ class TrainerPool:
                       error=repr(exc))
             raise
 
-    async def _reply_for(self, trainer: _Trainer, job_id: str) -> dict[str, Any]:
-        """The "done" for this job; replies to jobs whose waiter was cancelled are dropped."""
+    async def _reply_for(self, trainer: _Trainer, job_id: str) -> protocol.TrainDone:
+        """The `TrainDone` for this job; replies to jobs whose waiter was cancelled are
+        dropped."""
         while True:
             message = await _receive(trainer)
-            if message.get("op") == "done" and message.get("job_id") == job_id:
-                return message
-            if message.get("update_shm"):
-                shm.remove(str(message["update_shm"]))
-            log.info("trainer_reply_dropped", job_id=message.get("job_id"), expected=job_id)
+            if isinstance(message, protocol.TrainDone):
+                if message.job_id == job_id:
+                    return message
+                if message.update_shm:
+                    shm.remove(message.update_shm)
+            log.info("trainer_reply_dropped", job_id=getattr(message, "job_id", None),
+                     kind=message.kind, expected=job_id)
 
     async def _bury(self, trainer: _Trainer, job_id: str, *, grace_s: float = 5) -> int | None:
         """Reap a trainer that died mid-job (or kill one that hangs: `grace_s` 0); unlink
@@ -367,11 +386,12 @@ class TrainerPool:
         emit("trainer_exited", agent_id=self.agent_id, device=trainer.device,
              trainer_pid=process.pid, exitcode=process.exitcode, job_id=job_id)
 
-    def _reply(self, message: dict[str, Any], device: str, request: TrainRequest) -> TrainReply:
-        timings = dict(message.get("timings") or {})
-        if message.get("status") != "ok":
-            return _failed(request, device, str(message.get("error", "")), timings)
-        name, nbytes = str(message["update_shm"]), int(message["update_nbytes"])
+    def _reply(self, message: protocol.TrainDone, device: str,
+               request: TrainRequest) -> TrainReply:
+        timings = dict(message.timings)
+        if message.status != "ok":
+            return _failed(request, device, message.error, timings)
+        name, nbytes = message.update_shm, message.update_nbytes
         try:
             memory = shm.attach(name)
         except FileNotFoundError:
@@ -380,13 +400,22 @@ class TrainerPool:
         return TrainReply(
             job_id=request.job_id, status="ok", device=device,
             update=shm.buffer(memory)[:nbytes], update_nbytes=nbytes,
-            num_examples=int(message.get("num_examples", 0)),
-            metrics=dict(message.get("metrics") or {}), timings=timings,
+            num_examples=message.num_examples, metrics=dict(message.metrics), timings=timings,
             _memory=memory, _on_release=self._outstanding.discard)
 
 
 class TrainerDied(RuntimeError):
     """The trainer held by a `TrainerLease` exited in the middle of a conversation."""
+
+
+class TrainerReplaced(TrainerDied):
+    """The lease's trainer was replaced under this conversation (another conversation's
+    call hung or killed it): `reattach`, then reopen what the old trainer held."""
+
+
+class TrainTimeout(TrainerDied):
+    """This conversation's call outlasted its limit: its trainer was killed and restarted
+    (the message is the failed call's error, ``train_timeout: ...``)."""
 
 
 @dataclass(eq=False)
@@ -411,25 +440,42 @@ class TrainerLease:
     def device(self) -> str:
         return self.slot.device
 
-    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one message and return the trainer's reply; TrainerDied if it exits."""
+    async def request(self, message: protocol.GradRequest | protocol.Describe, *,
+                      timeout_s: float | None = None, client_id: str = "") -> Message:
+        """Send one message and return the trainer's reply within `timeout_s` (None: no
+        bound). TrainTimeout when it takes longer (the trainer is killed and restarted
+        before the others sharing it get their turn), TrainerReplaced when the trainer was
+        replaced under this conversation, TrainerDied if it exits."""
         try:
             async with self.turn:
                 if self.slot.trainer is not self.trainer:
-                    raise EOFError("the trainer was replaced")
+                    raise TrainerReplaced("the trainer was replaced")
                 self.trainer.conn.send_bytes(protocol.pack(message))
-                return await _receive(self.trainer)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        return await _receive(self.trainer)
+                except TimeoutError:  # before OSError, which it subclasses
+                    error = await self.pool._timed_out(self.slot, self.trainer,
+                                                       message.job_id, client_id,
+                                                       timeout_s or 0.0)
+                    raise TrainTimeout(error) from None
         except (EOFError, OSError):
-            exitcode = await self.pool._lost(self.slot, self.trainer,
-                                             str(message.get("job_id", "")))
+            exitcode = await self.pool._lost(self.slot, self.trainer, message.job_id)
             raise TrainerDied(f"trainer died (exit code {exitcode})") from None
 
+    async def reattach(self) -> None:
+        """Take the slot's current trainer (started anew if none is running) after
+        TrainerReplaced; whatever the old one held is gone."""
+        async with self.turn:
+            self.trainer = await self.pool._running(self.slot)
 
-def _train_message(request: TrainRequest) -> dict[str, Any]:
-    return {"op": "train", "job_id": request.job_id, "client_id": request.client_id,
-            "task": request.task, "task_options": request.task_options,
-            "config": request.config, "model_shm": request.model.name,
-            "model_nbytes": request.model.nbytes, "model_digest": request.model.digest}
+
+def _train_message(request: TrainRequest) -> protocol.TrainJob:
+    return protocol.TrainJob(job_id=request.job_id, client_id=request.client_id,
+                             task=request.task, task_options=request.task_options,
+                             config=request.config, model_shm=request.model.name,
+                             model_nbytes=request.model.nbytes,
+                             model_digest=request.model.digest)
 
 
 def _failed(request: TrainRequest, device: str, error: str,
@@ -438,13 +484,20 @@ def _failed(request: TrainRequest, device: str, error: str,
                       timings=timings or {})
 
 
-async def _receive(trainer: _Trainer) -> dict[str, Any]:
-    """The next message from a trainer; EOFError once it has exited."""
+async def _receive(trainer: _Trainer) -> Message:
+    """The next message from a trainer; EOFError once it has exited, and once it sends
+    what is no message (a trainer that breaks the protocol is treated as dead)."""
     conn = trainer.conn
     if not conn.poll():
         await _readable(conn.fileno(), trainer.process.sentinel)
     if conn.poll():
-        return protocol.unpack(conn.recv_bytes())  # EOFError at end of file
+        raw = conn.recv_bytes()  # EOFError at end of file
+        try:
+            return protocol.unpack(raw)
+        except PayloadError as exc:
+            log.error("trainer_bad_message", trainer_pid=trainer.process.pid,
+                      reason=exc.reason, error=exc.detail)
+            raise EOFError(f"the trainer sent a bad message: {exc}") from None
     raise EOFError("trainer exited")
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator import security
+from coordinator import runfile, security
 from coordinator.population import options as population_options
 from coordinator.settings import (
     TASK_ALIASES,
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_options(g: argparse._ArgumentGroup) -> None:
+    runfile.add_option(g)
     g.add_argument("--slots", type=_positive(int), default=None,
                    help="weight slots: independent global models trained at once (default 3, "
                         "or one per --slot-config table / --sweep point)")
@@ -113,8 +114,10 @@ def _add_job_options(g: argparse._ArgumentGroup) -> None:
                    help="clients to wait for before starting; also the data partition count "
                         "(default 6)")
     g.add_argument("--task", default="fashion_mnist",
-                   help=f"task: {', '.join(TASK_ALIASES)} or an import path module:factory "
-                        "(default fashion_mnist); agents run a module:factory only if their "
+                   help=f"task: {', '.join(TASK_ALIASES)}, an import path module:factory, or "
+                        "flower:module:client_fn for a Flower NumPyClient's client_fn run "
+                        "unchanged (docs/from-flower.md) (default fashion_mnist); agents run "
+                        "a module:factory or flower:... only if their "
                         "operator allows it (client_agent --allow-task), --local-agents are "
                         "given it")
     g.add_argument("--task-option", type=_key_value, action="append", default=[],
@@ -264,6 +267,13 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
                    help="model checkpoints kept per slot (default 2)")
     g.add_argument("--run-id", help="name for a new run (default: time-based)")
     g.add_argument("--no-progress", action="store_true", help="no live table on the terminal")
+    g.add_argument("--mlflow", action="store_true",
+                   help="when the run ends, log it to MLflow (python -m replay --to-mlflow "
+                        "RUN_DIR does the same later): a parent run, a child per slot with "
+                        "its configuration, per-round accuracy and losses, PBT and merge "
+                        "events and final model; $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///RUNS_DIR/mlflow.db (needs pip install 'pwfl[mlflow]'; "
+                        "default: off)")
     g.add_argument("--summary-json", action="store_true",
                    help="print the final summary as one JSON line on stdout")
 
@@ -362,20 +372,27 @@ def _replace(settings: CoordinatorSettings, **changes: Any) -> CoordinatorSettin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = runfile.parse_args(parser, argv)
     resume_state = None
     if args.resume:
         settings, resume_state = resume_settings(args)
     else:
         settings = settings_from_args(args)
+        runfile.write(settings.run_dir, runfile.resolved(args, settings, parser))
     from coordinator.run import run_coordinator
     from serialization.events import configure_events
 
     configure_events("coordinator", log_file=settings.events_path, console_level=args.log_level)
     secrets = security.load_secrets(args, settings, os.environ)
     with redis_for(settings) as ready:
-        return run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json,
+        code = run_coordinator(ready, resume_state=resume_state, summary_json=args.summary_json,
                                secrets=secrets)
+    if args.mlflow:  # from the event log, as `python -m replay --to-mlflow RUN_DIR` does
+        from replay.tracking import export_after_run
+
+        export_after_run(settings.run_dir)
+    return code
 
 
 if __name__ == "__main__":

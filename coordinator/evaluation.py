@@ -1,7 +1,8 @@
 """The task plugin on the coordinator's side: initial models and evaluation.
 
-The task is loaded by its import path (``module:factory``), exactly as trainers
-load it; the coordinator package itself never imports `trainer_worker`. Every
+The task is loaded by its import path (``module:factory``) with the one
+`serialization.tasks.load_task` the trainers use, so both sides accept the same
+plugins; the coordinator package itself never imports `trainer_worker`. Every
 method here is blocking (model building, data loading, a forward pass over the
 test set) and is called from a worker thread, never on the event loop.
 """
@@ -9,41 +10,19 @@ test set) and is called from a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
 
 import structlog
 import torch
 
 from serialization import TensorSpec, schema_of
 from serialization.slot_events import EvaluationFinished, EvaluationSkipped, emit
+from serialization.tasks import TaskPlugin
 
 log = structlog.get_logger()
-
-
-class TaskLike(Protocol):
-    def build_model(self, seed: int) -> torch.nn.Module: ...
-    def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]: ...
-
-
-class TaskLoadError(Exception):
-    """The task named on the command line cannot be imported or built."""
-
-
-def load_task(spec: str, options: dict[str, Any]) -> TaskLike:
-    module_name, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise TaskLoadError(f"cannot import task {spec!r}: {exc}") from exc
-    task = factory(**options)
-    if not (hasattr(task, "build_model") and hasattr(task, "evaluate")):
-        raise TaskLoadError(f"{spec!r} did not return a task (no build_model/evaluate)")
-    return task  # type: ignore[no-any-return]
 
 
 def lower_thread_priority(increment: int) -> bool:
@@ -68,7 +47,7 @@ class Evaluator:
     evaluations together use at most one core (with one torch thread).
     """
 
-    def __init__(self, task: TaskLike, device: str = "cpu", *, nice: int = 0) -> None:
+    def __init__(self, task: TaskPlugin, device: str = "cpu", *, nice: int = 0) -> None:
         self._task = task
         self._device = torch.device(device)
         self._models: dict[int, torch.nn.Module] = {}

@@ -16,12 +16,12 @@ from rich.markup import escape
 from bus.connection import refused
 from bus.errors import EXIT_REFUSED, BusError, RedisUnavailable
 from coordinator.app import Coordinator, RunOutcome
-from coordinator.evaluation import TaskLoadError
 from coordinator.http import HttpServerError
 from coordinator.local_agents import LocalAgentFailed
 from coordinator.progress import Progress
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
 from coordinator.strategies import StrategyError
+from serialization.errors import TaskError
 
 log = structlog.get_logger()
 
@@ -62,7 +62,7 @@ def agents_hint(settings: CoordinatorSettings) -> str:
     return "\n".join(lines)
 
 
-USER_ERRORS = (HttpServerError, TaskLoadError, LocalAgentFailed, BusError, StrategyError)
+USER_ERRORS = (HttpServerError, TaskError, LocalAgentFailed, BusError, StrategyError)
 
 
 def _user_error(exc: BaseException) -> str | None:

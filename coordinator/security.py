@@ -30,7 +30,7 @@ from bus.credentials import (
 )
 from bus.errors import CredentialsError
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
-from serialization import Job
+from serialization import AnyJob
 from serialization.signing import signed_job
 
 API_TOKEN_FILE = "api_token"  # noqa: S105 - a file name, not a token
@@ -83,7 +83,7 @@ def load_secrets(args: argparse.Namespace, settings: CoordinatorSettings,
         raise SystemExit(f"error: {exc}") from None
 
 
-def job_bytes(job: Job, keyring: Keyring | None) -> bytes:
+def job_bytes(job: AnyJob, keyring: Keyring | None) -> bytes:
     """The job as published: signed with its client's key when signing is on (agents with
     keys run only signed jobs), unsigned for a client without a key or with signing off."""
     key = None if keyring is None else keyring.get(job.client_id)

@@ -26,7 +26,7 @@ from bus.keys import Keys
 from bus.registry import Registry
 from coordinator.checkpoints import CheckpointStore
 from coordinator.clients import ClientTracker
-from coordinator.evaluation import Evaluator, load_task
+from coordinator.evaluation import Evaluator
 from coordinator.job_table import JobTable
 from coordinator.leases import LeaseBroker
 from coordinator.population import pbt
@@ -46,6 +46,7 @@ from coordinator.slots.registry import Slots
 from coordinator.status import RunStatus, SlotStatus
 from coordinator.strategies import make_strategy
 from serialization import decode
+from serialization.tasks import load_task
 
 log = structlog.get_logger()
 State = dict[str, torch.Tensor]

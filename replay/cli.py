@@ -64,6 +64,9 @@ class Settings:
     sim_rounds: int | None
     sim_draw: str
     show_rounds: bool
+    to_mlflow: bool = False
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "pwfl"
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -71,7 +74,7 @@ class Settings:
         if not 0.0 < args.target <= 1.0:
             raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
         return cls(
-            logs=args.logs,
+            logs=[path / "events.jsonl" if path.is_dir() else path for path in args.logs],
             target=args.target,
             as_json=args.json,
             report_dir=args.report,
@@ -81,6 +84,9 @@ class Settings:
             sim_rounds=args.sim_rounds,
             sim_draw=args.sim_draw,
             show_rounds=not args.no_rounds,
+            to_mlflow=args.to_mlflow,
+            mlflow_uri=args.mlflow_uri,
+            mlflow_experiment=args.mlflow_experiment,
         )
 
 
@@ -90,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("logs", nargs="+", type=Path, metavar="RUN.jsonl",
-                        help="coordinator event log(s); with several, the first is the "
-                             "baseline of the comparison")
+                        help="coordinator event log(s), or run directories (their "
+                             "events.jsonl); with several, the first is the baseline of the "
+                             "comparison")
     parser.add_argument("--target", type=float, default=0.85, metavar="ACC",
                         help="accuracy whose first arrival is timed, per slot and per run "
                              "(default: 0.85)")
@@ -129,6 +136,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the what-if's random draws (--sim-draw random, and "
                              "jobs beyond the recorded ones) (default: 0)")
+    parser.add_argument("--to-mlflow", action="store_true",
+                        help="log each run to MLflow instead of printing it: a parent run, a "
+                             "child run per slot (its configuration as parameters, test "
+                             "accuracy and loss and its clients' metrics per round, PBT and "
+                             "merge events as tags, its final model as an artifact); needs "
+                             "pip install 'pwfl[mlflow]' (default: off)")
+    parser.add_argument("--mlflow-uri", metavar="URI",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///RUNS_DIR/mlflow.db beside the run, no server)")
+    parser.add_argument("--mlflow-experiment", default="pwfl", metavar="NAME",
+                        help="MLflow experiment (default: pwfl)")
     parser.add_argument("--no-rounds", action="store_true",
                         help="leave out the per-round tables of the terminal summary")
     return parser
@@ -152,6 +170,8 @@ def _load(settings: Settings) -> list[Run]:
 
 
 def _run(settings: Settings) -> int:
+    if settings.to_mlflow:
+        return _to_mlflow(settings)
     runs = _load(settings)
     summaries = [summarise(run, settings.target) for run in runs]
     _print_warnings(summaries)
@@ -164,6 +184,15 @@ def _run(settings: Settings) -> int:
         _print_json(summaries, whatifs)
     else:
         _print_tables(settings, summaries, whatifs)
+    return 0
+
+
+def _to_mlflow(settings: Settings) -> int:
+    from replay.tracking import export
+
+    for path in settings.logs:
+        parent = export(path, uri=settings.mlflow_uri, experiment=settings.mlflow_experiment)
+        print(f"replay: {path} logged to MLflow as run {parent}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@
     ReplayError                   anything the replay tool cannot do
     +-- NotAnEventLog             a file that is not a PWFL JSON event log
     +-- UsageError                a command-line value that cannot be used
+    +-- TrackingError             MLflow is missing or its store refused (--to-mlflow)
 
 The CLI turns every `ReplayError` into one line on stderr and exit code 2.
 """
@@ -20,3 +21,7 @@ class NotAnEventLog(ReplayError):
 
 class UsageError(ReplayError):
     """An option value (a --simulate grid, a target) cannot be used."""
+
+
+class TrackingError(ReplayError):
+    """MLflow is not installed, or its store refused what was logged."""

@@ -55,6 +55,7 @@ OTHER_EVENTS = frozenset(
         "strategy_bounds_unmet",
         "train_timeout", "job_refused", "redis_refused",
         "gradient_step", "gradient_client_dropped", "gradient_session_opened",
+        "gradient_session_reopened",
         "gradient_session_failed", "gradient_downlink_failed", "handoff_unavailable",
         "handoff_fallback",
         "num_examples_capped", "examples_declaration_rejected", "examples_declared",

@@ -11,7 +11,16 @@ replay tool reads logs on machines that have none.
 from typing import TYPE_CHECKING, Any
 
 from serialization.errors import PayloadError
-from serialization.messages import SCHEMA_VERSION, Job, Message, Registration, Result
+from serialization.messages import (
+    SCHEMA_VERSION,
+    AnyJob,
+    GradientJob,
+    Job,
+    Message,
+    Registration,
+    Result,
+    job_from_bytes,
+)
 
 if TYPE_CHECKING:
     from serialization.tensors import (
@@ -41,6 +50,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DTYPES",
     "SCHEMA_VERSION",
+    "AnyJob",
+    "GradientJob",
     "Job",
     "Message",
     "PayloadError",
@@ -52,6 +63,7 @@ __all__ = [
     "encode",
     "encode_into",
     "encoded_size",
+    "job_from_bytes",
     "read_header",
     "schema_of",
 ]

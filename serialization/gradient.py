@@ -44,6 +44,10 @@ class StepGradient(Message):
     loss: float = 0.0
     agent_id: str = ""
     timings: dict[str, Any] = field(default_factory=dict)
+    # With client keys (`serialization.signing`): the body's sha256, and the client's HMAC
+    # over session, step, job, client, example count, size and that digest.
+    digest: str = ""
+    signature: bytes = b""
 
 
 def flat_view(body: bytes | memoryview, numel: int) -> np.ndarray:

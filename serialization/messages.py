@@ -3,7 +3,12 @@
 Each message is a frozen dataclass. On the wire it is a msgpack map with the
 schema version under ``"v"`` and the message kind under ``"k"``; decoding
 ignores unknown fields (newer senders may add some) and rejects missing or
-mistyped required ones with `PayloadError`.
+mistyped required ones, and values a message's own `problem` check refuses, with
+`PayloadError`.
+
+A client's job stream carries two kinds of job: `Job` (train from a model blob,
+send the update) and `GradientJob` (serve a batch-gradient session);
+`job_from_bytes` decodes either by its kind.
 """
 
 from __future__ import annotations
@@ -46,13 +51,7 @@ class Message:
 
     @classmethod
     def from_bytes(cls, raw: bytes | memoryview) -> Self:
-        if len(raw) > MAX_MESSAGE_BYTES:
-            raise PayloadError("too_large", f"{cls.kind} message of {len(raw)} bytes")
-        try:
-            body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        except Exception as exc:  # noqa: BLE001 - msgpack raises many types on bad input
-            raise PayloadError("malformed", f"{cls.kind} message is not msgpack: {exc}") from None
-        return cls.from_dict(body)
+        return cls.from_dict(unpack_map(raw, cls.kind))
 
     @classmethod
     def from_dict(cls, body: Any) -> Self:
@@ -65,7 +64,28 @@ class Message:
             raise PayloadError(
                 "bad_version", f"{cls.kind} schema version {version!r} is unsupported"
             )
-        return cls(**_fields(cls, body))
+        message = cls(**_fields(cls, body))
+        problem = message.problem()
+        if problem is not None:
+            raise PayloadError("bad_field", f"{cls.kind} message: {problem}")
+        return message
+
+    def problem(self) -> str | None:
+        """What makes this message unusable beyond its fields' types (None: nothing)."""
+        return None
+
+
+def unpack_map(raw: bytes | memoryview, what: str) -> dict[Any, Any]:
+    """The msgpack map in `raw` (at most MAX_MESSAGE_BYTES); PayloadError otherwise."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise PayloadError("too_large", f"{what} message of {len(raw)} bytes")
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on bad input
+        raise PayloadError("malformed", f"{what} message is not msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise PayloadError("malformed", f"{what} message is not a map")
+    return body
 
 
 def _fields(cls: type, body: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +158,54 @@ class Job(Message):
     handoff: str = ""
     handoff_digest: str = ""
     model_shm: str = ""
+
+
+@dataclass(frozen=True)
+class GradientJob(Message):
+    """Serve client `client_id` in gradient session `session` of slot `slot_id`, round
+    `round`: `steps` steps, each answered within `step_deadline_s` (bus.gradient streams
+    carry the weights and gradients; `config` is the training config, batch size and seed)."""
+
+    kind: ClassVar[str] = "gradient_job"
+    job_id: str
+    run_id: str
+    slot_id: int
+    round: int
+    client_id: str
+    session: str
+    steps: int
+    step_deadline_s: float
+    deadline_ts: float
+    task: str
+    task_options: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    published_ts: float = 0.0
+    signature: bytes = b""  # the coordinator's HMAC with the client's key (signing on)
+
+    def problem(self) -> str | None:
+        if not self.session:
+            return "no session name"
+        if self.steps < 1:
+            return f"{self.steps} steps"
+        if not 0 < self.step_deadline_s < float("inf"):
+            return f"step deadline of {self.step_deadline_s} s"
+        return None
+
+
+AnyJob = Job | GradientJob
+JOB_KINDS: dict[str, type[Job] | type[GradientJob]] = {Job.kind: Job,
+                                                        GradientJob.kind: GradientJob}
+
+
+def job_from_bytes(raw: bytes | memoryview) -> AnyJob:
+    """The job in a job stream entry, of either kind (no kind: a weight job);
+    PayloadError when it is neither or does not validate."""
+    body = unpack_map(raw, "job")
+    kind = body.get("k", Job.kind)
+    cls = JOB_KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise PayloadError("malformed", f"no job of kind {body.get('k')!r}")
+    return cls.from_dict(body)
 
 
 @dataclass(frozen=True)

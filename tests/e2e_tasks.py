@@ -83,18 +83,9 @@ class HangingTask(SlowClientTask):
               device: torch.device) -> TrainOutcome:
         if client_id in self._hang_clients:
             self._jobs[client_id] = self._jobs.get(client_id, 0) + 1
-            if self._jobs[client_id] == self._hang_on_job and self._first_to_hang():
+            if self._jobs[client_id] == self._hang_on_job and _first_to_create(self._once_file):
                 threading.Event().wait()  # forever: only a kill ends this call
         return super().train(model, client_id, config, device)
-
-    def _first_to_hang(self) -> bool:
-        if not self._once_file:
-            return True
-        try:
-            os.close(os.open(self._once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        return True
 
 
 class BrokenGradientTask(SyntheticTask):
@@ -116,6 +107,45 @@ class BrokenGradientTask(SyntheticTask):
         if broken:
             raise RuntimeError("injected failure in a gradient step")
         return super().batch_loss(model, inner)
+
+
+class HangingGradientTask(SyntheticTask):
+    """The synthetic task whose listed clients' gradient step `hang_at` (counted from the
+    session's first batch) never returns (a stuck user call); with `once_file`, only the
+    first trainer to get there hangs, so the client serves again after the restart. Every
+    gradient step takes at least `step_s`."""
+
+    def __init__(self, hang_clients: list[str] | None = None, hang_at: int = 2,
+                 once_file: str = "", step_s: float = 0.0, **options: Any) -> None:
+        super().__init__(**options)
+        self._hang = set(hang_clients or [])
+        self._hang_at = hang_at
+        self._once_file = once_file
+        self._step_s = step_s
+
+    def gradient_batches(self, client_id: str, config: TrainConfig,
+                         device: torch.device) -> Iterator[tuple[Any, int]]:
+        for step, (batch, n) in enumerate(super().gradient_batches(client_id, config, device), 1):
+            yield (batch, client_id in self._hang and step == self._hang_at), n
+
+    def batch_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        inner, hang = batch
+        if hang and _first_to_create(self._once_file):
+            threading.Event().wait()  # forever: only a kill ends this call
+        time.sleep(self._step_s)
+        return super().batch_loss(model, inner)
+
+
+def _first_to_create(path: str) -> bool:
+    """True for the first caller (any process) to create the file at `path`; always True
+    without a path."""
+    if not path:
+        return True
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 class SlowEvalTask(SyntheticTask):

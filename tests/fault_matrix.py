@@ -4,7 +4,8 @@ Runs `tests/test_faults_*.py` (real Redis, agents, trainers and signals; the sil
 network test needs root and `ip netns`) with $PWFL_FAULT_MATRIX set, so that each
 test's ledger appends its row, then prints the rows as a Markdown table: the fault,
 what the logs show the system did about it, the rounds closed of those the run
-asked for, the updates folded, and the updates lost and doubled (both must be 0).
+asked for, the updates folded (gradients averaged, in gradient mode), and the
+updates lost and doubled (both must be 0).
 Extra arguments go to pytest (for example `-k redis`).
 """
 

@@ -26,7 +26,8 @@ READ_SLACK_S = 2.0
 # The test-only tasks (tests/e2e_tasks.py) that agents started here may run, besides the
 # built-in ones: an agent runs no task it was not told to (--allow-task).
 TEST_TASKS = tuple(f"--allow-task=tests.e2e_tasks:{name}"
-                   for name in ("SlowClientTask", "FlakyTask", "HangingTask"))
+                   for name in ("SlowClientTask", "FlakyTask", "HangingTask",
+                                "HangingGradientTask"))
 
 
 @dataclass
@@ -114,6 +115,7 @@ def ledger_problems(events: list[dict[str, Any]], agent_events: list[dict[str, A
         problems.append(f"rounds never closed: {sorted(missing)}")
     problems += doubled_updates(events)
     problems += lost_updates(events, agent_events)
+    problems += lost_gradients(events)
     return problems
 
 
@@ -130,10 +132,12 @@ def lost_updates(events: list[dict[str, Any]], agent_events: list[dict[str, Any]
     late, or rejected with a logged reason; every update an agent uploaded while its
     slot was still collecting must have reached the coordinator.
     """
+    gradient = gradient_rounds(events)  # their results carry no update: see lost_gradients
     rejected = {e.get("job_id") for e in _of(events, "update_rejected")}
     dropped = {e["job_id"] for e in _of(events, "update_late") if e["action"] == "dropped"}
     fates = {e["job_id"] for e in _of(events, "update_folded")} | dropped | rejected
-    received = {e["job_id"]: e for e in _of(events, "update_received")}
+    received = {e["job_id"]: e for e in _of(events, "update_received")
+                if (e["slot_id"], e["round"]) not in gradient}
     problems = [f"job {job} received but neither folded, dropped nor rejected"
                 for job, e in received.items() if e["status"] == "ok" and job not in fates]
     last_quorum: dict[int, float] = {}
@@ -146,6 +150,24 @@ def lost_updates(events: list[dict[str, Any]], agent_events: list[dict[str, Any]
         if collecting and e["job_id"] not in set(received) | rejected:
             problems.append(f"job {e['job_id']} uploaded but never reached the coordinator")
     return problems
+
+
+def gradient_rounds(events: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    """(slot, round) of every round a gradient slot started."""
+    return {(e["slot_id"], e["round"]) for e in _of(events, "round_started")
+            if e.get("mode") == "gradient"}
+
+
+def lost_gradients(events: list[dict[str, Any]]) -> list[str]:
+    """Gradient steps that averaged fewer clients than finished their session ok: such a
+    client sent a gradient for every step, so a step without it lost one."""
+    finished = Counter((e["slot_id"], e["round"]) for e in _of(events, "update_received")
+                       if e["status"] == "ok" and (e["slot_id"], e["round"]) in
+                       gradient_rounds(events))
+    return [f"slot {e['slot_id']} round {e['round']} step {e['step']} averaged "
+            f"{e['clients']} gradients of {finished[e['slot_id'], e['round']]} sessions"
+            for e in _of(events, "gradient_step")
+            if e["clients"] < finished[e["slot_id"], e["round"]]]
 
 
 def what_happened(events: list[dict[str, Any]], agent_events: list[dict[str, Any]]) -> str:
@@ -163,6 +185,10 @@ def what_happened(events: list[dict[str, Any]], agent_events: list[dict[str, Any
     count("coordinator resumed", sum(1 for _ in _of(events, "run_resumed")))
     count("training calls timed out, their trainers killed and restarted",
           sum(1 for _ in _of(agent_events, "train_timeout")))
+    count("gradient sessions reopened on a replacement trainer",
+          sum(1 for _ in _of(agent_events, "gradient_session_reopened")))
+    count("clients dropped from gradient sessions",
+          *reasons(_of(events, "gradient_client_dropped"), "reason"))
     timed_out = {e["job_id"] for e in _of(agent_events, "train_timeout")}
     count("trainers died mid-job and restarted",
           sum(1 for e in _of(agent_events, "trainer_exited")
@@ -197,8 +223,9 @@ def fault_ledger(fault: str, events: list[dict[str, Any]], agent_events: list[di
             "fault": fault,
             "happened": "; ".join(filter(None, (what_happened(events, agent_events), also))),
             "rounds": f"{len(closed & expected)}/{len(expected)}",
-            "folded": len({e["job_id"] for e in _of(events, "update_folded")}),
-            "lost": len(lost_updates(events, agent_events)),
+            "folded": len({e["job_id"] for e in _of(events, "update_folded")})
+            + sum(e["clients"] for e in _of(events, "gradient_step")),
+            "lost": len(lost_updates(events, agent_events)) + len(lost_gradients(events)),
             "doubled": len(doubled_updates(events)),
             "problems": problems,
         }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from client_agent.cli import build_parser, settings_from_args
-from client_agent.limits import MIN_AUTO_LIMIT_S, train_time_limit_s
-from serialization import Job
+from client_agent.limits import MIN_AUTO_LIMIT_S, gradient_call_limit_s, train_time_limit_s
+from serialization import GradientJob, Job
 
 
 def _job(published_ts: float, deadline_ts: float) -> Job:
@@ -38,3 +38,16 @@ def test_the_option_reaches_the_settings() -> None:
     assert settings_from_args(given, environ={}).train_timeout_s == 2.5
     default = parser.parse_args(["--redis", "redis://x", "--clients", "0"])
     assert settings_from_args(default, environ={}).train_timeout_s is None
+
+
+def _session(step_deadline_s: float) -> GradientJob:
+    return GradientJob(job_id="j", run_id="r", slot_id=0, round=1, client_id="0", session="s",
+                       steps=5, step_deadline_s=step_deadline_s, deadline_ts=1e9, task="t")
+
+
+def test_a_gradient_call_is_bounded_by_the_step_deadline_with_the_same_floor() -> None:
+    """A gradient session's trainer calls get its step deadline, at least the floor; the
+    option, when given, wins."""
+    assert gradient_call_limit_s(_session(300.0), None) == 300.0
+    assert gradient_call_limit_s(_session(4.0), None) == MIN_AUTO_LIMIT_S
+    assert gradient_call_limit_s(_session(300.0), 3.0) == 3.0

@@ -59,3 +59,35 @@ def test_agents_refuse_tasks_they_do_not_allow_and_jobs_they_cannot_verify(
     folded = {e["client_id"] for e in run.events("update_folded")}
     assert folded == {"0"}
     assert len([e for e in read_events(served) if e["event"] == "update_uploaded"]) == 2
+
+
+ATTACK = "trainer_worker.tasks.attack:AttackTask"
+
+
+def test_an_allowed_wrapper_cannot_load_a_task_the_agent_does_not_allow(
+        redis_server: EmbeddedRedis, tmp_path: Path,
+        popen_agents: list[subprocess.Popen[bytes]]) -> None:
+    """The run's task is the attack wrapper around a test task. Both agents allow the
+    wrapper; only client 0's allows the inner task. Client 1's trainer refuses to import
+    the inner task (its allowlist holds inside the wrapper), so each of its jobs fails with
+    task_not_allowed, while client 0's are folded and the run finishes."""
+    run = start_coordinator(
+        redis_server.url, tmp_path / "runs", "deep-allowlist", "--task", ATTACK,
+        "--task-option", f'inner="{SLOW}"', "--task-option", 'attack="none"',
+        "--task-option", "base_s=0.1", "--slots", "1", "--clients", "2", "--rounds", "2",
+        "--deadline", "10", "--min-clients", "1")
+    with run:
+        for name, client, allowed in (("deep", "0", [ATTACK, SLOW]), ("shallow", "1", [ATTACK])):
+            flags = [arg for spec in allowed for arg in ("--allow-task", spec)]
+            popen_agents.append(start_agent(redis_server.url, tmp_path, name, client,
+                                            "--run-id", "deep-allowlist", *flags))
+        assert run.wait(120) == 0, run.output()[-3000:]
+    assert [stop(a) for a in popen_agents] == [0, 0]
+    failed = run.events("job_failed")
+    assert failed
+    assert {e["client_id"] for e in failed} == {"1"}
+    assert all(e["error"].startswith(f"task_not_allowed: task '{SLOW}' is not allowed")
+               for e in failed), failed
+    started = [e for e in read_events(tmp_path / "shallow.jsonl") if e["event"] == "job_started"]
+    assert started  # the wrapper itself was allowed: the refusal came from inside it
+    assert {e["client_id"] for e in run.events("update_folded")} == {"0"}

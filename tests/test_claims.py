@@ -24,6 +24,7 @@ from coordinator.results.claims import (
 from coordinator.settings import TrainingSettings
 from serialization import Registration, Result
 from serialization.signing import declaration_problem, declaration_signature
+from trainer_worker import protocol
 from trainer_worker.tasks.synthetic import SyntheticTask
 from trainer_worker.worker import Trainer
 
@@ -192,13 +193,16 @@ def test_a_gradient_claim_above_the_batch_is_capped_and_logged() -> None:
 
 
 def test_the_trainer_describes_partition_sizes_and_keeps_the_task() -> None:
-    """A trainer's "describe" reports each client's partition size from the task, and a
+    """A trainer's `Describe` reports each client's partition size from the task, and a
     task that fails to load is a failed reply, not a crash."""
     trainer = Trainer(torch.device("cpu"))
     task = "trainer_worker.tasks.synthetic:SyntheticTask"
     options = {"num_clients": 4, "examples_per_client": 50}
-    reply = trainer.describe({"task": task, "task_options": options, "client_ids": ["0", "3"]})
-    assert reply == {"op": "described", "status": "ok", "num_examples": {"0": 50, "3": 50}}
+    reply = trainer.describe(protocol.Describe(task=task, task_options=options,
+                                               client_ids=["0", "3"]))
+    assert reply == protocol.Described(status="ok", num_examples={"0": 50, "3": 50})
     assert SyntheticTask(**options).partition_size("2") == 50
-    bad = trainer.describe({"task": "no.such:Task", "task_options": {}, "client_ids": ["0"]})
-    assert (bad["op"], bad["status"]) == ("described", "failed")
+    bad = trainer.describe(protocol.Describe(task="no.such:Task", client_ids=["0"]))
+    assert bad.status == "failed"
+    wire = protocol.Describe(task=task, task_options=options, client_ids=["0"])
+    assert protocol.unpack(protocol.pack(wire)) == wire

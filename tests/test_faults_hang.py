@@ -1,4 +1,4 @@
-"""Fault test: one client's training call hangs forever (a stuck user call).
+"""Fault tests: one client's training call, or gradient step, hangs forever (a stuck user call).
 
 Before agents bounded a training call, the hung call held its trainer, so the agent's
 other client waited behind it for the rest of the run, and neither lease ever came
@@ -65,3 +65,47 @@ def test_a_hung_training_call_is_killed_and_every_client_keeps_serving(
     agent_events = [e for a in agents for e in a.events()]
     assert fault_ledger("one client's training call hangs forever (--train-timeout-s 3)",
                         events, agent_events, slots=SLOTS, rounds=ROUNDS) == []
+
+
+HANGING_GRADIENT = "tests.e2e_tasks:HangingGradientTask"
+GRADIENT_ROUNDS, GRADIENT_STEPS = 4, 5
+
+
+def test_a_hung_gradient_step_is_killed_and_the_other_sessions_go_on(
+        redis_server: EmbeddedRedis, tmp_path: Path, agents: list[AgentProc]) -> None:
+    """Every round leases all 4 clients of a gradient slot; client 1's 3rd step never
+    returns. Its trainer, which client 0's session shares, is killed after
+    --train-timeout-s and restarted; client 1's session fails (train_timeout) and its
+    lease returns; client 0's session reopens on the new trainer and, like clients 2 and
+    3, is averaged in every step; client 1 is back in every later round; nothing lost."""
+    run_id = "fault-hang-gradient"
+    run = start_coordinator(
+        redis_server.url, tmp_path, run_id, "--mode", "gradient", "--task", HANGING_GRADIENT,
+        "--task-option", 'hang_clients=["1"]', "--task-option", "hang_at=3",
+        "--task-option", f'once_file="{tmp_path / "hung"}"', "--slots", "1", "--clients", "4",
+        "--clients-per-round", "4", "--rounds", str(GRADIENT_ROUNDS), "--gradient-steps",
+        str(GRADIENT_STEPS), "--deadline", "60", "--min-clients", "1")
+    with run:
+        for name, clients in (("a", "0,1"), ("b", "2,3")):
+            agents.append(start_agent(redis_server.url, run_id, clients, tmp_path / "agents",
+                                      name, "--train-timeout-s", "3"))
+        assert run.wait(180) == 0, run.output()[-3000:]
+    events, hung_agent = run.events(), agents[0]
+    timeouts = hung_agent.events("train_timeout")
+    assert [(e["client_id"], e["limit_s"]) for e in timeouts] == [("1", 3.0)]
+    failed = run.events("job_failed")
+    assert [(e["client_id"], e["round"]) for e in failed] == [("1", 1)]
+    assert failed[0]["error"].startswith("train_timeout: no result within 3 s")
+    assert any(e["reason"] == "failed" for e in run.events("lease_returned")
+               if e["client_id"] == "1")
+    assert len(hung_agent.events("trainer_started")) == 2  # the first, and its replacement
+    assert [e["client_id"] for e in hung_agent.events("gradient_session_reopened")] == ["0"]
+    steps = [(e["round"], e["step"], e["clients"]) for e in run.events("gradient_step")]
+    assert steps == [(r, k, 3 if r == 1 and k >= 3 else 4)
+                     for r in range(1, GRADIENT_ROUNDS + 1)
+                     for k in range(1, GRADIENT_STEPS + 1)]
+    assert run.events("gradient_client_dropped") == []
+    assert lease_violations(events) == []
+    agent_events = [e for a in agents for e in a.events()]
+    assert fault_ledger("one client's gradient step hangs forever (--train-timeout-s 3)",
+                        events, agent_events, slots=1, rounds=GRADIENT_ROUNDS) == []

@@ -25,7 +25,7 @@ from coordinator.gradient.optimizer import (
 )
 from serialization import PayloadError, decode, encode
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
-from trainer_worker import models, shm
+from trainer_worker import models, protocol, shm
 from trainer_worker.gradient import GradientSessions, read_flat, write_flat
 from trainer_worker.task import TrainConfig
 from trainer_worker.tasks import batch_order
@@ -172,13 +172,14 @@ def test_trainer_session_returns_the_batch_gradient() -> None:
     sessions = GradientSessions(torch.device("cpu"), "pwfl-test", lambda _s, _o: (task, model))
     config = {"batch_size": 5, "seed": 11}
     try:
-        opened = sessions.handle({"op": "grad_open", "job_id": "j", "client_id": "1",
-                                  "task": "x:y", "config": config,
-                                  "weights_shm": weights.name})
-        assert opened["status"] == "ok", opened
-        done = sessions.handle({"op": "grad_step", "job_id": "j", "step": 1})
-        assert (done["status"], done["num_examples"]) == ("ok", 5)
-        grads = shm.attach(opened["grad_shm"])
+        opened = sessions.handle(protocol.GradOpen(job_id="j", client_id="1", task="x:y",
+                                                   config=config, weights_shm=weights.name))
+        assert isinstance(opened, protocol.GradOpened)
+        assert opened.status == "ok", opened
+        done = sessions.handle(protocol.GradStep(job_id="j", step=1))
+        assert isinstance(done, protocol.GradDone)
+        assert (done.status, done.num_examples) == ("ok", 5)
+        grads = shm.attach(opened.grad_shm)
         got = torch.frombuffer(shm.buffer(grads), dtype=torch.float32, count=numel).clone()
         shm.release(grads)
         batch, _ = next(task.gradient_batches("1", TrainConfig.from_dict(config),
@@ -187,18 +188,18 @@ def test_trainer_session_returns_the_batch_gradient() -> None:
         task.batch_loss(reference, batch).backward()
         want = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
         assert torch.equal(got, want)
-        assert sessions.handle({"op": "grad_close", "job_id": "j"})["status"] == "ok"
+        assert sessions.handle(protocol.GradClose(job_id="j")).status == "ok"
     finally:
         shm.release(weights, unlink=True)
         if "opened" in locals():
-            shm.remove(opened["grad_shm"])
+            shm.remove(opened.grad_shm)
 
 
 def test_trainer_session_failures_are_replies() -> None:
     """A step for a session that is not open is a failed reply, not a crash."""
     sessions = GradientSessions(torch.device("cpu"), "pwfl-test", lambda _s, _o: (None, None))
-    reply = sessions.handle({"op": "grad_step", "job_id": "nope", "step": 1})
-    assert reply["status"] == "failed"
+    reply = sessions.handle(protocol.GradStep(job_id="nope", step=1))
+    assert reply.status == "failed"
 
 
 async def test_tensor_entries_round_trip(redis_client: aioredis.Redis) -> None:

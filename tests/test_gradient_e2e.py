@@ -118,3 +118,31 @@ def test_failing_client_leaves_the_session(launch: Callable[..., Run]) -> None:
     assert {e["client_id"] for e in failed} == {"1"}
     assert "injected failure" in failed[0]["error"]
     assert [e["round"] for e in run.events("round_closed")] == [1, 2]
+
+
+def test_a_hung_step_is_bounded_by_the_step_deadline(launch: Callable[..., Run],
+                                                      tmp_path: Path) -> None:
+    """With no --train-timeout-s, a gradient step that never returns is killed after the
+    session's step deadline (twice --deadline, at least 60 s, the floor of a derived
+    bound, which spares ordinary stragglers): the slot drops the client at --deadline
+    and steps on with the other, the hung session fails with train_timeout, its lease
+    returns and the client is averaged in every step of the next round."""
+    run = launch("gradient-hang", "--mode", "gradient", "--task",
+                 "tests.e2e_tasks:HangingGradientTask", "--task-option", 'hang_clients=["1"]',
+                 "--task-option", "hang_at=2", "--task-option",
+                 f'once_file="{tmp_path / "hung"}"', "--slots", "1", "--clients", "2",
+                 "--rounds", "2", "--gradient-steps", "4", "--local-agents", "2",
+                 "--deadline", "4", "--min-clients", "2")
+    assert run.wait(240) == 0, run.output()[-4000:]
+    # The session's result may come after its round closed: the dispatcher logs it anyway.
+    [failed] = [e for e in run.events("update_received") if e["status"] == "failed"]
+    assert (failed["client_id"], failed["round"]) == ("1", 1)
+    assert failed["error"].startswith("train_timeout: no result within 60 s")
+    assert any(e["reason"] == "failed" for e in run.events("lease_returned")
+               if e["client_id"] == "1")
+    dropped = run.events("gradient_client_dropped")
+    assert [(e["client_id"], e["round"], e["reason"]) for e in dropped] == [
+        ("1", 1, "step_deadline")]
+    assert [e["round"] for e in run.events("round_closed")] == [1, 2]
+    steps = [e["clients"] for e in run.events("gradient_step")]
+    assert steps == [2, 1, 1, 1, 2, 2, 2, 2]  # round 2 waited for the client's lease

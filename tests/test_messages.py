@@ -10,9 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz import jobs, registrations, results
-from serialization import SCHEMA_VERSION, Job, Message, PayloadError, Registration, Result
+from serialization import (
+    SCHEMA_VERSION,
+    GradientJob,
+    Job,
+    Message,
+    PayloadError,
+    Registration,
+    Result,
+    job_from_bytes,
+)
 from serialization.messages import MAX_MESSAGE_BYTES
+from tests.fuzz import jobs, registrations, results
 
 JOB = Job(
     job_id="j1", run_id="r1", slot_id=2, round=7, client_id="c3", model_digest="ab" * 32,
@@ -216,3 +225,42 @@ def test_any_job_with_a_bad_required_field_is_rejected_cleanly(
         return  # an int is a valid value there
     with pytest.raises(PayloadError):
         Job.from_bytes(pack(body_of(job) | {name: value}))
+
+
+GRADIENT_JOB = GradientJob(
+    job_id="j2", run_id="r1", slot_id=0, round=3, client_id="c3", session="s0-r3-abc",
+    steps=50, step_deadline_s=120.0, deadline_ts=1_700_000_000.5, task="synthetic",
+    config={"batch_size": 32, "seed": 7},
+)
+
+
+@pytest.mark.parametrize("job", [JOB, GRADIENT_JOB], ids=["weights", "gradient"])
+def test_a_job_stream_entry_decodes_by_its_kind(job: Job | GradientJob) -> None:
+    """job_from_bytes gives a weight job or a gradient session, whichever was sent."""
+    decoded = job_from_bytes(job.to_bytes())
+    assert type(decoded) is type(job)
+    assert decoded == job
+
+
+def test_a_job_of_no_known_kind_is_rejected() -> None:
+    """A map of another kind on a job stream is malformed, whatever its fields."""
+    with pytest.raises(PayloadError) as info:
+        job_from_bytes(REGISTRATION.to_bytes())
+    assert info.value.reason == "malformed"
+    with pytest.raises(PayloadError):
+        job_from_bytes(pack(body_of(GRADIENT_JOB) | {"k": ["gradient_job"]}))
+
+
+def test_the_two_kinds_of_job_do_not_pass_for_each_other() -> None:
+    """A gradient session read as a weight job (or back) is rejected, not half-read."""
+    assert reason_of(Job, GRADIENT_JOB.to_bytes()) == "malformed"
+    assert reason_of(GradientJob, JOB.to_bytes()) == "malformed"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("steps", 0), ("step_deadline_s", 0.0), ("step_deadline_s", float("inf")),
+    ("step_deadline_s", float("nan")), ("session", ""),
+])
+def test_a_gradient_session_that_cannot_run_is_rejected(name: str, value: Any) -> None:
+    """No steps, no usable step deadline or no session name: bad_field."""
+    assert reason_of(GradientJob, pack(body_of(GRADIENT_JOB) | {name: value})) == "bad_field"

@@ -1,14 +1,14 @@
 """Fuzzing in CI: random, mutated and edited inputs raise nothing but PayloadError
-(ValueError for the trainer pipe protocol).
+(the trainer pipe protocol's too).
 
-The same fuzzers run with ``python -m bench.fuzz --cases 100000`` for the big count.
+The same fuzzers run with ``python -m tests.fuzz --cases 100000`` for the big count.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.fuzz import FUZZERS, main, run_batch
+from tests.fuzz import FUZZERS, main, run_batch
 
 # ~2,400 cases in all: the fast fuzzers get more of them.
 CASES = {
@@ -20,11 +20,12 @@ CASES = {
     "message_maps": 250,
     "protocol_random": 300,
     "protocol_mutated": 250,
+    "protocol_maps": 250,
 }
 
 
 def test_every_fuzzer_has_a_ci_budget() -> None:
-    """Each fuzzer of bench.fuzz runs in CI."""
+    """Each fuzzer of tests.fuzz runs in CI."""
     assert set(CASES) == set(FUZZERS)
 
 
@@ -35,7 +36,7 @@ def test_fuzzer_raises_nothing_but_payload_error(name: str) -> None:
 
 
 def test_the_fuzz_runner_counts_cases(capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m bench.fuzz` prints the cases run and zero crashes, and exits 0."""
+    """`python -m tests.fuzz` prints the cases run and zero crashes, and exits 0."""
     assert main(["--cases", "30", "--jobs", "1", "--only", "message_random"]) == 0
     out = capsys.readouterr().out
     assert "message_random" in out

@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz import metas, state_dicts, tensors
 from serialization import (
     DTYPES,
     decode,
@@ -22,6 +21,7 @@ from serialization import (
     schema_of,
 )
 from serialization.tensors import ALIGN, encode_buffer
+from tests.fuzz import metas, state_dicts, tensors
 
 ROUND_TRIPS = settings(max_examples=150, deadline=None)
 

@@ -10,9 +10,9 @@ import msgpack
 import pytest
 import torch
 
-from bench.fuzz import repack, split_payload, with_header
 from serialization import PayloadError, TensorSpec, decode, encode, read_header, schema_of
 from serialization.tensors import ALIGN, MAX_HEADER_BYTES, MAX_NDIM
+from tests.fuzz import repack, split_payload, with_header
 
 STATE = {
     "conv.weight": torch.arange(24, dtype=torch.float32).reshape(2, 3, 4),

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 import pytest
 
-from serialization import Job, Result
+from serialization import GradientJob, Job, Result
+from serialization.gradient import StepGradient
 from serialization.signing import (
     SIGNATURE_BYTES,
+    gradient_payload_problem,
+    gradient_signature_problem,
     job_signature,
     job_signature_problem,
     result_signature,
     signature_problem,
     signed,
+    signed_gradient,
     signed_job,
 )
 
@@ -102,3 +107,59 @@ def test_unsigned_or_wrongly_keyed_jobs_are_problems() -> None:
 def test_a_result_signature_never_passes_as_a_job_signature() -> None:
     """The two directions use distinct domain tags under the same client key."""
     assert job_signature(JOB, KEY) != result_signature(RESULT, KEY)
+
+
+GRADIENT_JOB = GradientJob(job_id="s0-r1-c3-abcd", run_id="run", slot_id=0, round=1,
+                           client_id="3", session="s0-r1-abc", steps=50, step_deadline_s=60.0,
+                           deadline_ts=1700000000.0, task="synthetic")
+
+
+def test_a_signed_gradient_session_verifies_after_the_wire() -> None:
+    """A gradient session signed with its client's key passes the agent's check."""
+    sent = signed_job(GRADIENT_JOB, KEY)
+    assert job_signature_problem(GradientJob.from_bytes(sent.to_bytes()), KEY) is None
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("session", "other"), ("steps", 5000), ("step_deadline_s", 1.0), ("task", "evil:Task"),
+    ("config", {"batch_size": 1}), ("client_id", "4"),
+])
+def test_what_a_gradient_session_asks_is_signed(field: str, value: object) -> None:
+    """Session, steps, step deadline, task, config and ids of a gradient session are signed."""
+    forged = dataclasses.replace(signed_job(GRADIENT_JOB, KEY), **{field: value})
+    assert job_signature_problem(forged, KEY) == "signature does not match the client's key"
+
+
+GRADIENT = StepGradient(session="s0-r1-abc", step=3, job_id="s0-r1-c3-abcd", client_id="3",
+                        num_examples=32, numel=4)
+BODY = struct.pack("4f", 0.1, -0.2, 0.3, 0.0)
+
+
+def test_a_signed_gradient_verifies_after_the_wire() -> None:
+    """A gradient header signed with its client's key over its body passes both checks."""
+    sent = StepGradient.from_bytes(signed_gradient(GRADIENT, BODY, KEY).to_bytes())
+    assert gradient_signature_problem(sent, KEY) is None
+    assert gradient_payload_problem(sent, BODY) is None
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("session", "s0-r2-abc"), ("step", 4), ("job_id", "other"), ("client_id", "4"),
+    ("num_examples", 10**6), ("numel", 5), ("digest", "0" * 64),
+])
+def test_any_signed_field_of_a_gradient_changed_breaks_its_signature(
+        field: str, value: object) -> None:
+    """Session, step, job, client, example count, size and body digest are each signed."""
+    forged = dataclasses.replace(signed_gradient(GRADIENT, BODY, KEY), **{field: value})
+    assert gradient_signature_problem(forged, KEY) == "signature does not match the client's key"
+
+
+def test_a_gradient_signed_by_another_silo_or_not_at_all_is_a_problem() -> None:
+    """Another client's key, no signature, no key here, or other bytes under a good header:
+    each says why."""
+    assert gradient_signature_problem(signed_gradient(GRADIENT, BODY, OTHER), KEY) == (
+        "signature does not match the client's key")
+    assert gradient_signature_problem(GRADIENT, KEY) == "gradient is not signed"
+    assert gradient_signature_problem(GRADIENT, None) == "no signing key for client '3'"
+    signed_header = signed_gradient(GRADIENT, BODY, KEY)
+    assert gradient_payload_problem(signed_header, BODY[:-1] + b"\x01") == (
+        "the gradient's bytes do not match its signed digest")

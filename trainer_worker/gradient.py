@@ -6,14 +6,10 @@ float32 vector, `named_parameters` order) into a shared-memory segment it owns; 
 trainer copies them into the model (copy 1), takes the gradient of the client's
 next batch, and writes it into the session's own gradient segment (copy 2),
 which the agent sends to Redis straight from shared memory. Protocol
-(`trainer_worker.protocol`)::
-
-    {"op": "grad_open", "job_id", "client_id", "task", "task_options", "config",
-     "weights_shm", "weights_nbytes"}  -> {"op": "grad_opened", "job_id", "status",
-                                           "grad_shm", "grad_nbytes", "layout", "error"}
-    {"op": "grad_step", "job_id", "step"} -> {"op": "grad_done", "job_id", "step", "status",
-                                              "num_examples", "loss", "timings", "error"}
-    {"op": "grad_close", "job_id"}        -> {"op": "grad_closed", "job_id"}
+(`trainer_worker.protocol`): `GradOpen` -> `GradOpened`, `GradStep` -> `GradDone`,
+`GradClose` -> `GradClosed`. A session reopened on a replacement trainer (its
+first trainer was killed while serving another session) skips the batches it
+took already, so the client's batch order goes on where it was.
 
 The gradient segment is named after the trainer, so the agent can unlink it
 even when the trainer dies; the agent unlinks it at close.
@@ -21,6 +17,7 @@ even when the trainer dies; the agent unlinks it at close.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import shared_memory
@@ -30,8 +27,9 @@ import torch
 from torch import nn
 
 from serialization.gradient import layout_digest
-from trainer_worker import shm
-from trainer_worker.task import Task, TaskError, TrainConfig
+from serialization.tasks import TaskPlugin
+from trainer_worker import protocol, shm
+from trainer_worker.task import TaskError, TrainConfig, error_text
 
 
 def layout_of(model: nn.Module) -> int:
@@ -66,14 +64,15 @@ def read_flat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
 class GradientSession:
     """One client's lease in gradient mode: weights in, one batch's gradient out, per step."""
 
-    def __init__(self, task: Task, model: nn.Module, client_id: str, config: TrainConfig,
-                 device: torch.device, weights_shm: str, shm_prefix: str) -> None:
+    def __init__(self, task: TaskPlugin, model: nn.Module, client_id: str, config: TrainConfig,
+                 device: torch.device, weights_shm: str, shm_prefix: str,
+                 skip_batches: int = 0) -> None:
         self.model = model
-        self.task = task
+        batches, self.batch_loss = _gradient_methods(task)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
-        self.batches: Iterator[tuple[Any, int]] = task.gradient_batches(client_id, config,
-                                                                        device)
+        self.batches: Iterator[tuple[Any, int]] = itertools.islice(
+            batches(client_id, config, device), max(skip_batches, 0), None)
         self._weights_mem = shm.attach(weights_shm)
         self._grad_mem = shm.create(self.numel * 4, prefix=shm_prefix)
         self.weights = torch.frombuffer(shm.buffer(self._weights_mem), dtype=torch.float32,
@@ -86,9 +85,9 @@ class GradientSession:
     def grad_shm(self) -> str:
         return self._grad_mem.name
 
-    def step(self) -> dict[str, Any]:
+    def step(self, job_id: str, step: int) -> protocol.GradDone:
         """Load the segment's weights, take the next batch's gradient into the gradient
-        segment; the reply fields."""
+        segment; the reply."""
         started = time.perf_counter()
         read_flat(self.weights, self.params)
         loaded = time.perf_counter()
@@ -98,7 +97,7 @@ class GradientSession:
             raise TaskError("the client has no examples") from None
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = self.task.batch_loss(self.model, batch)
+        loss = self.batch_loss(self.model, batch)
         loss.backward()  # type: ignore[no-untyped-call]
         computed = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -107,9 +106,11 @@ class GradientSession:
         else:
             write_flat(grads, self._staging)
             self.grads.copy_(self._staging)
-        return {"num_examples": num_examples, "loss": float(loss.detach()),
-                "timings": {"load_s": loaded - started, "grad_s": computed - loaded,
-                            "write_s": time.perf_counter() - computed}}
+        timings = {"load_s": loaded - started, "grad_s": computed - loaded,
+                   "write_s": time.perf_counter() - computed}
+        return protocol.GradDone(job_id=job_id, status="ok", step=step,
+                                 num_examples=int(num_examples), loss=float(loss.detach()),
+                                 timings=timings)
 
     def close(self) -> None:
         """Drop the views and mappings (the agent unlinks the gradient segment)."""
@@ -122,11 +123,29 @@ def _close(memory: shared_memory.SharedMemory) -> None:
     shm.release(memory)
 
 
-Loader = Callable[[str, dict[str, Any]], tuple[Task, nn.Module]]
+def _gradient_methods(task: TaskPlugin) -> tuple[Callable[..., Iterator[tuple[Any, int]]],
+                                                 Callable[[nn.Module, Any], torch.Tensor]]:
+    """The task's `gradient_batches` and `batch_loss` (optional methods of a task)."""
+    batches = getattr(task, "gradient_batches", None)
+    loss = getattr(task, "batch_loss", None)
+    if not callable(batches) or not callable(loss):
+        raise TaskError(f"{type(task).__name__} does not support gradient mode")
+    return batches, loss
+
+
+def _failed(message: protocol.GradRequest, error: str) -> protocol.GradReply:
+    """The failed reply of a request's kind."""
+    kind: type[protocol.GradReply] = {
+        protocol.GradOpen: protocol.GradOpened, protocol.GradStep: protocol.GradDone,
+        protocol.GradClose: protocol.GradClosed}[type(message)]
+    return kind(job_id=message.job_id, status="failed", error=error)
+
+
+Loader = Callable[[str, dict[str, Any]], tuple[TaskPlugin, nn.Module]]
 
 
 class GradientSessions:
-    """A trainer's open gradient sessions by job id; answers the ``grad_*`` messages."""
+    """A trainer's open gradient sessions by job id; answers the session requests."""
 
     def __init__(self, device: torch.device, shm_prefix: str, load: Loader) -> None:
         self.device = device
@@ -134,38 +153,33 @@ class GradientSessions:
         self._load = load
         self._open: dict[str, GradientSession] = {}
 
-    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The reply to one ``grad_*`` message; task failures become failed replies."""
-        op, job_id = str(message["op"]), str(message.get("job_id", ""))
-        reply_op = {"grad_open": "grad_opened", "grad_step": "grad_done",
-                    "grad_close": "grad_closed"}.get(op)
-        if reply_op is None:
-            return {"op": "error", "job_id": job_id, "status": "failed",
-                    "error": f"unknown op {op!r}"}
-        reply: dict[str, Any] = {"op": reply_op, "job_id": job_id, "status": "ok"}
+    def handle(self, message: protocol.GradRequest) -> protocol.GradReply:
+        """The reply to one session request; task failures become failed replies."""
         try:
-            if op == "grad_open":
-                reply |= self._open_session(job_id, message)
-            elif op == "grad_step":
-                reply |= {"step": message.get("step"), **self._open[job_id].step()}
-            else:
-                self._close(job_id)
+            if isinstance(message, protocol.GradOpen):
+                return self._open_session(message)
+            if isinstance(message, protocol.GradStep):
+                session = self._open.get(message.job_id)
+                if session is None:
+                    raise TaskError(f"no gradient session {message.job_id!r} is open")
+                return session.step(message.job_id, message.step)
+            self._close(message.job_id)
+            return protocol.GradClosed(job_id=message.job_id)
         except Exception as exc:  # noqa: BLE001 - a task failure is reported, never fatal
-            reply |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-        return reply
+            return _failed(message, error_text(exc))
 
-    def _open_session(self, job_id: str, message: dict[str, Any]) -> dict[str, Any]:
-        self._close(job_id)
-        task, model = self._load(str(message["task"]), message.get("task_options") or {})
+    def _open_session(self, message: protocol.GradOpen) -> protocol.GradOpened:
+        self._close(message.job_id)
+        task, model = self._load(message.task, message.task_options)
         buffers = float_buffers(model)
         if buffers:
             raise TaskError(f"gradient mode cannot carry the model's buffers {buffers[:3]}")
-        config = TrainConfig.from_dict(message.get("config") or {})
-        session = GradientSession(task, model, str(message["client_id"]), config, self.device,
-                                  str(message["weights_shm"]), self.shm_prefix)
-        self._open[job_id] = session
-        return {"grad_shm": session.grad_shm, "grad_nbytes": session.numel * 4,
-                "layout": layout_of(model)}
+        config = TrainConfig.from_dict(message.config)
+        session = GradientSession(task, model, message.client_id, config, self.device,
+                                  message.weights_shm, self.shm_prefix, message.skip_batches)
+        self._open[message.job_id] = session
+        return protocol.GradOpened(job_id=message.job_id, status="ok", grad_shm=session.grad_shm,
+                                   grad_nbytes=session.numel * 4, layout=layout_of(model))
 
     def _close(self, job_id: str) -> None:
         session = self._open.pop(job_id, None)

@@ -4,12 +4,13 @@ A task is named by import path ``module:factory``; the factory is called with
 the task options (a msgpack-able dict that travels in every job) and returns a
 `Task`. It is imported inside the process that uses it (a spawned trainer, or
 the coordinator for the initial model and evaluation), so user code never has
-to be importable by anyone else.
+to be importable by anyone else. Both load it with the one
+`serialization.tasks.load_task` (re-exported here), which also enforces the
+trainer's allowlist; `TaskError` is `serialization`'s.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -17,9 +18,11 @@ from typing import Any
 
 import torch
 
+from serialization.errors import TaskError, TaskNotAllowed
+from serialization.tasks import load_task
 
-class TaskError(Exception):
-    """A task could not be loaded, or its data could not be found."""
+__all__ = ["Task", "TaskError", "TaskNotAllowed", "TrainConfig", "TrainOutcome", "error_text",
+           "load_task", "outcome_of"]
 
 
 @dataclass(frozen=True)
@@ -92,16 +95,26 @@ class Task(ABC):
         raise TaskError(f"{type(self).__name__} does not support gradient mode")
 
 
-def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
-    """Import ``module:factory`` and call the factory with the options."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise TaskError(f"task {spec!r} is not of the form 'module:factory'")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise TaskError(f"cannot import task {spec!r}: {exc}") from exc
-    task = factory(**(options or {}))
-    if not isinstance(task, Task):
-        raise TaskError(f"{spec!r} returned {type(task).__name__}, not a Task")
-    return task
+def outcome_of(value: object) -> TrainOutcome:
+    """A plugin's `train` result, checked: it must be a `TrainOutcome`."""
+    if not isinstance(value, TrainOutcome):
+        raise TaskError(f"train returned {type(value).__name__}, not a TrainOutcome")
+    return value
+
+
+def partition_size_of(task: object, client_id: str) -> int | None:
+    """The client's partition size as a plugin reports it (`Task.partition_size`, optional
+    for a structural plugin): a positive int, else None (nothing declared)."""
+    method = getattr(task, "partition_size", None)
+    size = method(client_id) if callable(method) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        return None
+    return size
+
+
+def error_text(exc: BaseException) -> str:
+    """A failed job's error for a task failure: a refusal by the allowlist under its
+    reason (as the agent reports one), anything else as ``Type: message``."""
+    if isinstance(exc, TaskNotAllowed):
+        return f"{exc.reason}: {exc}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,15 +1,15 @@
 """The trainer process: one per device, spawned by the agent's `TrainerPool`.
 
-`run` is the spawn target. It says "ready", then serves "train" messages one
-at a time (see `trainer_worker.protocol`) until "stop" or until the agent is
-gone. Per job the bytes move like this:
+`run` is the spawn target. It says `Ready`, then answers requests one at a
+time (`TrainJob`, the gradient session's; see `trainer_worker.protocol`) until
+`Stop` or until the agent is gone. Per job the bytes move like this:
 
 1. The model payload sits in the agent's shared-memory segment; decoding makes
    views over it (no copy).
 2. `load_state_dict` copies it into the cached model (copy 1). With
    ``noop`` there is no model: the views go straight to step 3.
 3. `encode_into` writes the trained state into a new segment sized by
-   `encoded_size` (copy 2), which is handed to the agent with the "done" reply.
+   `encoded_size` (copy 2), which is handed to the agent with the `TrainDone` reply.
 
 A failing task is reported as a failed job and the process keeps serving. The
 model segment is only closed here (the agent owns it); the update segment
@@ -35,10 +35,19 @@ import torch
 from torch import nn
 
 from serialization import TensorSpec, decode, encode_into, encoded_size, schema_of
+from serialization.errors import PayloadError
 from serialization.events import configure_events
+from serialization.messages import Message
+from serialization.tasks import TaskPlugin, allow_tasks, load_task
 from trainer_worker import emulation, protocol, shm
 from trainer_worker.gradient import GradientSessions
-from trainer_worker.task import Task, TrainConfig, TrainOutcome, load_task
+from trainer_worker.task import (
+    TrainConfig,
+    TrainOutcome,
+    error_text,
+    outcome_of,
+    partition_size_of,
+)
 
 log = structlog.get_logger()
 
@@ -47,8 +56,11 @@ StateDict = dict[str, torch.Tensor]
 
 
 def run(conn: Connection, device: str, threads: int, log_file: str | None, run_id: str,
-        agent_id: str, shm_prefix: str = "pwfl") -> None:
-    """Trainer process entry point: serve jobs on `conn` until told to stop, then exit."""
+        agent_id: str, shm_prefix: str = "pwfl",
+        allowed_tasks: tuple[str, ...] | None = None) -> None:
+    """Trainer process entry point: serve jobs on `conn` until told to stop, then exit.
+    `allowed_tasks`: the agent's allowlist, which every task load here obeys (None: none)."""
+    allow_tasks(allowed_tasks)
     configure_events("trainer", log_file=log_file)
     structlog.contextvars.bind_contextvars(run_id=run_id, agent_id=agent_id, device=device)
     torch.set_num_threads(threads)
@@ -58,7 +70,7 @@ def run(conn: Connection, device: str, threads: int, log_file: str | None, run_i
                       emulated=emulation.EmulatedDevice.from_env(os.environ))
     _exit_with_parent(trainer)
     _warm_up()
-    conn.send_bytes(protocol.pack({"op": "ready", "device": device, "pid": os.getpid()}))
+    conn.send_bytes(protocol.pack(protocol.Ready(device=device, pid=os.getpid())))
     serve(conn, trainer)
     # Skip the interpreter's teardown of torch's thousands of modules (1-2 s): nothing
     # is left to clean up once serving ends (log lines are written as they come).
@@ -68,40 +80,43 @@ def run(conn: Connection, device: str, threads: int, log_file: str | None, run_i
 
 
 def serve(conn: Connection, trainer: Trainer) -> None:
-    """Answer messages until "stop" or end of file on the pipe."""
+    """Answer requests (`trainer_worker.protocol`) until `Stop` or end of file on the pipe."""
     while True:
         try:
             message = protocol.unpack(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the agent is gone
-        except ValueError as exc:
-            log.error("trainer_bad_message", error=str(exc))
+        except PayloadError as exc:
+            log.error("trainer_bad_message", reason=exc.reason, error=exc.detail)
             continue
-        if message["op"] == "stop":
+        if isinstance(message, protocol.Stop):
             return
-        reply = _reply(trainer, message)
-        if reply is None:
-            continue
-        try:
-            conn.send_bytes(protocol.pack(reply))
-        except OSError:
+        if not _answer(conn, trainer, message):
+            return
+
+
+def _answer(conn: Connection, trainer: Trainer, message: Message) -> bool:
+    """Send the reply to one request; False once the pipe is gone."""
+    reply: Message
+    if isinstance(message, protocol.GradOpen | protocol.GradStep | protocol.GradClose):
+        reply = trainer.gradients.handle(message)  # batch-gradient federation
+    elif isinstance(message, protocol.TrainJob):
+        reply = trainer.train(message)
+    elif isinstance(message, protocol.Describe):  # the agent declares its clients' sizes
+        reply = trainer.describe(message)
+    else:
+        log.error("trainer_bad_message", reason="unexpected_message",
+                  error=f"a trainer takes no {message.kind!r} message")
+        return True
+    try:
+        conn.send_bytes(protocol.pack(reply))
+    except OSError:
+        if isinstance(reply, protocol.TrainDone):
             trainer.discard_pending()
-            return
-        if message["op"] == "train":
-            trainer.handed_over()
-
-
-def _reply(trainer: Trainer, message: dict[str, Any]) -> dict[str, Any] | None:
-    """The reply to one message; None (logged) for an op this trainer does not know."""
-    op = str(message["op"])
-    if op.startswith("grad_"):  # batch-gradient federation
-        return trainer.gradients.handle(message)
-    if op == "describe":  # the agent declares its clients' sizes
-        return trainer.describe(message)
-    if op == "train":
-        return trainer.train(message)
-    log.error("trainer_bad_message", error=f"unknown op {op!r}")
-    return None
+        return False
+    if isinstance(reply, protocol.TrainDone):
+        trainer.handed_over()
+    return True
 
 
 def _warm_up() -> None:
@@ -127,7 +142,7 @@ def _exit_with_parent(trainer: Trainer) -> None:
 class _Loaded:
     """A task built in this process, with its model on the trainer's device."""
 
-    task: Task
+    task: TaskPlugin
     model: nn.Module
     schema: dict[str, TensorSpec]
 
@@ -145,33 +160,32 @@ class Trainer:
         self._lock = threading.Lock()
         self.gradients = GradientSessions(device, shm_prefix, self._task_and_model)
 
-    def _task_and_model(self, spec: str, options: dict[str, Any]) -> tuple[Task, nn.Module]:
+    def _task_and_model(self, spec: str,
+                        options: dict[str, Any]) -> tuple[TaskPlugin, nn.Module]:
         loaded = self._loaded(spec, options)
         return loaded.task, loaded.model
 
-    def train(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The "done" reply for one "train" message; task failures become failed replies."""
-        job_id = str(message.get("job_id", ""))
+    def train(self, message: protocol.TrainJob) -> protocol.TrainDone:
+        """The reply to one `TrainJob`; task failures become failed replies."""
         try:
-            result = self._run(message)
+            return self._run(message)
         except Exception as exc:  # any task failure is reported, never fatal
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("trainer_job_failed", job_id=job_id, error=error, exc_info=True)
-            return {"op": "done", "job_id": job_id, "status": "failed", "error": error}
-        return {"op": "done", "job_id": job_id, "status": "ok", **result}
+            error = error_text(exc)
+            log.warning("trainer_job_failed", job_id=message.job_id, error=error, exc_info=True)
+            return protocol.TrainDone(job_id=message.job_id, status="failed", error=error)
 
-    def describe(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The "described" reply: each listed client's partition size as the task reports it
-        (clients it reports none for are left out). The task stays loaded for the jobs."""
+    def describe(self, message: protocol.Describe) -> protocol.Described:
+        """Each listed client's partition size as the task reports it (clients it reports
+        none for are left out); the task stays loaded for the jobs."""
         try:
-            task = self._loaded(str(message["task"]), message.get("task_options") or {}).task
-            sizes = {str(c): task.partition_size(str(c)) for c in message.get("client_ids", [])}
+            task = self._loaded(message.task, message.task_options).task
+            sizes = {c: partition_size_of(task, c) for c in message.client_ids}
         except Exception as exc:  # noqa: BLE001 - any task failure is reported, never fatal
-            error = f"{type(exc).__name__}: {exc}"
+            error = error_text(exc)
             log.warning("trainer_describe_failed", error=error)
-            return {"op": "described", "status": "failed", "error": error}
-        return {"op": "described", "status": "ok",
-                "num_examples": {c: n for c, n in sizes.items() if n is not None}}
+            return protocol.Described(status="failed", error=error)
+        return protocol.Described(status="ok", num_examples={
+            c: n for c, n in sizes.items() if n is not None})
 
     def handed_over(self) -> None:
         """The agent has the update segment now (it unlinks it)."""
@@ -184,32 +198,32 @@ class Trainer:
         if name is not None:
             shm.remove(name)
 
-    def _run(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, message: protocol.TrainJob) -> protocol.TrainDone:
         started = time.perf_counter()
-        segment = shm.attach(str(message["model_shm"]))
+        segment = shm.attach(message.model_shm)
         try:
             # Released on the way out even when a traceback keeps the frames (and
             # the views made from it) alive, so the mapping can always be closed.
-            with shm.buffer(segment)[: int(message["model_nbytes"])] as payload:
+            with shm.buffer(segment)[: message.model_nbytes] as payload:
                 return self._run_on(payload, message, started)
         finally:
             shm.release(segment)
 
-    def _run_on(self, payload: memoryview, message: dict[str, Any],
-                started: float) -> dict[str, Any]:
-        config = TrainConfig.from_dict(message.get("config") or {})
+    def _run_on(self, payload: memoryview, message: protocol.TrainJob,
+                started: float) -> protocol.TrainDone:
+        config = TrainConfig.from_dict(message.config)
         if config.noop:
             state, meta = decode(payload)
             outcome, loaded_at = TrainOutcome(num_examples=1), time.perf_counter()
             trained_at = loaded_at
         else:
-            loaded = self._loaded(str(message["task"]), message.get("task_options") or {})
+            loaded = self._loaded(message.task, message.task_options)
             received, meta = decode(payload, schema=loaded.schema)
             loaded.model.load_state_dict(received)
             del received  # views over the agent's segment: drop them before it is closed
             loaded_at = time.perf_counter()
-            outcome = loaded.task.train(loaded.model, str(message["client_id"]), config,
-                                        self.device)
+            outcome = outcome_of(loaded.task.train(loaded.model, message.client_id, config,
+                                                   self.device))
             trained_at = time.perf_counter()
             state = loaded.model.state_dict()
         trained_at = emulation.pad(self.emulated, loaded_at, trained_at, config,
@@ -217,8 +231,9 @@ class Trainer:
         name, nbytes = self._encode(state, meta)
         timings = {"load_s": loaded_at - started, "train_s": trained_at - loaded_at,
                    "encode_s": time.perf_counter() - trained_at}
-        return {"update_shm": name, "update_nbytes": nbytes, "num_examples": outcome.num_examples,
-                "metrics": dict(outcome.metrics), "timings": timings}
+        return protocol.TrainDone(job_id=message.job_id, status="ok", update_shm=name,
+                                  update_nbytes=nbytes, num_examples=outcome.num_examples,
+                                  metrics=dict(outcome.metrics), timings=timings)
 
     def _encode(self, state: StateDict, meta: dict[str, Any]) -> tuple[str, int]:
         nbytes = encoded_size(state, meta)

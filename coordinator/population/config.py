@@ -196,14 +196,17 @@ def read_file(path: Path) -> tuple[list[dict[str, Any]], dict[str, tuple[float, 
     if unknown:
         raise ConfigError(f"--slot-config {path}: unknown table(s) {unknown} "
                           "(known: [[slot]], [bounds])")
-    tables = document.get("slot", [])
-    if not isinstance(tables, list) or not tables:
-        raise ConfigError(f"--slot-config {path}: no [[slot]] tables")
-    if len(tables) > MAX_SLOTS:
-        raise ConfigError(f"--slot-config {path}: {len(tables)} slots, more than the "
-                          f"maximum {MAX_SLOTS}")
-    return ([normalise(i, t) for i, t in enumerate(tables)],
+    return (read_tables(document.get("slot", []), f"--slot-config {path}"),
             parse_bounds(document.get("bounds", {})))
+
+
+def read_tables(tables: Any, where: str) -> list[dict[str, Any]]:
+    """``[[slot]]`` tables (from a slot-config or a run file) unfolded, keys checked."""
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{where}: no [[slot]] tables")
+    if len(tables) > MAX_SLOTS:
+        raise ConfigError(f"{where}: {len(tables)} slots, more than the maximum {MAX_SLOTS}")
+    return [normalise(i, t) for i, t in enumerate(tables)]
 
 
 def parse_bounds(table: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
@@ -223,14 +226,18 @@ def parse_bounds(table: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
     return bounds
 
 
-def slot_overrides(config_file: Path | None, sweep: Sequence[str], base: Base
+def slot_overrides(config_file: Path | None, sweep: Sequence[str], base: Base,
+                   tables: Sequence[Mapping[str, Any]] | None = None
                    ) -> tuple[list[dict[str, Any]], dict[str, tuple[float, float]]]:
-    """Every slot's checked overrides and the explore bounds, from the file or the sweep."""
-    if config_file is not None and sweep:
-        raise ConfigError("give --slot-config or --sweep, not both")
+    """Every slot's checked overrides and the explore bounds, from the slot-config file, the
+    sweep or a run file's ``[[slot]]`` tables (`tables`), only one of them."""
+    if sum((config_file is not None, bool(sweep), tables is not None)) > 1:
+        raise ConfigError("give --slot-config, --sweep or [[slot]] tables, not several")
     bounds: dict[str, tuple[float, float]] = {}
     if config_file is not None:
         overrides, bounds = read_file(config_file)
+    elif tables is not None:
+        overrides = read_tables(list(tables), "run file")
     else:
         overrides = [normalise(i, point) for i, point in enumerate(parse_sweep(sweep))]
     if overrides == [{}]:

@@ -16,6 +16,7 @@ from coordinator.population.config import (
     MAX_SLOTS,
     Base,
     ConfigError,
+    parse_bounds,
     slot_overrides,
 )
 from coordinator.settings import TrainingSettings
@@ -62,7 +63,9 @@ def settings_fields(args: argparse.Namespace, training: TrainingSettings) -> dic
                 strategy_options=dict(args.strategy_option),
                 clients_per_round=args.clients_per_round, seed=args.seed)
     try:
-        overrides, bounds = slot_overrides(args.slot_config, args.sweep, base)
+        overrides, bounds = slot_overrides(args.slot_config, args.sweep, base,
+                                           getattr(args, "slot_tables", None))
+        bounds = parse_bounds(getattr(args, "bounds_table", None) or {}) or bounds
         merge, merge_every = parse_merge(args.merge)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from exc

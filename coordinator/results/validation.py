@@ -46,7 +46,12 @@ from coordinator.job_table import JobRecord, JobTable
 from coordinator.results.claims import ExampleClaims
 from coordinator.strategies import Strategy, StrategyError
 from serialization import DTYPES, PayloadError, Result, TensorSpec, decode
-from serialization.signing import signature_problem
+from serialization.gradient import StepGradient
+from serialization.signing import (
+    gradient_payload_problem,
+    gradient_signature_problem,
+    signature_problem,
+)
 from serialization.tensors import ALIGN
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -177,6 +182,19 @@ class ResultValidator:
         if problem is not None:
             raise UpdateRejected("bad_signature", problem, job_id=result.job_id,
                                  client_id=record.client_id, agent_id=result.agent_id)
+
+    def check_gradient(self, header: StepGradient, body: bytes | memoryview | None = None) -> None:
+        """With signing on, PayloadError (bad_signature) unless a gradient entry's header
+        carries its client's signature and, given the body, the body is what it signed
+        (hashing it: call that from a worker thread). The rules: `serialization.signing`."""
+        if self._keyring is None:
+            return
+        problem = gradient_signature_problem(header, self._keyring.get(header.client_id))
+        if problem is None and body is not None:
+            problem = gradient_payload_problem(header, body)
+        if problem is not None:
+            raise PayloadError("bad_signature", f"gradient for client {header.client_id!r} "
+                                                f"step {header.step}: {problem}")
 
     # --- 2. the claimed update blob ------------------------------------------------------
 

@@ -75,8 +75,7 @@ class SlotBuilder:
             model.load_optimizer_state(dict(decode(path.read_bytes())[0]))
         streams = SlotStreams(self.redis, self.keys, slot_id)
         rounds = GradientSessions(slot_id, model, first_round, streams=streams, jobs=self.jobs,
-                                  results=self.results, settings=s,
-                                  claims=self.validator.claims)
+                                  results=self.results, validator=self.validator, settings=s)
         return self._slot(slot_id, rounds, first_round)
 
     def _slot(self, slot_id: int, rounds: RoundProtocol, first_round: int) -> Slot:

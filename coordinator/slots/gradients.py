@@ -29,12 +29,12 @@ from bus.keys import Keys
 from coordinator.delivery import Delivery
 from coordinator.gradient.optimizer import FlatModel, weighted_mean
 from coordinator.job_table import JobRecord
-from coordinator.results.claims import ExampleClaims
 from coordinator.results.sink import ResultSink
+from coordinator.results.validation import ResultValidator
 from coordinator.settings import CoordinatorSettings
 from coordinator.slots.protocol import ClosedRound, Inbox, RoundEnd, RoundProtocol, State
 from coordinator.slots.publishing import JobPublisher
-from serialization import Job, PayloadError, encode
+from serialization import GradientJob, PayloadError, encode
 from serialization import slot_events as events
 from serialization.gradient import StepGradient, StepWeights, flat_view, layout_digest
 from serialization.slot_events import emit
@@ -104,9 +104,9 @@ class GradientSessions(RoundProtocol):
 
     def __init__(self, slot_id: int, model: FlatModel, first_round: int, *,
                  streams: SlotStreams, jobs: JobPublisher, results: ResultSink,
-                 settings: CoordinatorSettings, claims: ExampleClaims) -> None:
+                 validator: ResultValidator, settings: CoordinatorSettings) -> None:
         self.slot_id = slot_id
-        self._claims = claims  # caps each step's claimed batch
+        self._validator = validator  # signatures; its claims cap each step's batch
         self.model = model
         self._streams = streams
         self._jobs = jobs
@@ -144,12 +144,12 @@ class GradientSessions(RoundProtocol):
         await self._broadcast(name, 1)  # before the jobs: agents find it at once
         deadline_ts = time.time() + s.deadline_s * s.gradient_steps
 
-        def job_of(record: JobRecord, shared: dict[str, Any]) -> Job:
-            config = {**self._jobs.config(record, None), "mode": "gradient", "session": name,
-                      "steps": s.gradient_steps, "step_deadline_s": 2 * s.deadline_s}
-            return Job(job_id=record.job_id, slot_id=self.slot_id, round=record.round,
-                       client_id=record.client_id, model_digest="", model_nbytes=0,
-                       deadline_ts=deadline_ts, config=config, **shared)
+        def job_of(record: JobRecord, shared: dict[str, Any]) -> GradientJob:
+            return GradientJob(job_id=record.job_id, slot_id=self.slot_id, round=record.round,
+                               client_id=record.client_id, session=name,
+                               steps=s.gradient_steps, step_deadline_s=2 * s.deadline_s,
+                               deadline_ts=deadline_ts,
+                               config=self._jobs.config(record, None), **shared)
 
         await self._jobs.publish(records, job_of)
 
@@ -183,6 +183,7 @@ class GradientSessions(RoundProtocol):
         session = self._session
         try:
             header = StepGradient.from_bytes(entry.header)
+            self._validator.check_gradient(header)  # with keys: its client's signature
         except PayloadError as exc:
             self._results.reject(None, exc.reason, exc.detail, entry_id=entry.entry_id)
             return
@@ -268,8 +269,10 @@ class GradientSessions(RoundProtocol):
         rejected = []
         for header, body in gathered:
             try:
-                valid.append((flat_view(body, self.model.numel), self._claims.capped_step(
-                    header.client_id, header.num_examples, self._settings.training.batch_size)))
+                self._validator.check_gradient(header, body)  # the body is what was signed
+                counted = self._validator.claims.capped_step(
+                    header.client_id, header.num_examples, self._settings.training.batch_size)
+                valid.append((flat_view(body, self.model.numel), counted))
             except PayloadError as exc:
                 rejected.append((header, exc))
         valid = [(g, n) for g, n in valid if n > 0]

@@ -29,7 +29,7 @@ from coordinator.results.validation import BlobReader, SegmentReader
 from coordinator.settings import CoordinatorSettings, TrainingSettings
 from coordinator.slots.published import PublishedModels
 from coordinator.status import RunStatus
-from serialization import Job, Result
+from serialization import AnyJob, Result
 from serialization.slot_events import JobPublished, ModelPublished, emit
 
 log = structlog.get_logger()
@@ -154,7 +154,7 @@ class JobPublisher:
     """Writes a round's jobs to their clients' streams and enters them in the job table."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, settings: CoordinatorSettings,
-                 jobs: JobTable, job_bytes: Callable[[Job], bytes], status: RunStatus) -> None:
+                 jobs: JobTable, job_bytes: Callable[[AnyJob], bytes], status: RunStatus) -> None:
         self._redis = redis
         self._keys = keys
         self._settings = settings
@@ -173,7 +173,7 @@ class JobPublisher:
         return (training or s.training).job_config(zlib.crc32(key.encode()) & 0x7FFFFFFF)
 
     async def publish(self, records: Sequence[JobRecord],
-                      job_of: Callable[[JobRecord, dict[str, Any]], Job]) -> None:
+                      job_of: Callable[[JobRecord, dict[str, Any]], AnyJob]) -> None:
         """`job_of(record, fields)` builds each job from the fields every job shares."""
         s = self._settings
         shared = {"run_id": s.run_id, "task": s.task, "task_options": s.full_task_options(),

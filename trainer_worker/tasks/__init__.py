@@ -11,6 +11,8 @@ by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
 - ``trainer_worker.tasks.synthetic:SyntheticTask``
 - ``trainer_worker.tasks.attack:AttackTask`` (wraps another task; its chosen clients
   send corrupted updates, for robustness benchmarks)
+- ``trainer_worker.tasks.flower:FlowerTask`` (a Flower NumPyClient run unchanged; named
+  ``flower:module:client_fn``)
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Byzantine clients as a task plugin: a real task whose chosen clients corrupt their update.
 
 ``trainer_worker.tasks.attack:AttackTask`` wraps a task (``inner``, by alias or
-``module:factory``) and, for the client ids in ``attackers``, replaces the update
-(weights after training minus the weights received) before the trainer returns it.
+``module:factory``, loaded through the trainer's allowlist like any job's task) and,
+for the client ids in ``attackers``, replaces the update (weights after training
+minus the weights received) before the trainer returns it.
 Nothing in the agent or the coordinator knows about attacks: to them this is a
 task like any other, which is what makes it a fair test of the aggregation rules.
 
@@ -47,8 +48,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from serialization.tasks import task_spec
-from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome, load_task
+from serialization.tasks import TaskPlugin, load_task
+from trainer_worker.task import (
+    Task,
+    TaskError,
+    TrainConfig,
+    TrainOutcome,
+    outcome_of,
+    partition_size_of,
+)
 
 ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "alie", "count_lie", "scaled_claim")
 CLAIMING = ("count_lie", "scaled_claim")  # attacks that also lie about their example count
@@ -129,7 +137,8 @@ class AttackTask(Task):
                  **inner_options: Any) -> None:
         if attack not in ATTACKS:
             raise TaskError(f"attack must be one of {ATTACKS}, not {attack!r}")
-        self.inner = load_task(task_spec(inner), inner_options)
+        # The same load_task as the trainer's, so the trainer's allowlist holds for `inner`.
+        self.inner: TaskPlugin = load_task(inner, inner_options)
         self.attackers = parse_attackers(attackers)
         self.attack, self.scale, self.sigma = attack, float(scale), float(sigma)
         num_clients = int(inner_options.get("num_clients", getattr(self.inner, "num_clients", 0)))
@@ -145,7 +154,7 @@ class AttackTask(Task):
     def partition_size(self, client_id: str) -> int | None:
         if self._claims(client_id):
             return self.claim  # the declaration lies as much as the claims
-        return self.inner.partition_size(client_id)
+        return partition_size_of(self.inner, client_id)
 
     def build_model(self, seed: int) -> nn.Module:
         return self.inner.build_model(seed)
@@ -156,15 +165,15 @@ class AttackTask(Task):
     def train(self, model: nn.Module, client_id: str, config: TrainConfig,
               device: torch.device) -> TrainOutcome:
         if self.attack == "none" or client_id not in self.attackers:
-            return self.inner.train(model, client_id, config, device)
+            return outcome_of(self.inner.train(model, client_id, config, device))
         if self.attack == "count_lie":
-            outcome = self.inner.train(model, client_id, config, device)
+            outcome = outcome_of(self.inner.train(model, client_id, config, device))
             return dataclasses.replace(outcome, num_examples=self.claim)
         start = float_state(model)
         if self.attack == "alie":
             outcome, update = self._alie(model, client_id, config, device, start)
         else:
-            outcome = self.inner.train(model, client_id, config, device)
+            outcome = outcome_of(self.inner.train(model, client_id, config, device))
             update = self._corrupt(difference(float_state(model), start), config.seed)
         model.load_state_dict({k: start[k] + update[k] for k in start}, strict=False)
         if self._claims(client_id):
@@ -186,7 +195,7 @@ class AttackTask(Task):
         deltas, own = [], None
         for attacker in sorted(self.attackers):
             model.load_state_dict(start, strict=False)
-            outcome = self.inner.train(model, attacker, shared, device)
+            outcome = outcome_of(self.inner.train(model, attacker, shared, device))
             deltas.append(difference(float_state(model), start))
             if attacker == client_id:
                 own = outcome

@@ -2,7 +2,7 @@
 
 The strategies and targets live here once and serve twice: the tests
 (``tests/test_serialization_*.py``, ``tests/test_messages.py``) draw a couple of
-thousand cases from them in CI, and ``python -m bench.fuzz --cases 100000``
+thousand cases from them in CI, and ``python -m tests.fuzz --cases 100000``
 runs every fuzzer for the big count and prints how many cases each ran.
 
 Fuzzers (a strategy of inputs and a target that must not crash on them):
@@ -12,10 +12,12 @@ Fuzzers (a strategy of inputs and a target that must not crash on them):
   splices and header-length rewrites, into `decode` (with and without schema).
 - ``decode_headers``: well-formed msgpack headers with random rows, into `decode`.
 - ``message_random`` / ``message_mutated`` / ``message_maps``: random bytes,
-  mutated valid messages and random msgpack maps, into every `Message.from_bytes`.
-- ``protocol_random`` / ``protocol_mutated``: random bytes and mutated valid
-  agent <-> trainer pipe messages, into `trainer_worker.protocol.unpack` (whose
-  contract is ValueError, which both ends of the pipe catch).
+  mutated valid messages (both kinds of job among them) and random msgpack maps,
+  into every `Message.from_bytes` and into `job_from_bytes`, which decodes by kind.
+- ``protocol_random`` / ``protocol_mutated`` / ``protocol_maps``: random bytes,
+  mutated valid agent <-> trainer pipe messages and random maps of their fields,
+  into `trainer_worker.protocol.unpack` (PayloadError, which both ends of the pipe
+  catch, or a message of a known kind).
 """
 
 from __future__ import annotations
@@ -36,11 +38,24 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from serialization import DTYPES, Job, Message, PayloadError, Registration, Result, decode, encode
+from serialization import (
+    DTYPES,
+    GradientJob,
+    Job,
+    Message,
+    PayloadError,
+    Registration,
+    Result,
+    decode,
+    encode,
+    job_from_bytes,
+)
+from serialization.gradient import StepGradient, StepWeights
 from serialization.tensors import ALIGN, MAGIC, TensorSpec, schema_of
 from trainer_worker import protocol
 
-MESSAGE_TYPES: tuple[type[Message], ...] = (Job, Result, Registration)
+MESSAGE_TYPES: tuple[type[Message], ...] = (Job, GradientJob, Result, Registration,
+                                             StepWeights, StepGradient)
 FUZZ_MAX_BYTES = 1 << 20  # decode's size limit in the fuzzers: inputs stay far below it
 
 # --- state dicts -------------------------------------------------------------
@@ -317,7 +332,17 @@ registrations = st.builds(
     devices=st.lists(_text, max_size=3), hostname=_text, pid=_ints,
     event=st.sampled_from(["register", "unregister"]),
 )
-messages: st.SearchStrategy[Message] = jobs | results | registrations
+gradient_jobs = st.builds(
+    GradientJob, job_id=_text, run_id=_text, slot_id=_ints, round=_ints, client_id=_text,
+    session=_text, steps=_ints, step_deadline_s=_floats, deadline_ts=_floats, task=_text,
+    task_options=metas, config=metas, published_ts=_floats, signature=st.binary(max_size=32),
+)
+step_gradients = st.builds(
+    StepGradient, session=_text, step=_ints, job_id=_text, client_id=_text,
+    num_examples=_ints, numel=_ints, loss=_floats, agent_id=_text, timings=metas,
+)
+messages: st.SearchStrategy[Message] = (jobs | gradient_jobs | results | registrations
+                                        | step_gradients)
 
 def _mutated_body(message: Message) -> st.SearchStrategy[dict[str, Any]]:
     """A valid message's map with one field replaced, removed, or a new one added."""
@@ -355,32 +380,45 @@ def check_messages(data: bytes) -> None:
     for cls in MESSAGE_TYPES:
         with contextlib.suppress(PayloadError):
             cls.from_bytes(data)
+    with contextlib.suppress(PayloadError):
+        job = job_from_bytes(data)
+        if not isinstance(job, Job | GradientJob):
+            raise AssertionError(f"job_from_bytes returned {job!r}")
 
 
 # --- trainer protocol fuzzers ----------------------------------------------------
 
-_ops = st.sampled_from(["train", "stop", "ready", "done"]) | msgpack_values
-pipe_messages = st.builds(
-    lambda op, body: protocol.pack({**body, "op": op}),
-    _ops,
-    st.dictionaries(
-        st.sampled_from(["job_id", "client_id", "task", "task_options", "config", "model_shm",
-                         "model_nbytes", "model_digest", "status", "update_shm",
-                         "update_nbytes", "num_examples", "metrics", "timings", "error",
-                         "device", "pid"]) | st.text(max_size=4),
-        msgpack_values, max_size=10),
+_pipe_fields = sorted({f.name for cls in protocol.KINDS.values()
+                       for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+_kinds = st.sampled_from(sorted(protocol.KINDS)) | msgpack_values
+pipe_maps = st.builds(
+    lambda kind, body: msgpack.packb({"v": 1, **body, "k": kind}, use_bin_type=True),
+    _kinds,
+    st.dictionaries(st.sampled_from(_pipe_fields) | st.text(max_size=4), msgpack_values,
+                    max_size=10),
 )
+pipe_messages = st.sampled_from(sorted(protocol.KINDS)).flatmap(
+    lambda kind: st.builds(protocol.KINDS[kind], **_pipe_values(protocol.KINDS[kind]))
+).map(protocol.pack)
 random_pipe_bytes = st.binary(max_size=300)
 mutated_pipe_messages = mutated(pipe_messages)
 
 
+def _pipe_values(cls: type[Message]) -> dict[str, st.SearchStrategy[Any]]:
+    """A strategy per field of a pipe message, by the field's declared type."""
+    by_type: dict[str, st.SearchStrategy[Any]] = {
+        "str": _text, "int": _ints, "float": _floats, "dict[str, Any]": metas}
+    return {f.name: by_type[str(f.type)] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+
 def check_protocol(data: bytes) -> None:
-    """`protocol.unpack` returns a map with an "op" or raises ValueError, nothing else."""
+    """`protocol.unpack` returns a message of a known kind or raises PayloadError, nothing
+    else."""
     try:
         message = protocol.unpack(data)
-    except ValueError:
+    except PayloadError:
         return
-    if not isinstance(message, dict) or "op" not in message:
+    if type(message) not in protocol.KINDS.values():
         raise AssertionError(f"unpack returned {message!r}")
 
 
@@ -395,6 +433,7 @@ FUZZERS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
     "message_maps": (message_maps, check_messages),
     "protocol_random": (random_pipe_bytes, check_protocol),
     "protocol_mutated": (mutated_pipe_messages, check_protocol),
+    "protocol_maps": (pipe_maps, check_protocol),
 }
 BATCH = 2_000  # examples per hypothesis run: keeps its example tree small and fast
 
@@ -458,7 +497,7 @@ def _run_fuzzer(pool: Any, name: str, cases: int, first_seed: int) -> tuple[int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.fuzz", description=__doc__.splitlines()[0]
+        prog="python -m tests.fuzz", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--cases", type=int, default=100_000, help="cases per fuzzer")
     parser.add_argument("--seed", type=int, default=0, help="first batch's seed")
