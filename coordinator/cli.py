@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_options(g: argparse._ArgumentGroup) -> None:
+    _add_task_options(g)
+    _add_strategy_options(g)
+
+
+def _add_task_options(g: argparse._ArgumentGroup) -> None:
     runfile.add_option(g)
     g.add_argument("--slots", type=_positive(int), default=None,
                    help="weight slots: independent global models trained at once (default 3, "
@@ -123,6 +128,9 @@ def _add_job_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--task-option", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="task option, e.g. alpha=0.5, data_dir=/data, download=true (repeatable)")
+
+
+def _add_strategy_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--strategy", default="fedavg",
                    help="aggregation: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, "
                         "trimmed_mean, krum, bulyan, geomed (alias rfa), or module:Class "
@@ -227,6 +235,11 @@ def _add_gradient_options(g: argparse._ArgumentGroup) -> None:
 
 
 def _add_infra_options(g: argparse._ArgumentGroup) -> None:
+    _add_process_options(g)
+    _add_output_options(g)
+
+
+def _add_process_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--redis", dest="redis_url", metavar="URL",
                    help="redis://, rediss:// or unix:// URL (default: start a private "
                         "redis-server for this run)")
@@ -253,6 +266,9 @@ def _add_infra_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--http-port", type=int, default=8765, help="status API port (0: any free)")
     g.add_argument("--wait-clients", type=_positive(float), default=300.0, dest="wait_clients_s",
                    help="seconds to wait for --clients to register before starting with fewer")
+
+
+def _add_output_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--eval-every", type=int, default=1,
                    help="evaluate every N rounds (and after the last); 0 never (default 1)")
     g.add_argument("--eval-threads", type=_positive(int), default=1,
