@@ -74,7 +74,8 @@ def available(directory: str = SHM_DIR) -> bool:
     return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,7 +94,7 @@ def sweep_orphans(directory: str = SHM_DIR) -> list[str]:
     removed = []
     for name in names:
         match = _OWNED.match(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)

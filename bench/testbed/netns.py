@@ -159,19 +159,11 @@ def owned() -> list[SiloLink]:
     return [SiloLink(pid, index) for pid, index in sorted(found) if index < MAX_SILOS]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers(*, include_live: bool = False) -> list[SiloLink]:
     """Remove the silos of owners that died (all of them with `include_live`); those removed."""
-    gone = [s for s in owned() if include_live or not _alive(s.owner_pid)]
+    from bus.handoff import pid_alive  # here: the no-root path of the CLI imports no bus
+
+    gone = [s for s in owned() if include_live or not pid_alive(s.owner_pid)]
     for silo in gone:
         remove(silo)
     return gone

@@ -29,6 +29,17 @@ from torch import nn
 from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome
 
 
+def partition_index(client_id: str, num_clients: int) -> int:
+    """The partition of a client id ("0" .. "N-1"); TaskError for any other id."""
+    try:
+        partition = int(client_id)
+    except ValueError:
+        raise TaskError(f"client id {client_id!r} is not an integer") from None
+    if not 0 <= partition < num_clients:
+        raise TaskError(f"client id {client_id!r} is outside 0..{num_clients - 1}")
+    return partition
+
+
 @dataclass(frozen=True)
 class Examples:
     """Inputs and int64 labels, first dimension aligned."""
@@ -60,13 +71,7 @@ class TensorClassificationTask(Task):
 
     def partition_of(self, client_id: str) -> int:
         """The partition index of a client id ("0" .. "N-1")."""
-        try:
-            partition = int(client_id)
-        except ValueError:
-            raise TaskError(f"client id {client_id!r} is not an integer") from None
-        if not 0 <= partition < self.num_clients:
-            raise TaskError(f"client id {client_id!r} is outside 0..{self.num_clients - 1}")
-        return partition
+        return partition_index(client_id, self.num_clients)
 
     def train(self, model: nn.Module, client_id: str, config: TrainConfig,
               device: torch.device) -> TrainOutcome:

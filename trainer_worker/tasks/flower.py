@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from trainer_worker.task import Task, TaskError, TrainConfig, TrainOutcome
+from trainer_worker.tasks import partition_index
 
 Arrays = list[np.ndarray]
 
@@ -133,7 +134,7 @@ class FlowerTask(Task):
     def train(self, model: nn.Module, client_id: str, config: TrainConfig,
               device: torch.device) -> TrainOutcome:
         array_model = _array_model(model)
-        client = self.client(self._partition(client_id))
+        client = self.client(partition_index(client_id, self.num_clients))
         arrays, num_examples, metrics = client.fit(array_model.arrays(), flower_config(config))
         array_model.load_arrays(arrays)
         return TrainOutcome(num_examples=int(num_examples), metrics=scalars(metrics or {}))
@@ -153,14 +154,6 @@ class FlowerTask(Task):
             raise TaskError("evaluation metrics carry no 'accuracy'")
         return {**scalars(metrics), "loss": float(loss), "num_examples": num_examples}
 
-    def _partition(self, client_id: str) -> int:
-        try:
-            partition = int(client_id)
-        except ValueError:
-            raise TaskError(f"client id {client_id!r} is not an integer") from None
-        if not 0 <= partition < self.num_clients:
-            raise TaskError(f"client id {client_id!r} is outside 0..{self.num_clients - 1}")
-        return partition
 
 
 def _array_model(model: nn.Module) -> ArrayModel:
