@@ -407,7 +407,9 @@ mutated_pipe_messages = mutated(pipe_messages)
 def _pipe_values(cls: type[Message]) -> dict[str, st.SearchStrategy[Any]]:
     """A strategy per field of a pipe message, by the field's declared type."""
     by_type: dict[str, st.SearchStrategy[Any]] = {
-        "str": _text, "int": _ints, "float": _floats, "dict[str, Any]": metas}
+        "str": _text, "int": _ints, "float": _floats, "dict[str, Any]": metas,
+        "list[str]": st.lists(_text, max_size=4),
+        "dict[str, int]": st.dictionaries(_text, _ints, max_size=4)}
     return {f.name: by_type[str(f.type)] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
 
