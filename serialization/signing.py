@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -103,15 +104,23 @@ def signed(result: Result, key: bytes) -> Result:
     return dataclasses.replace(result, signature=result_signature(result, key))
 
 
-def signature_problem(result: Result, key: bytes | None) -> str | None:
-    """None when `result` is signed with `key`; otherwise why not (for the rejection log)."""
+def _mac_problem(what: str, client_id: str, signature: object, key: bytes | None,
+                 expected: Callable[[bytes], bytes]) -> str | None:
+    """None when `signature` is `expected(key)`, the client's; otherwise why not (for the
+    log). `signature` may come from an untrusted map: anything but bytes is none."""
     if key is None:
-        return f"no signing key for client {result.client_id!r}"
-    if not result.signature:
-        return "result is not signed"
-    if not hmac.compare_digest(result.signature, result_signature(result, key)):
+        return f"no signing key for client {client_id!r}"
+    if not isinstance(signature, bytes) or not signature:
+        return f"{what} is not signed"
+    if not hmac.compare_digest(signature, expected(key)):
         return "signature does not match the client's key"
     return None
+
+
+def signature_problem(result: Result, key: bytes | None) -> str | None:
+    """None when `result` is signed with `key`; otherwise why not (for the rejection log)."""
+    return _mac_problem("result", result.client_id, result.signature, key,
+                        lambda k: result_signature(result, k))
 
 
 def _gradient_job_bytes(job: GradientJob) -> bytes:
@@ -135,13 +144,8 @@ def signed_job(job: J, key: bytes) -> J:
 
 def job_signature_problem(job: AnyJob, key: bytes | None) -> str | None:
     """None when `job` is signed with `key`; otherwise why not (for the refusal log)."""
-    if key is None:
-        return f"no signing key for client {job.client_id!r}"
-    if not job.signature:
-        return "job is not signed"
-    if not hmac.compare_digest(job.signature, job_signature(job, key)):
-        return "signature does not match the client's key"
-    return None
+    return _mac_problem("job", job.client_id, job.signature, key,
+                        lambda k: job_signature(job, k))
 
 
 def declaration_signature(run_id: str, client_id: str, num_examples: int, key: bytes) -> bytes:
@@ -154,14 +158,10 @@ def declaration_problem(run_id: str, client_id: str, num_examples: int, signatur
                         key: bytes | None) -> str | None:
     """None when the declaration is signed with `key`; otherwise why not (for the log).
     `signature` comes from an untrusted map: anything but bytes is no signature."""
-    if key is None:
-        return f"no signing key for client {client_id!r}"
-    if not isinstance(signature, bytes) or not signature:
-        return "declaration is not signed"
-    expected = declaration_signature(run_id, client_id, num_examples, key)
-    if not hmac.compare_digest(signature, expected):
-        return "signature does not match the client's key"
-    return None
+    return _mac_problem("declaration", client_id, signature, key,
+                        lambda k: declaration_signature(run_id, client_id, num_examples, k))
+
+
 def payload_digest(body: bytes | memoryview) -> str:
     """The sha256 (hex) of a gradient's body."""
     return hashlib.sha256(body).hexdigest()
@@ -187,13 +187,8 @@ def signed_gradient(header: StepGradient, body: bytes | memoryview, key: bytes) 
 def gradient_signature_problem(header: StepGradient, key: bytes | None) -> str | None:
     """None when the header is signed with `key` (its client's); otherwise why not. The
     body is checked against the signed digest apart (`gradient_payload_problem`)."""
-    if key is None:
-        return f"no signing key for client {header.client_id!r}"
-    if not header.signature:
-        return "gradient is not signed"
-    if not hmac.compare_digest(header.signature, gradient_signature(header, key)):
-        return "signature does not match the client's key"
-    return None
+    return _mac_problem("gradient", header.client_id, header.signature, key,
+                        lambda k: gradient_signature(header, k))
 
 
 def gradient_payload_problem(header: StepGradient, body: bytes | memoryview) -> str | None:

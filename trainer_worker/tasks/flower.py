@@ -155,7 +155,6 @@ class FlowerTask(Task):
         return {**scalars(metrics), "loss": float(loss), "num_examples": num_examples}
 
 
-
 def _array_model(model: nn.Module) -> ArrayModel:
     if not isinstance(model, ArrayModel):
         raise TaskError(f"expected the adapter's ArrayModel, got {type(model).__name__}")
