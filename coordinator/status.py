@@ -18,7 +18,8 @@ class SlotStatus:
     slot_id: int
     rounds: int
     round: int = 0  # the round in progress (or the last one, once finished)
-    rounds_done: int = 0
+    rounds_done: int = 0  # rounds aggregated (counted when they close)
+    evaluated_round: int = 0  # the newest round whose evaluate-and-checkpoint link finished
     state: str = "starting"
     clients: tuple[str, ...] = ()
     # (round, accuracy, elapsed s) of the latest evaluations
@@ -26,6 +27,11 @@ class SlotStatus:
         default_factory=lambda: deque(maxlen=RECENT_ACCURACIES))
     best_accuracy: float | None = None
     evaluations: int = 0
+    # (round of the model, accuracy, elapsed s) of the latest federated evaluations: the
+    # clients' held-out validation splits (`validation_finished`)
+    validations: deque[tuple[int, float, float]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_ACCURACIES))
+    best_validation: float | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the slot's current configuration
 
     def record_accuracy(self, round_: int, accuracy: float, elapsed_s: float) -> None:
@@ -34,9 +40,31 @@ class SlotStatus:
         if self.best_accuracy is None or accuracy > self.best_accuracy:
             self.best_accuracy = accuracy
 
+    def record_aggregated(self, round_: int) -> None:
+        """Round `round_` closed (aggregated); its evaluation may come later."""
+        self.rounds_done = max(self.rounds_done, round_)
+
+    def record_evaluated(self, round_: int) -> None:
+        """Round `round_`'s evaluate-and-checkpoint link finished."""
+        self.evaluated_round = max(self.evaluated_round, round_)
+
+    def record_validation(self, round_: int, accuracy: float, elapsed_s: float) -> None:
+        self.validations.append((round_, accuracy, elapsed_s))
+        if self.best_validation is None or accuracy > self.best_validation:
+            self.best_validation = accuracy
+
     @property
     def last_accuracy(self) -> float | None:
         return self.accuracies[-1][1] if self.accuracies else None
+
+    @property
+    def last_validation(self) -> float | None:
+        return self.validations[-1][1] if self.validations else None
+
+    @property
+    def evaluation_lag_rounds(self) -> int:
+        """Rounds aggregated whose evaluate-and-checkpoint link has not finished."""
+        return max(0, self.rounds_done - self.evaluated_round)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -44,8 +72,14 @@ class SlotStatus:
             "rounds_done": self.rounds_done, "state": self.state, "clients": list(self.clients),
             "last_accuracy": self.last_accuracy, "best_accuracy": self.best_accuracy,
             "evaluations": self.evaluations, "config": dict(self.config),
+            "evaluated_round": self.evaluated_round,
+            "evaluation_lag_rounds": self.evaluation_lag_rounds,
+            "last_validation_accuracy": self.last_validation,
+            "best_validation_accuracy": self.best_validation,
             "accuracies": [{"round": r, "accuracy": a, "elapsed_s": t}
                            for r, a, t in self.accuracies],
+            "validation_accuracies": [{"round": r, "accuracy": a, "elapsed_s": t}
+                                      for r, a, t in self.validations],
         }
 
 

@@ -136,7 +136,10 @@ class RoundFailed(SlotEvent):
 
 @dataclass(frozen=True)
 class RoundClosed(SlotEvent):
-    """`more`: a gradient slot's `steps` and `num_examples`."""
+    """A round's evaluate-and-checkpoint link finished (the round was aggregated earlier:
+    `aggregation_finished` counts rounds; this one may lag behind it). `accuracy`: the
+    central (test-set) evaluation, None when not due. `more`: a gradient slot's `steps`
+    and `num_examples`."""
 
     name: ClassVar[str] = "round_closed"
     round: int
@@ -153,6 +156,23 @@ class EvaluationFinished(SlotEvent):
     loss: float | None
     num_examples: float | None
     duration_s: float
+
+
+@dataclass(frozen=True)
+class ValidationFinished(SlotEvent):
+    """Federated evaluation: the clients of round `during_round` evaluated the model they
+    received (the slot's round-`round` model, 0 the initial one) on their held-out
+    validation splits before training; `accuracy` and `loss` are the example-weighted means
+    over the `clients` that reported, `num_examples` their validation examples. What PBT,
+    merges and the final selection decide on; the test set is never read for it."""
+
+    name: ClassVar[str] = "validation_finished"
+    round: int
+    during_round: int
+    accuracy: float
+    loss: float | None
+    num_examples: int
+    clients: int
 
 
 @dataclass(frozen=True)
