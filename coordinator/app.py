@@ -30,7 +30,9 @@ from coordinator.observability import LatestModel, Observability
 from coordinator.population.config import SlotConfig, run_configs
 from coordinator.population.final import run_final_merge
 from coordinator.progress import Progress
+from coordinator.results.figures import Validation
 from coordinator.settings import CoordinatorSecrets, CoordinatorSettings
+from coordinator.slots.protocol import State
 from coordinator.status import RunStatus
 from coordinator.trimming import StreamTrimmer
 from coordinator.wiring import RunParts, build
@@ -185,15 +187,30 @@ class Coordinator:
                     task.cancel()
 
     async def _after_slots(self, parts: RunParts) -> None:
-        """Merged models' evaluations finish; `--merge final` picks the run's result."""
-        if parts.population is not None:
-            await parts.population.wait_evaluations()
-        if self.settings.merge == "final":
-            slots = {slot.slot_id: (slot.rounds.state, slot.status.last_accuracy or 0.0)
-                     for slot in parts.slots}
-            evaluator = parts.evaluator
-            await run_final_merge(slots, lambda state: evaluator.evaluate_queued(-1, state),
-                                  parts.run_state.store)
+        """`--merge final` picks the run's result: on validation figures (the clients'),
+        then evaluated once on the test set; on the test set alone with --eval central."""
+        s = self.settings
+        if s.merge != "final":
+            return
+        finals = {slot.slot_id: slot.rounds.state for slot in parts.slots
+                  if slot.status.state != "failed"}
+        evaluator = parts.evaluator
+
+        async def test(state: State) -> dict[str, float]:
+            return await evaluator.evaluate_in_background(-1, state)
+
+        if parts.scorer is not None:
+            await run_final_merge(finals, parts.scorer.score, "validation",
+                                  test if s.central_every else None, parts.run_state.store)
+            parts.scorer.finished = True
+            return
+
+        async def on_test_set(_name: str, state: State) -> Validation | None:
+            metrics = await test(state)
+            return Validation(0, float(metrics.get("accuracy", 0.0)), metrics.get("loss"),
+                              int(metrics.get("num_examples", 0)), 0)
+
+        await run_final_merge(finals, on_test_set, "test set", test, parts.run_state.store)
 
     async def _start_local_agents(self) -> bool:
         s = self.settings

@@ -20,6 +20,8 @@ from coordinator.settings import (
     TrainingSettings,
     new_run_id,
 )
+from serialization.errors import TaskError
+from serialization.tasks import takes_option
 
 DESCRIPTION = """\
 Run a PWFL federated training job: several independent global models ("weight
@@ -269,8 +271,22 @@ def _add_process_options(g: argparse._ArgumentGroup) -> None:
 
 
 def _add_output_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--eval", choices=EVALUATIONS, default="both", dest="evaluation",
+                   help="federated: each job first evaluates the model it received on its "
+                        "client's held-out validation split (--val-fraction) and reports it "
+                        "with its update; a slot's validation accuracy for a round is the "
+                        "example-weighted mean over its clients; PBT, merges and --merge "
+                        "final decide on it. central: the coordinator evaluates on the task's "
+                        "test set (every --eval-every rounds and after the last), for "
+                        "reporting. both: federated every round and central as said (default "
+                        "both; with central alone, decisions fall back to test-set figures)")
+    g.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="share of each client's partition held out for federated evaluation, "
+                        "never trained on, fixed by the partition seed; passed to tasks that "
+                        "take a val_fraction option (the built-in ones) (default 0.1)")
     g.add_argument("--eval-every", type=int, default=1,
-                   help="evaluate every N rounds (and after the last); 0 never (default 1)")
+                   help="central evaluation every N rounds (and after the last); 0 never "
+                        "(default 1)")
     g.add_argument("--eval-threads", type=_positive(int), default=1,
                    help="torch threads for evaluation on the coordinator (default 1)")
     g.add_argument("--eval-nice", type=_non_negative(int), default=None, metavar="N",
@@ -299,7 +315,7 @@ SETTINGS_FIELDS = ("rounds", "expected_clients", "clients_per_round", "min_clien
                    "policy", "client_choice", "quorum", "deadline_s", "late_policy",
                    "staleness", "strategy",
                    "seed", "redis_url", "runs_dir", "log_file", "http_host", "http_port",
-                   "wait_clients_s", "eval_threads", "eval_every", "eval_nice",
+                   "wait_clients_s", "eval_threads", "eval_every", "eval_nice", "evaluation",
                    "keep_checkpoints", "local_agents", "local_handoff", "local_devices",
                    "local_threads",
                    "mode", "gradient_slots", "gradient_steps", "server_optimizer")
@@ -311,13 +327,40 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
     settings = CoordinatorSettings(
         run_id=args.run_id or new_run_id(), training=training,
         task=TASK_ALIASES.get(args.task, args.task),
-        task_options=dict(args.task_option), strategy_options=dict(args.strategy_option),
+        task_options=validation_task_options(args), strategy_options=dict(args.strategy_option),
         server_options=dict(args.server_option),
         progress=not args.no_progress, **{f: getattr(args, f) for f in SETTINGS_FIELDS},
         **population_options.settings_fields(args, training),
         **{k: v for k, v in security.settings_fields(args, os.environ).items() if v is not None})
     _validate(settings)
     return settings
+
+
+EVALUATIONS = ("both", "federated", "central")
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def validation_task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--task-option, with `val_fraction` (--val-fraction, default 0.1) added for a task whose
+    factory takes it; an explicit --val-fraction for a task that does not is an error."""
+    options = dict(args.task_option)
+    asked = args.val_fraction
+    if asked is not None and not 0.0 <= asked < 1.0:
+        raise SystemExit(f"--val-fraction must be in [0, 1), got {asked}")
+    task = TASK_ALIASES.get(args.task, args.task)
+    if "val_fraction" in options or ":" not in task:
+        return options
+    try:
+        takes = takes_option(task, "val_fraction")
+    except TaskError as exc:
+        raise SystemExit(f"--task {args.task!r}: {exc}") from None
+    if takes:
+        options["val_fraction"] = DEFAULT_VAL_FRACTION if asked is None else asked
+    elif asked is not None:
+        raise SystemExit(f"--val-fraction: task {task!r} takes no val_fraction option (its "
+                         f"clients hold out no validation split; federated evaluation needs "
+                         f"its own Task.validate)")
+    return options
 
 
 def training_from_args(args: argparse.Namespace) -> TrainingSettings:

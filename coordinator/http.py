@@ -81,12 +81,16 @@ class StatusServer:
         async def checkpoints(request: web.Request) -> web.Response:
             return await downloads.checkpoints_response(request, obs.checkpoints(), obs.run_id)
 
+        async def result(request: web.Request) -> web.Response:
+            return await downloads.result_response(request, obs.checkpoints(), obs.run_id)
+
         app.router.add_get("/", page)
         app.router.add_get("/static/{name}", page)
         app.router.add_get("/events", obs.dashboard.stream)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/slots/{slot_id}/model", self._guarded(model))
         app.router.add_get("/runs/{run_id}/checkpoints", self._guarded(checkpoints))
+        app.router.add_get("/runs/{run_id}/result", self._guarded(result))
         app.on_startup.append(obs.dashboard.start)
         app.on_shutdown.append(obs.dashboard.close)
 

@@ -85,6 +85,10 @@ class CoordinatorSettings:
     heartbeat_ttl_ms: int = 5000
     eval_threads: int = 1
     eval_every: int = 1
+    # "both": federated every round (the clients' validation splits; what PBT, merges and
+    # the final selection decide on) and central every eval_every rounds and at the end (the
+    # test set, for reporting); "federated" or "central": one of the two
+    evaluation: str = "both"
     eval_nice: int | None = None  # None: 0 with one slot, EVAL_NICE_SHARED with several
     keep_checkpoints: int = 2
     max_update_bytes: int = 2 * 1024**3
@@ -147,6 +151,16 @@ class CoordinatorSettings:
                              username=self.redis_username, password=password,
                              tls_ca_file=self.redis_ca_file, tls_cert_file=self.redis_cert_file,
                              tls_key_file=self.redis_key_file, outage_s=self.redis_outage_s)
+
+    @property
+    def federated(self) -> bool:
+        """Whether jobs evaluate their model on the clients' validation splits."""
+        return self.evaluation in ("federated", "both")
+
+    @property
+    def central_every(self) -> int:
+        """Central (test-set) evaluations every this many rounds; 0 never."""
+        return 0 if self.evaluation == "federated" else self.eval_every
 
     def full_task_options(self) -> dict[str, Any]:
         """Task options as sent in every job; the partition follows the client count."""

@@ -31,7 +31,7 @@ from coordinator.job_table import JobTable
 from coordinator.leases import LeaseBroker
 from coordinator.population import pbt
 from coordinator.population.config import SlotConfig
-from coordinator.population.hooks import MergeEvaluations, Population
+from coordinator.population.hooks import Population
 from coordinator.results.dispatcher import ResultDispatcher
 from coordinator.results.sink import ResultSink
 from coordinator.results.validation import ResultValidator
@@ -43,6 +43,7 @@ from coordinator.slots.factory import PopulationMember, SlotBuilder
 from coordinator.slots.lifecycle import Slot
 from coordinator.slots.publishing import JobPublisher, ModelPublisher
 from coordinator.slots.registry import Slots
+from coordinator.slots.scoring import FederatedScorer
 from coordinator.status import RunStatus, SlotStatus
 from coordinator.strategies import make_strategy
 from serialization import decode
@@ -65,6 +66,7 @@ class RunParts:
     dispatcher: ResultDispatcher
     slots: Slots
     population: Population | None
+    scorer: FederatedScorer | None  # --merge final's candidates, scored on the clients
     handoff: local_handoff.HostHandoff | None
     orphans: int  # shared-memory segments of dead processes removed at start-up
 
@@ -105,10 +107,17 @@ async def build(settings: CoordinatorSettings, secrets: CoordinatorSecrets,
         validator=validator, results=results)
     for slot_id, (state, first_round) in enumerate(states):
         slots.add(make_slot(builder, configs[slot_id], slot_id, state, first_round))
-    dispatcher = ResultDispatcher(redis=redis, keys=keys, slots=s.slots, validator=validator,
-                                  results=results, leases=leases, slots_router=slots)
+    scorer = None
+    if s.merge == "final" and s.federated:  # scores the final candidates on the clients
+        scorer = FederatedScorer(s.slots, clients=lambda: tracker.live, models=builder.models,
+                                 jobs=builder.jobs, validator=validator, results=results,
+                                 settings=s)
+        slots.add_receiver(scorer)
+    dispatcher = ResultDispatcher(redis=redis, keys=keys, slots=s.slots + (scorer is not None),
+                                  validator=validator, results=results, leases=leases,
+                                  slots_router=slots)
     return RunParts(redis, keys, evaluator, run_state, leases, tracker, dispatcher, slots,
-                    population(s, slots, evaluator), handoff, orphans)
+                    population(s, slots), scorer, handoff, orphans)
 
 
 def client_pool(s: CoordinatorSettings, configs: dict[int, SlotConfig]) -> ClientPool:
@@ -164,7 +173,7 @@ def make_slot(builder: SlotBuilder, config: SlotConfig, slot_id: int, state: Sta
     return builder.weight_slot(slot_id, state, first_round, config, strategy)
 
 
-def population(s: CoordinatorSettings, slots: Slots, evaluator: Evaluator) -> Population | None:
+def population(s: CoordinatorSettings, slots: Slots) -> Population | None:
     """The round-boundary hook of PBT and periodic merges, attached to every weight slot."""
     if s.population != "pbt" and s.merge != "every":
         return None
@@ -175,7 +184,7 @@ def population(s: CoordinatorSettings, slots: Slots, evaluator: Evaluator) -> Po
         slots=members, last_round=s.rounds, pbt_settings=pbt_settings,
         bounds={k: (float(v[0]), float(v[1])) for k, v in s.explore_bounds.items()},
         merge_every=s.merge_every if s.merge == "every" else 0,
-        evaluations=MergeEvaluations(lambda state: evaluator.evaluate_queued(-1, state)),
+        selected_on="validation" if s.federated else "test",
         rng=random.Random(f"{s.seed}:population:{len(s.slot_overrides)}"))
     for slot in slots:
         if not s.is_gradient_slot(slot.slot_id):

@@ -17,6 +17,7 @@ its operator did not choose, however deep the spec is nested.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -102,6 +103,21 @@ def load_task(spec: str, options: Mapping[str, Any] | None = None) -> TaskPlugin
         raise TaskError(f"{resolved!r} returned {type(task).__name__}, not a task "
                         f"(no {', '.join(missing)})")
     return task  # type: ignore[no-any-return]
+
+
+def takes_option(spec: str, name: str) -> bool:
+    """Whether the task factory `spec` names the keyword option `name` (a ``**options``
+    catch-all does not count: it may pass everything on to user code); imports the
+    factory's module, builds nothing. TaskError when it cannot be imported."""
+    resolved, _options = loadable(task_spec(spec), {})
+    factory = _factory(resolved)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    parameter = parameters.get(name)
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _factory(spec: str) -> Callable[..., Any]:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import random
+import tempfile
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 from structlog.testing import capture_logs
 
-from coordinator.population import merge, pbt
+from coordinator.checkpoints import CheckpointStore
+from coordinator.population import final, merge, pbt
 from coordinator.population.config import Base, SlotConfig, resolve
 from coordinator.population.hooks import Population, Snapshot
+from coordinator.results.figures import Validation
 from coordinator.settings import TrainingSettings
 from coordinator.strategies import FedAdam, Strategy, make_strategy
 
@@ -89,26 +94,58 @@ def test_merge_is_the_weighted_mean() -> None:
         merge.weighted_average([a, b], [1.0, -1.0])
 
 
-def test_with_progress_keeps_what_a_slot_learnt_after_the_merge() -> None:
-    """merged + (current - taken): a slot's rounds past the merge are not lost."""
-    merged = {"w": torch.tensor([1.0])}
-    out = merge.with_progress(merged, {"w": torch.tensor([5.0])}, {"w": torch.tensor([3.0])})
-    assert torch.equal(out["w"], torch.tensor([3.0]))
+def _scorer(scores: dict[str, float], best_at: float) -> Callable[
+        [str, dict[str, torch.Tensor]], Awaitable[Validation | None]]:
+    """A stand-in for federated evaluation: a model's validation accuracy is highest at
+    w = `best_at`; every call is recorded in `scores` by candidate name."""
+    async def score(name: str, state: dict[str, torch.Tensor]) -> Validation | None:
+        scores[name] = 1.0 - abs(float(state["w"]) - best_at) / 10
+        return Validation(0, scores[name], None, 100, 3)
+    return score
 
 
-def test_greedy_soup_keeps_a_candidate_only_if_accuracy_does_not_drop() -> None:
-    """Best first; a candidate that lowers the soup's accuracy is left out."""
-    candidates = {0: ({"w": torch.tensor([0.0])}, 0.7), 1: ({"w": torch.tensor([2.0])}, 0.9),
-                  2: ({"w": torch.tensor([10.0])}, 0.8)}
+async def test_final_selection_keeps_a_soup_member_only_if_validation_does_not_drop() -> None:
+    """Slots scored, then the average, then the soup best first: a member that lowers the
+    soup's validation accuracy is left out; the best-scoring candidate is kept."""
+    finals = {0: {"w": torch.tensor([0.0])}, 1: {"w": torch.tensor([2.0])},
+              2: {"w": torch.tensor([10.0])}}
+    scores: dict[str, float] = {}
+    selection = await final.select(finals, _scorer(scores, best_at=1.0))
+    assert selection is not None
+    assert list(scores) == ["slot 0", "slot 1", "slot 2", "average", "soup +1", "soup +2"]
+    assert selection.soup_members == (0, 1)  # slots 0 and 1 tie at 0.9: the lower id first
+    assert [key for key, _ in selection.soup_tried] == [1, 2]  # +2 lowers it: left out
+    assert selection.kept == "soup"
+    assert torch.equal(selection.state["w"], torch.tensor([1.0]))
+    assert selection.score == pytest.approx(1.0)
 
-    def evaluate(state: dict[str, torch.Tensor]) -> float:
-        return 1.0 - abs(float(state["w"]) - 1.0) / 10  # best at w = 1
 
-    soup = merge.greedy_soup(candidates, evaluate)
-    assert soup.members == (1, 0)  # 2 tried second and dropped the accuracy
-    assert [key for key, _ in soup.tried] == [2, 0]
-    assert torch.equal(soup.state["w"], torch.tensor([1.0]))
-    assert soup.accuracy == pytest.approx(1.0)
+async def test_final_selection_never_reads_the_test_set() -> None:
+    """Label permutation: the same validation figures with a test set whose labels are
+    permuted (so every test accuracy changes) give the same choice; the test evaluation
+    runs once, on the kept model, after the choice."""
+    finals = {0: {"w": torch.tensor([0.0])}, 1: {"w": torch.tensor([2.0])},
+              2: {"w": torch.tensor([10.0])}}
+    kept = []
+    for permuted in (False, True):
+        tested: list[float] = []
+
+        async def test(state: dict[str, torch.Tensor], permuted: bool = permuted,
+                       tested: list[float] = tested) -> dict[str, float]:
+            tested.append(float(state["w"]))
+            w = float(state["w"])
+            return {"accuracy": (w % 7) / 7 if permuted else 1 - abs(w - 1) / 10}
+
+        with tempfile.TemporaryDirectory() as tmp:
+            store = CheckpointStore(Path(tmp), 2)
+            with capture_logs() as logs:
+                path = await final.run_final_merge(finals, _scorer({}, 1.0), "validation", test,
+                                                   store)
+            assert path is not None and path.exists()
+        event = next(e for e in logs if e["event"] == "final_merge")
+        assert tested == [1.0]  # once, the kept model
+        kept.append((event["kept"], event["validation_accuracy"], event["selected_on"]))
+    assert kept[0] == kept[1] == ("soup", 1.0, "validation")
 
 
 # -- the round-boundary hook, with stand-in slots -------------------------------------------
@@ -116,7 +153,8 @@ def test_greedy_soup_keeps_a_candidate_only_if_accuracy_does_not_drop() -> None:
 
 @dataclass
 class FakeStatus:
-    accuracies: deque[tuple[int, float, float]] = field(default_factory=deque)
+    accuracies: deque[tuple[int, float, float]] = field(default_factory=deque)  # test set
+    validations: deque[tuple[int, float, float]] = field(default_factory=deque)
 
 
 @dataclass
@@ -128,9 +166,6 @@ class FakeSlot:
     status: FakeStatus = field(default_factory=FakeStatus)
     replaced: list[tuple[dict[str, torch.Tensor], Strategy, SlotConfig, int]] = field(
         default_factory=list)
-
-    async def settle(self) -> None:
-        return None
 
     async def replace_model(self, state: dict[str, torch.Tensor], strategy: Strategy,
                             config: SlotConfig, round_: int) -> None:
@@ -145,13 +180,16 @@ def fake_slots(scores: list[float], strategy: str = "fedavg") -> dict[int, FakeS
     for i, score in enumerate(scores):
         slot = FakeSlot(i, resolve(base, i, {"lr": 0.01 * (i + 1)}), make_strategy(strategy))
         slot.latest = Snapshot(2, {"w": torch.full((2,), float(i))}, {}, 10 * (i + 1))
-        slot.status.accuracies.append((2, score, 1.0))
+        slot.status.validations.append((1, score, 1.0))  # round 2's clients scored round 1's
+        slot.status.accuracies.append((2, 1.0 - score, 1.0))  # the test set ranks otherwise
         slots[i] = slot
     return slots
 
 
 async def test_pbt_exploit_and_explore_events_are_complete() -> None:
-    """An exploited slot takes the donor's model and config (its own seed) and logs both steps."""
+    """An exploited slot takes the donor's model and config (its own seed) and logs both
+    steps, with the rounds whose validation figures decided; the test set, which ranks the
+    slots the other way round here, is never read."""
     slots = fake_slots([0.9, 0.5, 0.7])
     population = Population(slots=slots, last_round=10, pbt_settings=SETTINGS,
                             bounds={"lr": (0.001, 1.0)}, rng=random.Random(1))
@@ -162,9 +200,11 @@ async def test_pbt_exploit_and_explore_events_are_complete() -> None:
     explore = [e for e in logs if e["event"] == "pbt_explore"]
     assert len(exploit) == len(explore) == 1
     assert {k: exploit[0][k] for k in ("slot_id", "round", "donor_slot_id", "donor_round",
-                                       "donor_evaluated_round", "donor_accuracy", "accuracy")} == {
+                                       "donor_validated_round", "validated_round",
+                                       "donor_accuracy", "accuracy", "selected_on")} == {
         "slot_id": 1, "round": 2, "donor_slot_id": 0, "donor_round": 2,
-        "donor_evaluated_round": 2, "donor_accuracy": 0.9, "accuracy": 0.5}
+        "donor_validated_round": 1, "validated_round": 1, "donor_accuracy": 0.9,
+        "accuracy": 0.5, "selected_on": "validation"}
     assert exploit[0]["copied"]["lr"] == 0.01
     assert exploit[0]["copied"]["seed"] == 1
     state, _strategy, config, round_ = slots[1].replaced[0]
@@ -175,36 +215,69 @@ async def test_pbt_exploit_and_explore_events_are_complete() -> None:
     assert slots[0].replaced == slots[2].replaced == []
 
 
-async def test_periodic_merge_waits_for_every_slot_and_logs_it() -> None:
-    """The round-K models are averaged by examples once all slots closed round K; each slot
-    adopts the average at its boundary."""
-    slots = fake_slots([0.9, 0.5, 0.7])
+def _closing(population: Population, slots: dict[int, FakeSlot], examples: int = 10
+             ) -> Callable[[int, int], Awaitable[None]]:
+    """`close(slot, round)`: the slot closed `round` with `examples` folded (its model's w
+    is slot * 100 + round) and called the hook."""
+    async def close(slot_id: int, round_: int) -> None:
+        slot = slots[slot_id]
+        slot.latest = Snapshot(round_, {"w": torch.full((2,), 100.0 * slot_id + round_)}, {},
+                               examples)
+        await population.round_closed(slot, round_)
+    return close
+
+
+async def test_merge_weights_count_only_the_examples_the_merged_models_hold() -> None:
+    """The weighting bug: 2 slots, 10 examples a round, merge every 2; slot 0 closes rounds
+    1, 2, 3 before slot 1 closes round 2. Slot 1's merge weighs each slot by the examples it
+    folded in rounds 1..2 (20 and 20), not slot 0's 30 of rounds 1..3."""
+    slots = fake_slots([0.5, 0.5])
     population = Population(slots=slots, last_round=10, merge_every=2)
+    close = _closing(population, slots)
     with capture_logs() as logs:
-        for slot in slots.values():
-            await population.round_closed(slot, 2)
+        for slot_id, round_ in [(0, 1), (1, 1), (0, 2), (0, 3), (1, 2)]:
+            await close(slot_id, round_)
     merged = [e for e in logs if e["event"] == "slots_merged"]
-    assert len(merged) == 1
-    assert merged[0]["weights"] == {"0": 10.0, "1": 20.0, "2": 30.0}
-    expected = (0 * 10 + 1 * 20 + 2 * 30) / 60
-    assert [e["slot_id"] for e in logs if e["event"] == "merge_adopted"] == [2]
-    assert torch.allclose(slots[2].replaced[0][0]["w"], torch.full((2,), expected))
-    for slot in (slots[0], slots[1]):  # the others adopt at their next boundary
-        slot.latest = Snapshot(3, {"w": slot.latest.state["w"] + 1}, {}, 10)  # type: ignore[union-attr]
-        await population.round_closed(slot, 3)
-        assert torch.allclose(slot.replaced[0][0]["w"], torch.full((2,), expected + 1))
+    assert merged[-1]["weights"] == {"0": 20.0, "1": 20.0}
 
 
-async def test_a_failed_slot_is_no_donor_and_merges_go_on_without_it() -> None:
-    """After slot_failed, a merge waiting only for that slot happens with the others, and PBT
-    never copies the failed slot, even when it scored best."""
+async def test_a_slot_merges_at_its_boundary_without_waiting_for_the_others() -> None:
+    """Slot 0 reaches round 2 first: it folds the others' latest models (slot 1 at round 1,
+    slot 2 not yet closed anything) into its own at once, weighted by what each folded in
+    the window, and goes on from the average; slot 1 does the same when it gets there."""
     slots = fake_slots([0.9, 0.5, 0.7])
     population = Population(slots=slots, last_round=10, merge_every=2)
+    close = _closing(population, slots)
     with capture_logs() as logs:
-        await population.round_closed(slots[1], 2)
-        await population.round_closed(slots[2], 2)
-        assert not [e for e in logs if e["event"] == "slots_merged"]
+        await close(0, 1)
+        await close(1, 1)
+        await close(0, 2)
+        first = [e for e in logs if e["event"] == "slots_merged"]
+        assert [(e["slot_id"], e["slot_ids"], e["weights"], e["rounds"]) for e in first] == [
+            (0, [0, 1], {"0": 20.0, "1": 10.0}, {"0": 2, "1": 1})]
+        expected = (2.0 * 20 + 101.0 * 10) / 30
+        assert torch.allclose(slots[0].replaced[0][0]["w"], torch.full((2,), expected))
+        assert slots[1].replaced == slots[2].replaced == []
+        await close(1, 2)  # slot 0's latest is now the average it went on from
+        second = [e for e in logs if e["event"] == "slots_merged"][-1]
+        assert (second["slot_id"], second["weights"], second["rounds"]) == (
+            1, {"0": 20.0, "1": 20.0}, {"0": 2, "1": 2})
+        assert torch.allclose(slots[1].replaced[0][0]["w"],
+                              torch.full((2,), (expected + 102.0) / 2))
+
+
+async def test_a_failed_slot_is_no_donor_and_no_merge_takes_its_model() -> None:
+    """After slot_failed, merges go on without the failed slot's model and PBT never copies
+    it, even when it scored best."""
+    slots = fake_slots([0.9, 0.5, 0.7])
+    population = Population(slots=slots, last_round=10, merge_every=2)
+    close = _closing(population, slots)
+    with capture_logs() as logs:
+        await close(0, 2)
         await population.slot_failed(0, 2)
+        await close(1, 2)
+        await close(2, 2)
     merged = [e for e in logs if e["event"] == "slots_merged"]
     assert [e["slot_ids"] for e in merged] == [[1, 2]]
+    assert merged[0]["slot_id"] == 2  # slot 1 had nobody to merge with yet
     assert set(population.members()) == {1, 2}

@@ -109,3 +109,32 @@ async def checkpoints_response(request: web.Request, store: CheckpointStore | No
         raise web.HTTPNotFound(text="no such run here")
     kept = await asyncio.to_thread(kept_checkpoints, store)
     return web.json_response({"run_id": run_id, "keep": store.keep, "checkpoints": kept})
+
+
+def _result(store: CheckpointStore) -> LatestModel | None:
+    path = store.run_dir / "checkpoints" / "result.pwfl"
+    return LatestModel(0, {}, path.read_bytes()) if path.exists() else None
+
+
+async def result_response(request: web.Request, store: CheckpointStore | None,
+                          run_id: str) -> web.Response:
+    """The answer to GET /runs/{run_id}/result (the caller checked the token): the model
+    `--merge final` kept (checkpoints/result.pwfl), as safetensors or ``?format=pwfl``;
+    404 until the run has one."""
+    fmt = request.query.get("format", "safetensors")
+    if fmt not in FORMATS:
+        raise web.HTTPBadRequest(text=f"format must be one of {', '.join(FORMATS)}")
+    if request.match_info["run_id"] != run_id or store is None:
+        raise web.HTTPNotFound(text="no such run here")
+    model = await asyncio.to_thread(_result, store)
+    if model is None:
+        raise web.HTTPNotFound(text="this run has no final model (yet): --merge final keeps "
+                                    "one when the run ends")
+    metadata = {"run_id": run_id, "slot_id": "merged"}
+    body = await asyncio.to_thread(_body, model, fmt, metadata)
+    digest = await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
+    log.info("model_downloaded", slot_id="merged", round=None, format=fmt, nbytes=len(body),
+             digest=digest, remote=request.remote)
+    return web.Response(body=body, content_type="application/octet-stream", headers={
+        "X-PWFL-Slot": "merged", "X-PWFL-Digest": digest,
+        "Content-Disposition": f'attachment; filename="{run_id}-result.{fmt}"'})

@@ -1,18 +1,22 @@
 """The round-boundary hook: where PBT and merges replace a running slot's model.
 
 A slot calls `Population.round_closed` after each round closes and before it
-asks for clients again. Only that slot waits (for its own evaluation, at a PBT
-decision, and for the copy or average, in a thread); the other slots keep
-training, and their models are read from the snapshots they left at their own
-last boundary, never locked.
+asks for clients again. Nothing here waits for an evaluation or for another slot:
+decisions use the latest figures that exist, other slots' models are read from the
+snapshots they left at their own last boundary, and the replaced model's checkpoint
+is queued behind the slot's evaluation chain. Only the copy or the average itself
+runs (in a thread) before the slot leases clients again.
 
 - PBT (`--population pbt`): every K rounds, `pbt.decide` with each slot's latest
-  evaluation; an exploited slot takes a copy of the donor's latest model,
-  strategy state and hyperparameters, then `pbt.explore` perturbs them.
-- Merges (`--merge every=K`): when the last slot closes round eK, the slots'
-  round-eK models are averaged, weighted by the examples each folded in rounds
-  (e-1)K+1..eK; each slot adopts the average at its next boundary, keeping what
-  it learnt since round eK (`merge.with_progress`). Strategy state stays the slot's.
+  validation figures (federated evaluation on the clients' held-out splits; the
+  test-set accuracy only when the run evaluates centrally alone); an exploited slot
+  takes a copy of the donor's latest model, strategy state and hyperparameters, then
+  `pbt.explore` perturbs them. `pbt_exploit` records which rounds' figures it used.
+- Merges (`--merge every=K`): a slot at its boundary eK folds every live slot's latest
+  model (its own included) into one, each weighted by the examples that slot folded in
+  rounds (e-1)K+1..eK (the merge window), and goes on from the average; no slot waits
+  for another. A slot that has trained past eK is weighted by its window's examples
+  only (never by rounds after the boundary). Strategy state stays the slot's.
 
 Each replacement is logged and the slot's checkpoint of that round rewritten,
 so `--resume` continues from the replaced model and the new configuration.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -67,40 +71,8 @@ class SlotHandle(Protocol):
     @property
     def status(self) -> SlotStatus: ...
 
-    async def settle(self) -> None: ...
-
     async def replace_model(self, state: State, strategy: Strategy, config: SlotConfig,
                             round_: int) -> None: ...
-
-
-class MergeEvaluations:
-    """Merged models evaluated in the background (`evaluate` blocks: it queues on the
-    coordinator's evaluation thread), logged as ``merge_evaluated``."""
-
-    def __init__(self, evaluate: Callable[[State], dict[str, float]]) -> None:
-        self._evaluate = evaluate
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def submit(self, epoch: int, round_: int, state: State) -> None:
-        task = asyncio.create_task(self._run(epoch, round_, state), name=f"merge-{epoch}-eval")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def wait(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks)
-
-    async def _run(self, epoch: int, round_: int, state: State) -> None:
-        metrics = await asyncio.to_thread(self._evaluate, state)
-        log.info("merge_evaluated", slot_id="merged", epoch=epoch, round=round_,
-                 accuracy=metrics.get("accuracy"), loss=metrics.get("loss"))
-
-
-@dataclass
-class PendingMerge:
-    epoch: int
-    state: State
-    taken: dict[int, State]
 
 
 @dataclass
@@ -112,57 +84,48 @@ class Population:
     pbt_settings: pbt.PbtSettings | None = None
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     merge_every: int = 0
-    evaluations: MergeEvaluations | None = None  # None: merged models are not evaluated
+    # what PBT ranks slots by: "validation" (federated evaluation) or "test" (only when
+    # the run evaluates centrally alone)
+    selected_on: str = "validation"
     rng: random.Random = field(default_factory=random.Random)
-    _arrived: dict[int, dict[int, Snapshot]] = field(default_factory=dict)
-    _examples: dict[int, int] = field(default_factory=dict)
-    _merged: PendingMerge | None = None
-    _adopted: dict[int, int] = field(default_factory=dict)
+    _folded: dict[int, dict[int, int]] = field(default_factory=dict)  # slot -> round -> examples
     _failed: set[int] = field(default_factory=set)  # slots that gave up: no donor, not merged
 
     async def round_closed(self, slot: SlotHandle, round_: int) -> None:
         """Called by `slot` after it closed `round_` (not after its last round)."""
         if slot.latest is None or round_ >= self.last_round:
             return
-        self._examples[slot.slot_id] = self._examples.get(slot.slot_id, 0) + (
-            slot.latest.num_examples)
-        if self.merge_every:
-            await self._merge_step(slot, round_)
+        if self.merge_every:  # an int per slot and round: slots far apart read old windows
+            self._folded.setdefault(slot.slot_id, {})[round_] = slot.latest.num_examples
+        if self.merge_every and round_ % self.merge_every == 0:
+            await self._merge(slot, round_)
         if self.pbt_settings is not None and pbt.is_due(round_, self.pbt_settings):
             await self._pbt_step(slot, round_)
 
     async def slot_failed(self, slot_id: int, round_: int) -> None:
-        """`slot_id` gave up: it is no PBT donor any more, and merges go on without it (a
-        merge that waited only for it happens now)."""
+        """`slot_id` gave up: it is no PBT donor and no merge takes its model any more."""
         self._failed.add(slot_id)
-        for epoch in sorted(self._arrived):
-            arrived = self._arrived[epoch]
-            arrived.pop(slot_id, None)
-            if arrived and len(arrived) == self._live():
-                await self._merge(epoch, round_, self._arrived.pop(epoch))
 
-    def _live(self) -> int:
-        return len(set(self.slots) - self._failed)
-
-    async def wait_evaluations(self) -> None:
-        """Let the merged models' evaluations finish (the run's end waits for them)."""
-        if self.evaluations is not None:
-            await self.evaluations.wait()
+    def _live(self) -> list[int]:
+        return sorted(set(self.slots) - self._failed)
 
     # -- PBT -----------------------------------------------------------------------------
 
     def members(self) -> dict[int, pbt.Member]:
-        """Every slot with an evaluation: its latest accuracy and that round."""
+        """Every live slot with figures: its latest score and the round of the model it
+        scored (validation figures, or the test set's with `selected_on` "test")."""
         found = {}
-        for slot_id, handle in self.slots.items():
-            if handle.status.accuracies and slot_id not in self._failed:
-                round_, accuracy, _t = handle.status.accuracies[-1]
-                found[slot_id] = pbt.Member(slot_id, accuracy, round_)
+        for slot_id in self._live():
+            status = self.slots[slot_id].status
+            figures = status.validations if self.selected_on == "validation" else (
+                status.accuracies)
+            if figures:
+                round_, score, _t = figures[-1]
+                found[slot_id] = pbt.Member(slot_id, score, round_)
         return found
 
     async def _pbt_step(self, slot: SlotHandle, round_: int) -> None:
         assert self.pbt_settings is not None
-        await slot.settle()  # its own evaluation of this round decides
         exploit = pbt.decide(slot.slot_id, self.members(), self.pbt_settings, self.rng)
         if exploit is None:
             return
@@ -181,47 +144,38 @@ class Population:
         log.info("pbt_exploit", slot_id=slot.slot_id, round=round_,
                  donor_slot_id=donor.slot_id, donor_round=taken.round,
                  donor_evaluated_round=exploit.donor.round, donor_accuracy=exploit.donor.score,
-                 accuracy=exploit.target.score, before=slot.config.flat(), copied=copied)
+                 accuracy=exploit.target.score, validated_round=exploit.target.round,
+                 donor_validated_round=exploit.donor.round, selected_on=self.selected_on,
+                 before=slot.config.flat(), copied=copied)
         log.info("pbt_explore", slot_id=slot.slot_id, round=round_, config=explored,
                  changed=pbt.changed(copied, explored))
         await slot.replace_model(state, strategy, config, round_)
 
     # -- merges --------------------------------------------------------------------------
 
-    async def _merge_step(self, slot: SlotHandle, round_: int) -> None:
-        assert slot.latest is not None
-        if round_ % self.merge_every == 0:
-            epoch = round_ // self.merge_every
-            arrived = self._arrived.setdefault(epoch, {})
-            arrived[slot.slot_id] = slot.latest
-            if len(arrived) == self._live():
-                await self._merge(epoch, round_, self._arrived.pop(epoch))
-        await self._adopt(slot, round_)
+    def _window_examples(self, slot_id: int, boundary: int) -> int:
+        """Examples `slot_id` folded in the merge window that ends at round `boundary`."""
+        first = boundary - self.merge_every + 1
+        return sum(n for r, n in self._folded.get(slot_id, {}).items() if first <= r <= boundary)
 
-    async def _merge(self, epoch: int, round_: int, arrived: dict[int, Snapshot]) -> None:
-        order = sorted(arrived)
-        weights = [float(self._examples.get(s, 0)) for s in order]
-        states = [arrived[s].state for s in order]
-        merged = await asyncio.to_thread(merge.weighted_average, states, weights)
-        for slot_id in order:
-            self._examples[slot_id] = 0
-        self._merged = PendingMerge(epoch, merged, {s: arrived[s].state for s in order})
-        log.info("slots_merged", epoch=epoch, round=round_, slot_ids=order,
-                 weights=dict(zip(map(str, order), weights, strict=True)))
-        if self.evaluations is not None:
-            self.evaluations.submit(epoch, round_, merged)
-
-    async def _adopt(self, slot: SlotHandle, round_: int) -> None:
-        pending = self._merged
-        if pending is None or self._adopted.get(slot.slot_id, 0) >= pending.epoch:
+    async def _merge(self, slot: SlotHandle, round_: int) -> None:
+        taken: dict[int, Snapshot] = {}
+        weights: dict[int, float] = {}
+        for slot_id in self._live():
+            latest = self.slots[slot_id].latest
+            weight = float(self._window_examples(slot_id, round_))
+            if latest is not None and weight > 0:
+                taken[slot_id], weights[slot_id] = latest, weight
+        if len(taken) < 2 or slot.slot_id not in taken:
             return
-        assert slot.latest is not None
+        order = sorted(taken)
+        merged = await asyncio.to_thread(merge.weighted_average, [taken[s].state for s in order],
+                                         [weights[s] for s in order])
+        epoch = round_ // self.merge_every
+        log.info("slots_merged", slot_id=slot.slot_id, epoch=epoch, round=round_, slot_ids=order,
+                 weights={str(s): weights[s] for s in order},
+                 rounds={str(s): taken[s].round for s in order})
+        log.info("merge_adopted", slot_id=slot.slot_id, round=round_, epoch=epoch,
+                 rounds_since=0)
         assert slot.config is not None
-        self._adopted[slot.slot_id] = pending.epoch
-        taken = pending.taken.get(slot.slot_id)
-        current = slot.latest.state
-        state = pending.state if taken is None or taken is current else await asyncio.to_thread(
-            merge.with_progress, pending.state, current, taken)
-        log.info("merge_adopted", slot_id=slot.slot_id, round=round_, epoch=pending.epoch,
-                 rounds_since=round_ - pending.epoch * self.merge_every)
-        await slot.replace_model(state, slot.strategy, slot.config, round_)
+        await slot.replace_model(merged, slot.strategy, slot.config, round_)

@@ -72,27 +72,41 @@ class EvaluationChain:
     async def _evaluate(self, round_: int, state: State) -> dict[str, float]:
         s = self._settings
         return await evaluate_round(self._evaluator, self.slot_id, round_, state,
-                                    eval_every=s.eval_every, last_round=s.rounds,
+                                    eval_every=s.central_every, last_round=s.rounds,
                                     newest_round=self._newest_closed)
 
     def _closed(self, closed: ClosedRound, metrics: dict[str, float], duration_s: float) -> None:
         status = self._status.slots[self.slot_id]
         accuracy = metrics.get("accuracy") if metrics else None
-        status.rounds_done = closed.round
+        status.record_evaluated(closed.round)
         if accuracy is not None:
             status.record_accuracy(closed.round, accuracy, self._status.elapsed_s)
         emit(log, RoundClosed(self.slot_id, round=closed.round, duration_s=round(duration_s, 6),
                               accuracy=accuracy, num_updates=closed.num_updates,
                               more=closed.fields))
 
-    async def checkpoint_replaced(self, round_: int, payload: bytes, strategy_state: State,
-                                  config: SlotConfig) -> None:
+    def checkpoint_replaced(self, round_: int, payload: bytes, strategy_state: State,
+                            config: SlotConfig) -> None:
         """PBT or a merge replaced the model: checkpointed as round `round_` with the new
-        configuration, so a resumed run goes on from it."""
-        run_state = self._run_state
+        configuration, so a resumed run goes on from it; queued behind the round's own
+        link (which evaluates the model the round closed with), never waited for."""
         flat: dict[str, Any] = config.flat()
         self._status.slots[self.slot_id].config = flat
-        run_state.doc.setdefault("slot_configs", {})[str(self.slot_id)] = flat
-        if not strategy_state:  # a stateless strategy now: no stale moments for --resume
-            run_state.store.model_path(self.slot_id, round_, "strategy").unlink(missing_ok=True)
-        await run_state.checkpoint(self.slot_id, round_, payload, strategy_state, {})
+        self._behind += 1
+        self._newest = asyncio.create_task(
+            self._replaced_link(self._newest, round_, payload, strategy_state, flat),
+            name=f"slot{self.slot_id}-round{round_}-replaced")
+
+    async def _replaced_link(self, previous: asyncio.Task[None] | None, round_: int,
+                             payload: bytes, strategy_state: State, flat: dict[str, Any]) -> None:
+        try:
+            if previous is not None:
+                await previous
+            run_state = self._run_state
+            run_state.doc.setdefault("slot_configs", {})[str(self.slot_id)] = flat
+            if not strategy_state:  # a stateless strategy now: no stale moments for --resume
+                path = run_state.store.model_path(self.slot_id, round_, "strategy")
+                path.unlink(missing_ok=True)
+            await run_state.checkpoint(self.slot_id, round_, payload, strategy_state, {})
+        finally:
+            self._behind -= 1

@@ -118,11 +118,11 @@ class PopulationMember:
     async def replace_model(self, state: dict[str, torch.Tensor], strategy: Strategy,
                             config: SlotConfig, round_: int) -> None:
         """PBT or a merge replaced the model the next round starts from: checkpointed as
-        round `round_`, so a resumed run goes on from it with this configuration."""
-        await self.settle()
+        round `round_` behind the round's own evaluation and checkpoint (not waited for), so
+        a resumed run goes on from it with this configuration."""
         payload = await self._rounds.adopt(state, strategy, config, round_)
-        await self._slot.chain.checkpoint_replaced(round_, payload,
-                                                   self._rounds.latest.strategy_state, config)
+        self._slot.chain.checkpoint_replaced(round_, payload, self._rounds.latest.strategy_state,
+                                             config)
 
     async def round_closed(self, round_: int) -> None:
         await self._population.round_closed(self, round_)

@@ -29,6 +29,7 @@ from bus.keys import Keys
 from coordinator.delivery import Delivery
 from coordinator.gradient.optimizer import FlatModel, weighted_mean
 from coordinator.job_table import JobRecord
+from coordinator.results.figures import ValidationTally
 from coordinator.results.sink import ResultSink
 from coordinator.results.validation import ResultValidator
 from coordinator.settings import CoordinatorSettings
@@ -115,6 +116,7 @@ class GradientSessions(RoundProtocol):
         self._layout = layout_digest(model.shapes)
         self._session: Session | None = None
         self._latest: tuple[int, State] = (first_round - 1, model.state_dict())
+        self._tally = ValidationTally(first_round - 1)  # the open session's clients' figures
 
     @property
     def state(self) -> State:
@@ -135,6 +137,7 @@ class GradientSessions(RoundProtocol):
         s = self._settings
         name = f"s{self.slot_id}-r{round_}-{secrets.token_hex(3)}"
         records = self._jobs.records(self.slot_id, round_, clients)
+        self._tally = ValidationTally(self._latest[0])
         self._session = Session(round_, name, {r.client_id: r for r in records}, set(clients),
                                 time.monotonic())
         emit(log, events.RoundStarted(self.slot_id, round=round_, clients=list(clients),
@@ -170,6 +173,9 @@ class GradientSessions(RoundProtocol):
         before the result, but the two come through different readers."""
         assert self._session is not None
         self._session.answered.add(delivery.record.client_id)
+        client_id = delivery.record.client_id
+        self._tally.add(client_id, delivery.result.metrics,
+                        self._validator.claims.declared(client_id))
 
     async def client_failed(self, delivery: Delivery) -> None:
         session = self._session
@@ -301,7 +307,8 @@ class GradientSessions(RoundProtocol):
                                              duration_s=round(session.step_s, 6)))
         return ClosedRound(session.round, state, payload, optimizer_state, session.steps_done,
                            session.num_examples,
-                           {"steps": session.steps_done, "num_examples": session.num_examples})
+                           {"steps": session.steps_done, "num_examples": session.num_examples},
+                           validation=self._tally.result())
 
 
 def _compute_split(gathered: list[Gradient]) -> dict[str, float]:

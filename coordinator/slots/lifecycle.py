@@ -2,7 +2,9 @@
 
 A round: wait for the pool to lease clients, let the round protocol open it, hand
 the protocol what the slot's inbox brings until it is done collecting, close it
-(or count it failed), then queue its evaluation and checkpoint behind it
+(or count it failed): the round counts as done and its clients' validation figures
+(federated evaluation, `validation_finished`) are known; then queue its central
+evaluation and checkpoint behind it
 (`coordinator.slots.chain`) and call the population hook. A slot whose rounds
 keep failing gives up alone: it retires, its last checkpoint still lands, and
 the run's other slots go on. A result that answers no job of the open round is
@@ -23,7 +25,7 @@ from coordinator.delivery import Delivery
 from coordinator.leases import LeaseBroker
 from coordinator.results.sink import ResultSink
 from coordinator.slots.chain import EvaluationChain
-from coordinator.slots.protocol import Inbox, InboxItem, RoundEnd, RoundProtocol
+from coordinator.slots.protocol import ClosedRound, Inbox, InboxItem, RoundEnd, RoundProtocol
 from coordinator.status import RunStatus, SlotStatus
 from serialization import slot_events as events
 from serialization.slot_events import emit
@@ -137,9 +139,23 @@ class Slot:
             self._round_failed(round_, end)
             return False
         self.status.state = "aggregating"
-        await self.chain.after_round(await self.rounds.close(), opened_at)
+        closed = await self.rounds.close()
+        self._aggregated(closed)
+        await self.chain.after_round(closed, opened_at)
         self.status.state = "waiting"
         return True
+
+    def _aggregated(self, closed: ClosedRound) -> None:
+        """The round counts as done now; its clients' validation figures are known now,
+        whatever the central evaluation behind it does."""
+        self.status.record_aggregated(closed.round)
+        v = closed.validation
+        if v is None:
+            return
+        self.status.record_validation(v.round, v.accuracy, self._status.elapsed_s)
+        emit(log, events.ValidationFinished(
+            self.slot_id, round=v.round, during_round=closed.round, accuracy=v.accuracy,
+            loss=v.loss, num_examples=v.num_examples, clients=v.clients))
 
     async def _collect(self) -> None:
         """Hand the protocol what the inbox brings until it is done collecting."""

@@ -23,6 +23,7 @@ import torch
 
 from bus.gradient import TensorEntry
 from coordinator.delivery import Delivery
+from coordinator.results.figures import Validation
 
 State = dict[str, torch.Tensor]
 InboxItem = Delivery | TensorEntry
@@ -50,6 +51,8 @@ class ClosedRound:
     num_updates: int
     num_examples: int
     fields: dict[str, Any] = field(default_factory=dict)  # more for `round_closed`
+    # the round's clients' federated evaluation of the model they received (None: none)
+    validation: Validation | None = None
 
 
 class RoundProtocol(ABC):

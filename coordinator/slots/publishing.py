@@ -167,10 +167,11 @@ class JobPublisher:
 
     def config(self, record: JobRecord, training: TrainingSettings | None) -> dict[str, Any]:
         """Training settings (the slot's, else the run's) with a seed fixed by (run seed,
-        slot, round, client)."""
+        slot, round, client), and `validate` when the run evaluates on the clients."""
         s = self._settings
         key = f"{s.seed}:{record.slot_id}:{record.round}:{record.client_id}"
-        return (training or s.training).job_config(zlib.crc32(key.encode()) & 0x7FFFFFFF)
+        config = (training or s.training).job_config(zlib.crc32(key.encode()) & 0x7FFFFFFF)
+        return {**config, "validate": True} if s.federated else config
 
     async def publish(self, records: Sequence[JobRecord],
                       job_of: Callable[[JobRecord, dict[str, Any]], AnyJob]) -> None:

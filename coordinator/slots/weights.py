@@ -23,6 +23,7 @@ from coordinator.job_table import JobRecord
 from coordinator.population.config import SlotConfig
 from coordinator.population.hooks import Snapshot
 from coordinator.quorum import QuorumRule, RoundQuorum, staleness_weight
+from coordinator.results.figures import ValidationTally
 from coordinator.results.fold import fetch_and_fold
 from coordinator.results.sink import ResultSink
 from coordinator.results.validation import ResultValidator
@@ -44,6 +45,7 @@ class OpenRound:
     jobs: dict[str, JobRecord]
     aggregate: Any
     quorum: RoundQuorum
+    validation: ValidationTally
     num_updates: int = 0
     num_examples: int = 0
     update_refs: list[BlobRef] = field(default_factory=list)
@@ -84,7 +86,8 @@ class WeightRounds(RoundProtocol):
         aggregate = await asyncio.to_thread(self.strategy.begin_round, self.state)
         rule = QuorumRule(fraction=s.quorum, min_updates=s.min_clients, deadline_s=s.deadline_s)
         quorum = RoundQuorum(rule, len(records), time.monotonic())
-        self._open = OpenRound(round_, {r.job_id: r for r in records}, aggregate, quorum)
+        self._open = OpenRound(round_, {r.job_id: r for r in records}, aggregate, quorum,
+                               ValidationTally(self.latest.round))
         emit(log, events.RoundStarted(self.slot_id, round=round_, clients=list(clients),
                                       quorum_count=quorum.needed, deadline_s=s.deadline_s,
                                       wait_s=round(wait_s, 6)))
@@ -118,6 +121,10 @@ class WeightRounds(RoundProtocol):
         assert self._open is not None
         ok = await self._fold(delivery, self._open, scale=1.0)
         self._open.quorum.record(delivery.record.job_id, ok=ok)
+        if ok:  # the figures of a rejected update are not taken either
+            client_id = delivery.record.client_id
+            self._open.validation.add(client_id, delivery.result.metrics,
+                                      self._validator.claims.declared(client_id))
 
     async def client_failed(self, delivery: Delivery) -> None:
         assert self._open is not None
@@ -194,7 +201,8 @@ class WeightRounds(RoundProtocol):
             opened.update_refs,
             stragglers=self._jobs.jobs.may_answer(self.slot_id, opened.round))
         return ClosedRound(opened.round, new_state, payload, strategy_state,
-                           opened.num_updates, opened.num_examples)
+                           opened.num_updates, opened.num_examples,
+                           validation=opened.validation.result())
 
     # --- the population's replacements -----------------------------------------------
 
