@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -331,3 +332,37 @@ def test_agent_metrics_count_jobs_restarts_cache_and_shared_memory() -> None:
     assert got[("pwfl_agent_transfer_bytes_total", (("direction", "down"),))] == 100
     assert got[("pwfl_agent_shared_memory_bytes", (("kind", "model"),))] >= 8192
 
+
+
+async def test_result_route_serves_the_final_model_with_the_token(tmp_path: Path) -> None:
+    """GET /runs/RUN/result: 404 before --merge final wrote checkpoints/result.pwfl, then
+    the model as safetensors (or the wire format), only with the token."""
+    from coordinator.checkpoints import CheckpointStore
+    from serialization import encode
+
+    store = CheckpointStore(tmp_path, 2)
+    status = RunStatus("unit")
+    obs = Observability(status, lambda: status.as_dict({}), checkpoints=lambda: store)
+    server = StatusServer(lambda: status.as_dict({}), "127.0.0.1", 0, token=TOKEN,
+                          observability=obs)
+    url = await server.start()
+    try:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/runs/unit/result", headers=auth) as response:
+                assert response.status == 404
+            state = {"w": torch.arange(4.0)}
+            (tmp_path / "checkpoints").mkdir()
+            (tmp_path / "checkpoints" / "result.pwfl").write_bytes(encode(state))
+            async with session.get(url + "/runs/unit/result") as response:
+                assert response.status == 401
+            async with session.get(url + "/runs/unit/result", headers=auth) as response:
+                assert (response.status, response.headers["X-PWFL-Slot"]) == (200, "merged")
+                assert torch.equal(load_safetensors(await response.read())["w"], state["w"])
+            async with session.get(url + "/runs/unit/result?format=pwfl",
+                                   headers=auth) as response:
+                assert torch.equal(decode(await response.read())[0]["w"], state["w"])
+            async with session.get(url + "/runs/other/result", headers=auth) as response:
+                assert response.status == 404
+    finally:
+        await server.stop()

@@ -208,12 +208,22 @@ def test_checkpoints_are_listed_with_the_token(observed: ObservedRun) -> None:
     assert _get(observed.url + "/runs/another/checkpoints", observed.token)[0] == 404
 
 
-@pytest.mark.parametrize("path", ["/slots/0/model", "/runs/observed/checkpoints"])
+def test_a_run_without_a_final_model_answers_404_for_its_result(observed: ObservedRun) -> None:
+    """GET /runs/RUN/result is --merge final's model: this run has none (404), with the
+    token; another run is 404 too."""
+    status, _, body = _get(observed.url + "/runs/observed/result", observed.token)
+    assert (status, b"--merge final" in body) == (404, True)
+    assert _get(observed.url + "/runs/another/result", observed.token)[0] == 404
+
+
+@pytest.mark.parametrize("path", ["/slots/0/model", "/runs/observed/checkpoints",
+                                  "/runs/observed/result"])
 def test_wrong_token_is_refused_logged_and_counted(observed: ObservedRun, path: str) -> None:
     """Without the token, or with a wrong one: 401, an http_unauthorized event, the counter
     in /metrics goes up, and the token given appears in no answer and no log line."""
     route = {"/slots/0/model": "/slots/{slot_id}/model",
-             "/runs/observed/checkpoints": "/runs/{run_id}/checkpoints"}[path]
+             "/runs/observed/checkpoints": "/runs/{run_id}/checkpoints",
+             "/runs/observed/result": "/runs/{run_id}/result"}[path]
     wrong = "not-the-token-" + "y" * 20
     for token in (None, wrong):
         status, headers, body = _get(observed.url + path, token)

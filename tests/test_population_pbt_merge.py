@@ -141,7 +141,8 @@ async def test_final_selection_never_reads_the_test_set() -> None:
             with capture_logs() as logs:
                 path = await final.run_final_merge(finals, _scorer({}, 1.0), "validation", test,
                                                    store)
-            assert path is not None and path.exists()
+            assert path is not None
+            assert path.exists()
         event = next(e for e in logs if e["event"] == "final_merge")
         assert tested == [1.0]  # once, the kept model
         kept.append((event["kept"], event["validation_accuracy"], event["selected_on"]))
