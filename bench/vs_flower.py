@@ -121,7 +121,7 @@ def partition_indices(seed: int) -> list[list[int]]:
     from trainer_worker.tasks.fashion_mnist import FashionMnistTask
 
     task = FashionMnistTask(num_clients=CLIENTS, alpha=ALPHA, partition_seed=seed)
-    return [task.client_indices(p).tolist() for p in range(CLIENTS)]
+    return [task.training_indices(p).tolist() for p in range(CLIENTS)]  # less the validation split
 
 
 # --- PWFL -----------------------------------------------------------------------------

@@ -7,10 +7,13 @@ copies the weights into one shared-memory segment all local trainers read. Each
 trainer writes its batch's gradient into its own segment, and the agent adds it
 to the slot's up stream straight from there (one XADD, no copy in Python). When
 the steps are done the job reports an ordinary `Result` (examples seen, mean
-loss) and is acked, as a weight-mode job is. Each call to the trainer is bounded
-(`client_agent.gradient_session`): a hung step fails its session with
-`train_timeout` and the others sharing its trainer go on. With client keys each
-gradient is signed with its client's key (`serialization.signing`).
+loss) and is acked, as a weight-mode job is; with ``validate`` in its config the
+result also carries the figures of the weights the session opened on, on the
+client's validation split (``val_accuracy``, ``val_loss``, ``val_examples``).
+Each call to the trainer is bounded (`client_agent.gradient_session`): a hung
+step fails its session with `train_timeout` and the others sharing its trainer
+go on. With client keys each gradient is signed with its client's key
+(`serialization.signing`).
 """
 
 from __future__ import annotations
@@ -167,9 +170,13 @@ class GradientRunner:
         finally:
             await self._release(job.slot_id)
         examples, loss_sum, done = totals
-        metrics = {"train_loss": loss_sum / max(examples, 1), "steps": float(done)}
-        return self._result(job, "ok", num_examples=examples, metrics=metrics,
-                            timings={"total_s": round(time.time() - received_at, 6)})
+        # With `validate`: the opening weights on the validation split (val_* keys).
+        metrics = {"train_loss": loss_sum / max(examples, 1), "steps": float(done),
+                   **talk.validation}
+        timings = {"total_s": round(time.time() - received_at, 6)}
+        if talk.validate_s is not None:
+            timings["validate_s"] = round(talk.validate_s, 6)
+        return self._result(job, "ok", num_examples=examples, metrics=metrics, timings=timings)
 
     def _talk(self, trainer: TrainerLease, job: GradientJob, downlink: Downlink) -> SessionTalk:
         assert downlink.memory is not None

@@ -12,9 +12,9 @@ batches it already took, so it goes on as if nothing had happened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -42,6 +42,10 @@ class SessionTalk:
     layout: int  # the slot's parameter layout, which the trainer's model must match
     limit_s: float  # each call's bound (`client_agent.limits.gradient_call_limit_s`)
     taken: int = 0  # batches whose gradient the trainer computed
+    # With `validate`: the weights the session opened on, scored on the client's
+    # validation split at the first open (a reopen does not score again).
+    validation: dict[str, Any] = field(default_factory=dict)
+    validate_s: float | None = None
     _memory: shared_memory.SharedMemory | None = None
     _grad_shm: str = ""
 
@@ -89,6 +93,9 @@ class SessionTalk:
             skip_batches=self.taken), self.limit_s)
         reply = _reply(raw, protocol.GradOpened)
         self._grad_shm = reply.grad_shm
+        if reply.metrics and not self.validation:
+            self.validation = dict(reply.metrics)
+            self.validate_s = reply.timings.get("validate_s")
         if reply.layout != self.layout:
             await self.close()
             raise SessionFailed("the trainer's model does not match the slot's parameters")

@@ -6,6 +6,10 @@ key. The result entry is added before the job is acked (at-least-once; the
 coordinator aggregates a job id at most once), and both writes are shielded
 from cancellation so a job in hand is never half-reported. With signing on,
 each result carries its client's HMAC signature (`serialization.signing`).
+A job whose config says ``validate_only`` is answered with an ok result without
+update (no digest, 0 bytes, 0 examples) whose metrics hold the figures of the
+received model on the client's validation split (``val_accuracy``, ``val_loss``,
+``val_examples``), signed like any result.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from client_agent.trainers import TrainerPool, TrainReply, TrainRequest
 from serialization import AnyJob, GradientJob, Job, Result
 from serialization.signing import job_signature_problem, signed
 from serialization.tasks import BUILTIN_TASKS
+from trainer_worker.task import VAL_ACCURACY
 
 log = structlog.get_logger()
 # Reasons a job is refused (the prefix of its failed result's error).
@@ -189,6 +194,8 @@ class JobRunner:
 
     async def _upload(self, job: Job, reply: TrainReply, timings: dict[str, Any],
                       received_at: float) -> Result:
+        if reply.status == "ok" and reply.update is None and _validate_only(job):
+            return self._evaluated(job, reply, timings, received_at)
         if reply.status != "ok" or reply.update is None:
             reply.release()
             return self._failed(job, reply.error or "trainer returned no update", timings)
@@ -210,6 +217,20 @@ class JobRunner:
                       update_nbytes=ref.nbytes, num_examples=reply.num_examples,
                       metrics=reply.metrics, timings=timings,
                       update_shm="" if handed is None else handed[1])
+
+    def _evaluated(self, job: Job, reply: TrainReply, timings: dict[str, Any],
+                   received_at: float) -> Result:
+        """An evaluation-only job's result: ok with the validation figures and no update,
+        or failed when the task reported none (it keeps no validation split)."""
+        reply.release()
+        if VAL_ACCURACY not in reply.metrics:
+            return self._failed(job, "validate_only: the task reported no validation accuracy "
+                                "(no validation split for this client)", timings)
+        timings["total_s"] = round(time.time() - received_at, 6)
+        return Result(job_id=job.job_id, run_id=job.run_id, slot_id=job.slot_id,
+                      round=job.round, client_id=job.client_id, status="ok",
+                      agent_id=self.agent_id, num_examples=0, metrics=reply.metrics,
+                      timings=timings)
 
     async def _hand_over(self, job: Job, reply: TrainReply) -> tuple[BlobRef, str] | None:
         """With a coordinator on this host: the update's segment renamed into its handoff
@@ -249,3 +270,8 @@ class JobRunner:
             log.info("update_uploaded", job_id=job.job_id, nbytes=result.update_nbytes,
                      duration_s=result.timings.get("upload_s"), via="shm")
         await streams.ack(self.redis, entry.stream, JOBS_GROUP, [entry.entry_id])
+
+
+def _validate_only(job: Job) -> bool:
+    """Whether the job asks for federated evaluation only (no training, no update)."""
+    return bool(job.config.get("validate_only"))

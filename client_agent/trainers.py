@@ -392,6 +392,10 @@ class TrainerPool:
         if message.status != "ok":
             return _failed(request, device, message.error, timings)
         name, nbytes = message.update_shm, message.update_nbytes
+        if not name:  # an evaluation-only job (`validate_only`): figures, no update
+            return TrainReply(job_id=request.job_id, status="ok", device=device,
+                              num_examples=message.num_examples, metrics=dict(message.metrics),
+                              timings=timings)
         try:
             memory = shm.attach(name)
         except FileNotFoundError:

@@ -200,8 +200,9 @@ def test_the_trainer_describes_partition_sizes_and_keeps_the_task() -> None:
     options = {"num_clients": 4, "examples_per_client": 50}
     reply = trainer.describe(protocol.Describe(task=task, task_options=options,
                                                client_ids=["0", "3"]))
-    assert reply == protocol.Described(status="ok", num_examples={"0": 50, "3": 50})
-    assert SyntheticTask(**options).partition_size("2") == 50
+    # 50 examples a client, less its validation split (10%): 45 to train on.
+    assert reply == protocol.Described(status="ok", num_examples={"0": 45, "3": 45})
+    assert SyntheticTask(**options).partition_size("2") == 45
     bad = trainer.describe(protocol.Describe(task="no.such:Task", client_ids=["0"]))
     assert bad.status == "failed"
     wire = protocol.Describe(task=task, task_options=options, client_ids=["0"])

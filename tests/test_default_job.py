@@ -34,7 +34,7 @@ def test_local_steps_is_exact_for_small_and_big_clients() -> None:
     epochs and max_steps are then ignored."""
     task = SyntheticTask(num_clients=2, examples_per_client=40)
     budget = TrainConfig(batch_size=16, local_steps=7, epochs=1, max_steps=2)
-    assert _steps(task, "0", budget) == 7  # 40 examples = 3 batches an epoch: 2+ epochs
+    assert _steps(task, "0", budget) == 7  # 36 examples to train = 3 batches: 2+ epochs
     assert _steps(task, "0", TrainConfig(batch_size=16)) == 3  # whole epochs as before
     big = SyntheticTask(num_clients=2, examples_per_client=400)
     assert _steps(big, "1", budget) == 7  # well under one epoch
@@ -49,7 +49,8 @@ def test_local_steps_follow_the_epoch_order_and_weights_stay_data_sized() -> Non
     out_b = task.train(b, "0", TrainConfig(batch_size=16, seed=3, local_steps=3), CPU)
     for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y)
-    assert out_a.num_examples == out_b.num_examples == 48
+    # 48 examples less the 10% validation split: 43 (three batches, the last short).
+    assert out_a.num_examples == out_b.num_examples == task.partition_size("0") == 43
 
 
 @pytest.mark.parametrize(("argv", "local_steps", "epochs", "max_steps"), [

@@ -83,6 +83,20 @@ def test_evaluation_uses_evaluate_fn_or_the_clients_evaluate() -> None:
 
 
 @needs_flwr
+def test_federated_evaluation_is_each_clients_own_evaluate_on_its_partition() -> None:
+    """validate runs the client's evaluate for that client's partition (its 20% validation
+    set here) on the model given: loss, example count, and the accuracy it reports."""
+    task = load_task(SPEC, OPTIONS)
+    model = task.build_model(0)
+    figures = task.validate(model, "2", CPU)
+    assert figures is not None
+    assert figures["num_examples"] == 24  # 20% of the partition's 120
+    assert 0 <= figures["accuracy"] <= 1
+    loss, count, metrics = task.client(2).evaluate(model.arrays(), {})  # type: ignore[attr-defined]
+    assert figures == {"loss": loss, "num_examples": count, "accuracy": metrics["accuracy"]}
+
+
+@needs_flwr
 def test_a_client_fn_that_gives_no_numpy_client_is_a_task_error() -> None:
     """Only NumPyClients run: anything else is refused with a clear TaskError."""
     task = load_task("flower:builtins:repr", {"num_clients": 1})

@@ -195,6 +195,47 @@ def test_trainer_session_returns_the_batch_gradient() -> None:
             shm.remove(opened.grad_shm)
 
 
+def test_a_validate_session_scores_the_weights_it_opens_on() -> None:
+    """With validate in the session's config, the open scores the weights in the segment
+    (the slot's, not the trainer's own model) on the client's validation split and returns
+    val_accuracy, val_loss, val_examples with validate_s; a reopen (batches already taken)
+    does not score again; without validate nothing is scored."""
+    task = SyntheticTask(num_clients=2, examples_per_client=20)
+    model = task.build_model(seed=0)
+    numel = sum(p.numel() for p in model.parameters())
+    weights = shm.create(numel * 4, prefix="pwfl-test")
+    reference = task.build_model(seed=4)
+    write_flat([p.detach() for p in reference.parameters()],
+               torch.frombuffer(shm.buffer(weights), dtype=torch.float32, count=numel))
+    want = task.validate(reference, "1", torch.device("cpu"))
+    assert want is not None
+    sessions = GradientSessions(torch.device("cpu"), "pwfl-test", lambda _s, _o: (task, model))
+    opened: list[protocol.GradOpened] = []
+    try:
+        for job_id, config, skip in (("v", {"validate": True}, 0), ("r", {"validate": True}, 1),
+                                     ("n", {}, 0)):
+            reply = sessions.handle(protocol.GradOpen(job_id=job_id, client_id="1", task="x:y",
+                                                      config={"batch_size": 5, **config},
+                                                      weights_shm=weights.name,
+                                                      skip_batches=skip))
+            assert isinstance(reply, protocol.GradOpened)
+            assert reply.status == "ok", reply
+            opened.append(reply)
+        first, reopened, plain = opened
+        assert first.metrics == {"val_accuracy": want["accuracy"], "val_loss": want["loss"],
+                                 "val_examples": 2.0}
+        assert set(first.timings) == {"validate_s"}
+        assert (reopened.metrics, plain.metrics, plain.timings) == ({}, {}, {})
+        done = sessions.handle(protocol.GradStep(job_id="v", step=1))
+        assert (done.status, done.num_examples) == ("ok", 5)
+        assert protocol.unpack(protocol.pack(first)) == first
+    finally:
+        sessions.close_all()
+        shm.release(weights, unlink=True)
+        for reply in opened:
+            shm.remove(reply.grad_shm)
+
+
 def test_trainer_session_failures_are_replies() -> None:
     """A step for a session that is not open is a failed reply, not a crash."""
     sessions = GradientSessions(torch.device("cpu"), "pwfl-test", lambda _s, _o: (None, None))

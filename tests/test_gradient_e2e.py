@@ -28,7 +28,7 @@ def plain_sgd(seeds: list[int]) -> dict[str, torch.Tensor]:
     generator seeded by that round's job seed, one permutation per epoch."""
     task = SyntheticTask(num_clients=1, examples_per_client=EXAMPLES)
     model = task.build_model(seed=0)  # the coordinator's slot 0 starts from run seed 0 + 0
-    data, indices = task.train_examples(), task.client_indices(0)
+    data, indices = task.train_examples(), task.training_indices(0)  # not its validation split
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     for seed in seeds:
         order = torch.Generator().manual_seed(seed)

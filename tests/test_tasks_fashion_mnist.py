@@ -44,11 +44,32 @@ def test_model_is_the_default_cnn(task: FashionMnistTask) -> None:
 
 
 def test_train_reports_partition_size(task: FashionMnistTask) -> None:
-    """A capped local run reports the client's partition size and its step count."""
+    """A capped local run reports the client's partition size (the training part: the
+    partition less its 10% validation split) and its step count."""
     model = task.build_model(seed=0)
     outcome = task.train(model, "2", TrainConfig(max_steps=5), CPU)
-    assert outcome.num_examples == len(task.client_indices(2))
+    whole = len(task.client_indices(2))
+    assert outcome.num_examples == task.partition_size("2") == whole - round(whole * 0.1)
     assert outcome.metrics["steps"] == 5
+
+
+def test_each_client_holds_out_a_validation_split(task: FashionMnistTask) -> None:
+    """10% of every partition is held out, disjoint from the training part, the same in
+    another instance with the partition seed; validate scores the model on it."""
+    again = FashionMnistTask()
+    for partition in range(task.num_clients):
+        train, held_out = task.training_indices(partition), task.validation_indices(partition)
+        whole = task.client_indices(partition)
+        assert len(held_out) == round(len(whole) * 0.1)
+        assert len(train) + len(held_out) == len(whole)
+        assert len(torch.unique(torch.cat([train, held_out]))) == len(whole)
+        assert set(torch.cat([train, held_out]).tolist()) == set(whole.tolist())
+        assert torch.equal(held_out, again.validation_indices(partition))
+    figures = task.validate(task.build_model(seed=0), "4", CPU)
+    assert figures is not None
+    assert figures["num_examples"] == len(task.validation_indices(4))
+    assert 0 <= figures["accuracy"] <= 1
+    assert figures["loss"] > 0
 
 
 def test_evaluate_on_limited_test_set(task: FashionMnistTask) -> None:
@@ -73,5 +94,7 @@ def test_bad_options_and_clients_are_task_errors(task: FashionMnistTask) -> None
     """Impossible options and client ids outside 0..5 raise TaskError."""
     with pytest.raises(TaskError):
         FashionMnistTask(alpha=0)
+    with pytest.raises(TaskError, match="val_fraction"):
+        FashionMnistTask(val_fraction=-0.1)
     with pytest.raises(TaskError, match="client id"):
         task.train(task.build_model(0), "6", TrainConfig(max_steps=1), CPU)

@@ -65,11 +65,12 @@ def test_training_improves_test_accuracy() -> None:
 
 
 def test_outcome_reports_partition_size_and_metrics() -> None:
-    """num_examples is the partition size; metrics carry loss, accuracy and steps."""
+    """num_examples is the partition size (the examples it trains on: 50 less the 10%
+    validation split); metrics carry loss, accuracy and steps."""
     task = SyntheticTask(examples_per_client=50)
     outcome = task.train(task.build_model(0), "2", TrainConfig(epochs=2, batch_size=16), CPU)
-    assert outcome.num_examples == 50
-    assert outcome.metrics["steps"] == 8  # 2 epochs x ceil(50 / 16)
+    assert outcome.num_examples == task.partition_size("2") == 45
+    assert outcome.metrics["steps"] == 6  # 2 epochs x ceil(45 / 16)
     assert 0 <= outcome.metrics["train_accuracy"] <= 1
     assert outcome.metrics["train_loss"] > 0
 
@@ -137,3 +138,5 @@ def test_bad_options_are_task_errors() -> None:
         SyntheticTask(model="vgg")
     with pytest.raises(TaskError, match="positive"):
         SyntheticTask(examples_per_client=0)
+    with pytest.raises(TaskError, match="val_fraction"):
+        SyntheticTask(val_fraction=1.0)

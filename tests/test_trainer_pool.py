@@ -69,7 +69,7 @@ async def test_job_round_trip(pool: TrainerPool, model: ModelSegment, blob: byte
         assert (reply.status, reply.error, reply.device) == ("ok", "", "cpu")
         assert reply.update is not None
         assert reply.update_nbytes == len(reply.update)
-        assert reply.num_examples == 32
+        assert reply.num_examples == 29  # 32 less the 10% validation split
         assert {"load_s", "train_s", "encode_s", "wait_s"} <= set(reply.timings)
         update, _ = decode(reply.update)
         received, _ = decode(blob)
@@ -232,3 +232,82 @@ async def test_a_waiting_conversation_joins_the_one_another_opened(model: ModelS
         assert pool.idle == 1
     finally:
         await pool.close()
+
+
+def _validation_of(state_bytes: bytes | memoryview, client_id: str = "0") -> dict[str, float]:
+    """The task's figures, in this process, for a model in `state_bytes` on the client's
+    validation split."""
+    task = load_task(SPEC, OPTIONS)
+    model = task.build_model(seed=0)
+    state, _ = decode(state_bytes)
+    model.load_state_dict(state)
+    figures = task.validate(model, client_id, torch.device("cpu"))
+    assert figures is not None
+    return figures
+
+
+async def test_a_validate_job_scores_the_received_model_before_training(
+        pool: TrainerPool, model: ModelSegment, blob: bytes) -> None:
+    """With validate the reply carries val_accuracy, val_loss and val_examples of the model
+    the job received (not of the trained one) on the client's validation split, and
+    validate_s; the update is the one the same job trains without validate."""
+    config = {"epochs": 2, "lr": 0.1, "seed": 5}
+    validated, plain = await asyncio.gather(
+        pool.train(_request(model, "validated", **config, validate=True)),
+        pool.train(_request(model, "plain", **config)))
+    try:
+        assert (validated.status, validated.error) == ("ok", "")
+        assert validated.update is not None
+        assert plain.update is not None
+        received = _validation_of(blob)
+        assert validated.metrics["val_accuracy"] == received["accuracy"]
+        assert validated.metrics["val_loss"] == pytest.approx(received["loss"], rel=1e-9)
+        assert validated.metrics["val_examples"] == received["num_examples"] == 3
+        trained = _validation_of(validated.update)
+        assert trained["loss"] != pytest.approx(validated.metrics["val_loss"], rel=1e-3)
+        assert validated.timings["validate_s"] > 0
+        assert validated.num_examples == 29
+        assert {"train_loss", "train_accuracy", "steps"} <= set(validated.metrics)
+        assert not any(k.startswith("val_") for k in plain.metrics)
+        assert "validate_s" not in plain.timings
+        ours, theirs = decode(validated.update)[0], decode(plain.update)[0]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        del ours, theirs
+    finally:
+        validated.release()
+        plain.release()
+
+
+async def test_a_validate_only_job_returns_the_figures_and_no_update(
+        pool: TrainerPool, model: ModelSegment, blob: bytes) -> None:
+    """validate_only: an ok reply with the received model's figures, no update segment, no
+    examples trained, no training time."""
+    before = set(_segments(pool.shm_prefix))
+    reply = await pool.train(_request(model, "evaluate-only", client_id="2", validate_only=True))
+    assert (reply.status, reply.error) == ("ok", "")
+    assert (reply.update, reply.update_nbytes, reply.num_examples, reply.segment) == (
+        None, 0, 0, None)
+    received = _validation_of(blob, "2")
+    assert reply.metrics == {"val_accuracy": received["accuracy"],
+                             "val_loss": pytest.approx(received["loss"], rel=1e-9),
+                             "val_examples": 3.0}
+    assert {"load_s", "validate_s"} <= set(reply.timings)
+    assert "train_s" not in reply.timings
+    assert set(_segments(pool.shm_prefix)) == before
+    reply.release()  # nothing to release: harmless
+
+
+async def test_without_a_validation_split_a_validate_job_trains_and_reports_no_figures(
+        pool: TrainerPool, model: ModelSegment) -> None:
+    """A task keeping no validation split (val_fraction 0) reports no val_ keys, and the job
+    trains on the whole partition as usual."""
+    request = dataclasses.replace(_request(model, "no-split", validate=True),
+                                  task_options={**OPTIONS, "val_fraction": 0.0})
+    reply = await pool.train(request)
+    try:
+        assert (reply.status, reply.error) == ("ok", "")
+        assert reply.update is not None
+        assert reply.num_examples == 32
+        assert not any(k.startswith("val_") for k in reply.metrics)
+    finally:
+        reply.release()

@@ -55,7 +55,7 @@ def test_train_job_round_trip(cache: ModelCache, blob: bytes) -> None:
     """A job trains the received weights and returns a decodable, different update."""
     reply = Trainer(torch.device("cpu")).train(_message(cache.put("m", blob)))
     assert reply.status == "ok", reply
-    assert reply.num_examples == 32
+    assert reply.num_examples == 29  # 32 less the 10% validation split
     assert set(reply.timings) == {"load_s", "train_s", "encode_s"}
     assert reply.metrics["steps"] == 1
     update, meta = decode(_take_update(reply))
@@ -162,3 +162,29 @@ def test_the_pipe_names_what_is_wrong_with_a_message(raw: bytes, reason: str) ->
     with pytest.raises(protocol.PayloadError) as info:
         protocol.unpack(raw)
     assert info.value.reason == reason
+
+
+def test_an_emulated_device_pads_training_but_not_validation(cache: ModelCache,
+                                                             blob: bytes) -> None:
+    """On an emulated device (benchmarks) a validate_only job is not padded to a training
+    time: it trains nothing. A validate job pads its training alone, after validation."""
+    from structlog.testing import capture_logs
+
+    from trainer_worker.emulation import EmulatedDevice
+
+    trainer = Trainer(torch.device("cpu"), emulated=EmulatedDevice(step_s=0.2))
+    segment = cache.put("m", blob)
+    with capture_logs() as logs:
+        only = trainer.train(_message(segment, "only", config={"validate_only": True}))
+    assert only.status == "ok", only
+    assert (only.update_shm, only.update_nbytes, only.num_examples) == ("", 0, 0)
+    assert set(only.metrics) == {"val_accuracy", "val_loss", "val_examples"}
+    assert not [e for e in logs if e["event"] == "device_emulated"]
+    with capture_logs() as logs:
+        both = trainer.train(_message(segment, "both", config={"validate": True,
+                                                               "batch_size": 32}))
+    _take_update(both)
+    [padded] = [e for e in logs if e["event"] == "device_emulated"]
+    assert padded["nominal_s"] == pytest.approx(0.2)  # one step of 29 examples
+    assert both.timings["train_s"] >= 0.2
+    assert list(both.timings) == ["load_s", "validate_s", "train_s", "encode_s"]

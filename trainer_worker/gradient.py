@@ -9,7 +9,10 @@ which the agent sends to Redis straight from shared memory. Protocol
 (`trainer_worker.protocol`): `GradOpen` -> `GradOpened`, `GradStep` -> `GradDone`,
 `GradClose` -> `GradClosed`. A session reopened on a replacement trainer (its
 first trainer was killed while serving another session) skips the batches it
-took already, so the client's batch order goes on where it was.
+took already, so the client's batch order goes on where it was. With ``validate``
+in the session's config, the open scores the weights in the segment (the session's
+first step's) on the client's validation split and returns the figures with
+`GradOpened` (federated evaluation; a reopen does not score again).
 
 The gradient segment is named after the trainer, so the agent can unlink it
 even when the trainer dies; the agent unlinks it at close.
@@ -29,7 +32,7 @@ from torch import nn
 from serialization.gradient import layout_digest
 from serialization.tasks import TaskPlugin
 from trainer_worker import protocol, shm
-from trainer_worker.task import TaskError, TrainConfig, error_text
+from trainer_worker.task import TaskError, TrainConfig, error_text, validation_metrics
 
 
 def layout_of(model: nn.Module) -> int:
@@ -84,6 +87,13 @@ class GradientSession:
     @property
     def grad_shm(self) -> str:
         return self._grad_mem.name
+
+    def validate(self, task: TaskPlugin, client_id: str,
+                 device: torch.device) -> dict[str, float]:
+        """The segment's weights (those the session opens on) scored on the client's
+        validation split (`validation_metrics`; empty when the task keeps none)."""
+        read_flat(self.weights, self.params)
+        return validation_metrics(task, self.model, client_id, device)
 
     def step(self, job_id: str, step: int) -> protocol.GradDone:
         """Load the segment's weights, take the next batch's gradient into the gradient
@@ -177,9 +187,22 @@ class GradientSessions:
         config = TrainConfig.from_dict(message.config)
         session = GradientSession(task, model, message.client_id, config, self.device,
                                   message.weights_shm, self.shm_prefix, message.skip_batches)
+        metrics: dict[str, float] = {}
+        timings: dict[str, float] = {}
+        if config.validate and message.skip_batches == 0:  # not again on a reopen
+            started = time.perf_counter()
+            try:
+                metrics = session.validate(task, message.client_id, self.device)
+            except BaseException:
+                grad_shm = session.grad_shm  # the agent never hears of it: unlink it here
+                session.close()
+                shm.remove(grad_shm)
+                raise
+            timings["validate_s"] = time.perf_counter() - started
         self._open[message.job_id] = session
         return protocol.GradOpened(job_id=message.job_id, status="ok", grad_shm=session.grad_shm,
-                                   grad_nbytes=session.numel * 4, layout=layout_of(model))
+                                   grad_nbytes=session.numel * 4, layout=layout_of(model),
+                                   metrics=metrics, timings=timings)
 
     def _close(self, job_id: str) -> None:
         session = self._open.pop(job_id, None)

@@ -80,7 +80,10 @@ class GradOpen(Message):
 
 @dataclass(frozen=True)
 class GradOpened(Message):
-    """A session open: its gradient segment, size and parameter layout, or why not."""
+    """A session open: its gradient segment, size and parameter layout, or why not.
+    `metrics`: with ``validate`` in the session's config, the weights it opened on scored
+    on the client's validation split (``val_accuracy``, ``val_loss``, ``val_examples``;
+    empty without a split, or on a reopen); `timings` then has ``validate_s``."""
 
     kind: ClassVar[str] = "grad_opened"
     job_id: str
@@ -89,6 +92,8 @@ class GradOpened(Message):
     grad_nbytes: int = 0
     layout: int = 0
     error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

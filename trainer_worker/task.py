@@ -11,6 +11,7 @@ trainer's allowlist; `TaskError` is `serialization`'s.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -21,8 +22,13 @@ import torch
 from serialization.errors import TaskError, TaskNotAllowed
 from serialization.tasks import load_task
 
-__all__ = ["Task", "TaskError", "TaskNotAllowed", "TrainConfig", "TrainOutcome", "error_text",
-           "load_task", "outcome_of"]
+__all__ = ["VALIDATION_KEYS", "Task", "TaskError", "TaskNotAllowed", "TrainConfig", "TrainOutcome",
+           "error_text", "load_task", "outcome_of", "partition_size_of", "validation_metrics"]
+
+# The keys under which a result's `metrics` carry a federated evaluation: the model the job
+# received, scored on the client's held-out validation split before training.
+VAL_ACCURACY, VAL_LOSS, VAL_EXAMPLES = "val_accuracy", "val_loss", "val_examples"
+VALIDATION_KEYS = (VAL_ACCURACY, VAL_LOSS, VAL_EXAMPLES)
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,12 @@ class TrainConfig:
     local_steps: int = 0
     seed: int = 0
     noop: bool = False  # return the received weights untouched (framework benchmarks)
+    # Federated evaluation: score the received model on the client's validation split
+    # (`Task.validate`) before training; the figures go into the result's metrics under
+    # `VALIDATION_KEYS`. A task without a validation split reports none and trains as usual.
+    validate: bool = False
+    # Evaluate only (implies validate): no training, no update.
+    validate_only: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -73,6 +85,15 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Metrics on the held-out test set: at least `accuracy`, `loss`, `num_examples`."""
+
+    def validate(self, model: torch.nn.Module, client_id: str,
+                 device: torch.device) -> dict[str, float] | None:
+        """Metrics of `model` on this client's held-out validation split: `accuracy`,
+        `loss` and `num_examples` (None: the task keeps no validation split for it).
+
+        The split must never be trained on: `train` and `gradient_batches` use the rest of
+        the client's data only, and `partition_size` counts that rest."""
+        return None
 
     def partition_size(self, client_id: str) -> int | None:
         """How many training examples this client holds (None: the task does not say).
@@ -110,6 +131,36 @@ def partition_size_of(task: object, client_id: str) -> int | None:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         return None
     return size
+
+
+def validation_metrics(task: object, model: torch.nn.Module, client_id: str,
+                       device: torch.device) -> dict[str, float]:
+    """The received model's figures on the client's validation split as a result carries
+    them (`val_accuracy`, `val_loss`, `val_examples`); empty when the plugin has no
+    `validate` (optional for a structural plugin) or it returns None (no split).
+
+    `loss` and `num_examples` are required of a split's metrics, `accuracy` where the task
+    measures it (a Flower client's `evaluate` may not); TaskError when they are missing,
+    not numbers, or not finite."""
+    method = getattr(task, "validate", None)
+    figures = method(model, client_id, device) if callable(method) else None
+    if figures is None:
+        return {}
+    if not isinstance(figures, dict):
+        raise TaskError(f"validate returned {type(figures).__name__}, not a dict or None")
+    wanted = {"accuracy": VAL_ACCURACY, "loss": VAL_LOSS, "num_examples": VAL_EXAMPLES}
+    out: dict[str, float] = {}
+    for name, key in wanted.items():
+        value = figures.get(name)
+        if value is None and name == "accuracy":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise TaskError(f"validate's {name!r} is {value!r}, not a finite number")
+        out[key] = float(value)
+    if out[VAL_EXAMPLES] < 0:
+        raise TaskError(f"validate's 'num_examples' is {out[VAL_EXAMPLES]}")
+    return out
 
 
 def error_text(exc: BaseException) -> str:

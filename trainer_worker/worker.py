@@ -11,6 +11,11 @@ time (`TrainJob`, the gradient session's; see `trainer_worker.protocol`) until
 3. `encode_into` writes the trained state into a new segment sized by
    `encoded_size` (copy 2), which is handed to the agent with the `TrainDone` reply.
 
+With ``validate`` in the job's config the received model is first scored on the
+client's validation split (`Task.validate`; the figures join the reply's metrics as
+``val_accuracy``, ``val_loss``, ``val_examples``); with ``validate_only`` that is all
+the job does: an ok reply without update segment.
+
 A failing task is reported as a failed job and the process keeps serving. The
 model segment is only closed here (the agent owns it); the update segment
 belongs to the agent once the reply is sent.
@@ -47,6 +52,7 @@ from trainer_worker.task import (
     error_text,
     outcome_of,
     partition_size_of,
+    validation_metrics,
 )
 
 log = structlog.get_logger()
@@ -212,28 +218,40 @@ class Trainer:
     def _run_on(self, payload: memoryview, message: protocol.TrainJob,
                 started: float) -> protocol.TrainDone:
         config = TrainConfig.from_dict(message.config)
+        validation: dict[str, float] = {}  # the received model on the validation split
+        validate_s: dict[str, float] = {}
         if config.noop:
             state, meta = decode(payload)
             outcome, loaded_at = TrainOutcome(num_examples=1), time.perf_counter()
-            trained_at = loaded_at
+            ready_at = trained_at = loaded_at
         else:
             loaded = self._loaded(message.task, message.task_options)
             received, meta = decode(payload, schema=loaded.schema)
             loaded.model.load_state_dict(received)
             del received  # views over the agent's segment: drop them before it is closed
-            loaded_at = time.perf_counter()
+            ready_at = loaded_at = time.perf_counter()
+            if config.validate or config.validate_only:  # before training touches the model
+                validation = validation_metrics(loaded.task, loaded.model, message.client_id,
+                                                self.device)
+                ready_at = time.perf_counter()
+                validate_s = {"validate_s": ready_at - loaded_at}
+            if config.validate_only:  # federated evaluation only: no training, no update
+                return protocol.TrainDone(job_id=message.job_id, status="ok", num_examples=0,
+                                          metrics=validation,
+                                          timings={"load_s": loaded_at - started, **validate_s})
             outcome = outcome_of(loaded.task.train(loaded.model, message.client_id, config,
                                                    self.device))
             trained_at = time.perf_counter()
             state = loaded.model.state_dict()
-        trained_at = emulation.pad(self.emulated, loaded_at, trained_at, config,
+        # The emulated device pads training only (validation is not part of its step time).
+        trained_at = emulation.pad(self.emulated, ready_at, trained_at, config,
                                    outcome.num_examples)
         name, nbytes = self._encode(state, meta)
-        timings = {"load_s": loaded_at - started, "train_s": trained_at - loaded_at,
+        timings = {"load_s": loaded_at - started, **validate_s, "train_s": trained_at - ready_at,
                    "encode_s": time.perf_counter() - trained_at}
         return protocol.TrainDone(job_id=message.job_id, status="ok", update_shm=name,
                                   update_nbytes=nbytes, num_examples=outcome.num_examples,
-                                  metrics=dict(outcome.metrics), timings=timings)
+                                  metrics={**outcome.metrics, **validation}, timings=timings)
 
     def _encode(self, state: StateDict, meta: dict[str, Any]) -> tuple[str, int]:
         nbytes = encoded_size(state, meta)

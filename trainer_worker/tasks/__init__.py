@@ -5,7 +5,11 @@ set once, each client as an index tensor into it) and implements `train` and
 `evaluate` once: batches are gathered by index from pre-built tensors (no
 DataLoader, no worker processes), the epoch order comes from a generator seeded
 by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
-(the gradient of ``mu/2 * ||w - w_global||^2``). The built-in tasks:
+(the gradient of ``mu/2 * ||w - w_global||^2``). Each client's partition is split
+once into a held-out validation part (`val_fraction` of it) and a training part,
+fixed by the task's partition seed: `train`, `gradient_batches` and `partition_size`
+see the training part only, `validate` scores a model on the validation part
+(federated evaluation). The built-in tasks:
 
 - ``trainer_worker.tasks.fashion_mnist:FashionMnistTask``
 - ``trainer_worker.tasks.synthetic:SyntheticTask``
@@ -17,6 +21,7 @@ by the job's seed, and FedProx adds ``mu * (w - w_global)`` to each gradient
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
@@ -48,14 +53,65 @@ class Examples:
     labels: torch.Tensor
 
 
+def check_val_fraction(value: object) -> float:
+    """A task's `val_fraction` option: a number in [0, 1); TaskError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise TaskError(f"val_fraction must be a number in [0, 1), not {value!r}")
+    return float(value)
+
+
+def validation_count(size: int, val_fraction: float) -> int:
+    """How many of a partition's `size` examples are held out for validation:
+    round(size * val_fraction) (Python's round: half to even), at least 1 when
+    val_fraction > 0 and size >= 2, and at most size - 1 (a client always keeps an example
+    to train on)."""
+    if val_fraction <= 0 or size < 2:
+        return 0
+    return min(max(round(size * val_fraction), 1), size - 1)
+
+
+def split_seed(partition_seed: int, partition: int) -> int:
+    """The seed of one partition's validation split (a 63-bit int from both numbers, so
+    every process draws the same split, and another partition seed another one)."""
+    text = f"pwfl-validation-split:{int(partition_seed)}:{int(partition)}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One client's partition: indices (into `train_examples()`) to train on and to
+    validate on, disjoint, each in the partition's order."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+
+
+def split_partition(indices: torch.Tensor, val_fraction: float, seed: int) -> Split:
+    """A partition's indices split into training and validation parts: the validation
+    part is `validation_count` indices drawn by a generator seeded with `seed`."""
+    count = validation_count(len(indices), val_fraction)
+    held_out = torch.zeros(len(indices), dtype=torch.bool)
+    if count:
+        chosen = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))
+        held_out[chosen[:count]] = True
+    held_out = held_out.to(indices.device)
+    return Split(train=indices[~held_out], validation=indices[held_out])
+
+
 class TensorClassificationTask(Task):
-    """A classification task whose data fit in memory as tensors."""
+    """A classification task whose data fit in memory as tensors.
+
+    `val_fraction` of each client's partition is held out for validation (0: none);
+    `partition_seed` fixes which examples (with the partition's index)."""
 
     eval_batch_size: int = 1000
     num_clients: int = 1
+    val_fraction: float = 0.1
+    partition_seed: int = 0
 
     def __init__(self) -> None:
         self._on_device: dict[tuple[str, str], Examples] = {}
+        self._splits: dict[int, Split] = {}
 
     @abstractmethod
     def train_examples(self) -> Examples:
@@ -73,23 +129,49 @@ class TensorClassificationTask(Task):
         """The partition index of a client id ("0" .. "N-1")."""
         return partition_index(client_id, self.num_clients)
 
+    def split(self, partition: int) -> Split:
+        """One partition's training and validation parts (drawn once, then cached)."""
+        if partition not in self._splits:
+            seed = split_seed(self.partition_seed, partition)
+            self._splits[partition] = split_partition(self.client_indices(partition),
+                                                      self.val_fraction, seed)
+        return self._splits[partition]
+
+    def training_indices(self, partition: int) -> torch.Tensor:
+        """Indices of the partition's training part (what `train` learns from)."""
+        return self.split(partition).train
+
+    def validation_indices(self, partition: int) -> torch.Tensor:
+        """Indices of the partition's held-out validation part (never trained on)."""
+        return self.split(partition).validation
+
     def train(self, model: nn.Module, client_id: str, config: TrainConfig,
               device: torch.device) -> TrainOutcome:
-        indices = self.client_indices(self.partition_of(client_id))
+        indices = self.training_indices(self.partition_of(client_id))
         data = self._examples_on("train", device)
         metrics = train_sgd(model, data, indices.to(device), config)
         return TrainOutcome(num_examples=len(indices), metrics=metrics)
 
     def partition_size(self, client_id: str) -> int:
-        return len(self.client_indices(self.partition_of(client_id)))
+        return len(self.training_indices(self.partition_of(client_id)))
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         data = self._examples_on("test", device)
         return evaluate_batches(model, data, self.eval_batch_size)
 
+    def validate(self, model: nn.Module, client_id: str,
+                 device: torch.device) -> dict[str, float] | None:
+        indices = self.validation_indices(self.partition_of(client_id))
+        if not len(indices):
+            return None  # val_fraction 0, or a partition too small to hold one out
+        data = self._examples_on("train", device)
+        held_out = indices.to(device)
+        return evaluate_batches(model, Examples(data.inputs[held_out], data.labels[held_out]),
+                                self.eval_batch_size)
+
     def gradient_batches(self, client_id: str, config: TrainConfig,
                          device: torch.device) -> Iterator[tuple[Any, int]]:
-        indices = self.client_indices(self.partition_of(client_id)).to(device)
+        indices = self.training_indices(self.partition_of(client_id)).to(device)
         data = self._examples_on("train", device)
         torch.manual_seed(config.seed)  # as `train_sgd`
         for batch in batch_order(indices, config.batch_size, config.seed):

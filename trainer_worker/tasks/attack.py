@@ -162,6 +162,14 @@ class AttackTask(Task):
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         return self.inner.evaluate(model, device)
 
+    def validate(self, model: nn.Module, client_id: str,
+                 device: torch.device) -> dict[str, float] | None:
+        """The inner task's validation (attackers corrupt updates, not evaluations)."""
+        method = getattr(self.inner, "validate", None)
+        figures: dict[str, float] | None = (method(model, client_id, device)
+                                            if callable(method) else None)
+        return figures
+
     def train(self, model: nn.Module, client_id: str, config: TrainConfig,
               device: torch.device) -> TrainOutcome:
         if self.attack == "none" or client_id not in self.attackers:

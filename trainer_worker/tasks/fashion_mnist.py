@@ -14,11 +14,14 @@ from torch import nn
 
 from trainer_worker import data, models
 from trainer_worker.task import TaskError
-from trainer_worker.tasks import Examples, TensorClassificationTask
+from trainer_worker.tasks import Examples, TensorClassificationTask, check_val_fraction
 
 
 class FashionMnistTask(TensorClassificationTask):
     """Fashion-MNIST, `num_clients` Dirichlet(alpha) partitions, the default CNN.
+
+    `val_fraction` of each partition (drawn by `partition_seed`) is the client's held-out
+    validation split: it is never trained on, and `partition_size` does not count it.
 
     `eval_batch_size` defaults to 100, not 1000: on one CPU thread the CNN's
     activations for 100 images stay in cache; measured (`bench.trainer_speed`'s
@@ -35,8 +38,10 @@ class FashionMnistTask(TensorClassificationTask):
         eval_batch_size: int = 100,
         max_test_examples: int = 0,
         root: str | None = None,
+        val_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        self.val_fraction = check_val_fraction(val_fraction)
         if num_clients < 1 or alpha <= 0 or eval_batch_size < 1 or max_test_examples < 0:
             raise TaskError(
                 f"bad options: num_clients={num_clients}, alpha={alpha}, "

@@ -21,6 +21,8 @@ learning; the adapter only translates:
   ``config`` is the run config),
   else the client's own ``evaluate`` on partition ``evaluate_partition`` (default 0).
   Either must report ``accuracy`` in its metrics.
+- **Federated evaluation** (`validate`, on the clients): each client's own ``evaluate``
+  on its partition, with the model the job received, before ``fit``.
 
 ``flwr`` (``pip install 'pwfl[flower]'``) is imported only when a client is made, for its
 ``Context``: importing this module needs no Flower.
@@ -153,6 +155,17 @@ class FlowerTask(Task):
         if "accuracy" not in metrics:
             raise TaskError("evaluation metrics carry no 'accuracy'")
         return {**scalars(metrics), "loss": float(loss), "num_examples": num_examples}
+
+    def validate(self, model: nn.Module, client_id: str,
+                 device: torch.device) -> dict[str, float] | None:
+        """The client's own ``evaluate`` on its partition (whatever data its client_fn gives
+        evaluate, usually the partition's validation set): loss, example count, and
+        ``accuracy`` when its metrics carry one."""
+        client = self.client(partition_index(client_id, self.num_clients))
+        loss, count, metrics = client.evaluate(_array_model(model).arrays(), {})
+        figures = {"loss": float(loss), "num_examples": float(count)}
+        accuracy = scalars(metrics or {}).get("accuracy")
+        return figures if accuracy is None else {**figures, "accuracy": accuracy}
 
 
 def _array_model(model: nn.Module) -> ArrayModel:

@@ -17,13 +17,14 @@ from torch import nn
 
 from trainer_worker import models
 from trainer_worker.task import TaskError
-from trainer_worker.tasks import Examples, TensorClassificationTask
+from trainer_worker.tasks import Examples, TensorClassificationTask, check_val_fraction
 
 _CENTROIDS, _CLIENTS, _TEST = 0, 1, 2  # streams of the seed's random sequence
 
 
 class SyntheticTask(TensorClassificationTask):
-    """`num_clients` IID clients of `examples_per_client` blob examples each."""
+    """`num_clients` IID clients of `examples_per_client` blob examples each; of those,
+    `val_fraction` are held out as the client's validation split (never trained on)."""
 
     def __init__(
         self,
@@ -36,8 +37,10 @@ class SyntheticTask(TensorClassificationTask):
         test_examples: int = 512,
         separation: float = 2.0,
         eval_batch_size: int = 1000,
+        val_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        self.val_fraction = check_val_fraction(val_fraction)
         if model not in models.MODEL_NAMES:
             raise TaskError(f"model must be one of {models.MODEL_NAMES}, not {model!r}")
         if min(num_clients, examples_per_client, features, classes, test_examples) < 1:
@@ -47,6 +50,7 @@ class SyntheticTask(TensorClassificationTask):
         self.examples_per_client = examples_per_client
         self.classes = classes
         self.seed = seed
+        self.partition_seed = seed  # the validation split follows the data's seed
         self.model = model
         self.test_count = test_examples
         self.separation = separation
