@@ -26,6 +26,7 @@ COORDINATOR_EVENTS = frozenset(
         "lease_taken", "lease_returned", "round_started", "model_published", "job_published",
         "update_received", "update_folded", "update_rejected", "update_late", "job_failed",
         "quorum_reached", "aggregation_finished", "evaluation_finished", "evaluation_skipped",
+        "validation_finished", "final_candidate_validated",
         "checkpoint_written",
         "round_closed", "round_failed", "slot_finished", "slot_failed", "run_finished",
         "api_token_generated", "http_unauthorized", "run_stop_requested",
