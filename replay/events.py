@@ -61,6 +61,7 @@ OTHER_EVENTS = frozenset(
         "handoff_fallback",
         "num_examples_capped", "examples_declaration_rejected", "examples_declared",
         "examples_undeclared", "trainer_describe_failed",
+        "final_candidate_timeout", "final_merge_skipped", "validation_malformed",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS
