@@ -116,7 +116,8 @@ def _slots_table(summary: RunSummary) -> Table:
 
 def _ranking_table(summary: RunSummary) -> Table:
     target = f"{summary.target_accuracy:g}"
-    table = _table("Slots by configuration (ranked by time to target, then final accuracy)",
+    table = _table("Slots by configuration (ranked by time to test target, then final test "
+                   "accuracy)",
                    "rank", "slot", "configuration (what differs)", f"time to\n{target}",
                    "final\ntest", "best\ntest", "final\nvalidation", left=3)
     for r in summary.ranking:
