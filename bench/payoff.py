@@ -29,14 +29,28 @@ Everything is read back from the runs' event logs with the replay code: per run,
 the time (since the first round started) at which the best model so far (any slot,
 or a merged model) first reaches each target accuracy, the best accuracy at equal
 wall time (the shortest run of that seed), the final best accuracy and the busy
-fractions of the clients and the coordinator once rounds run. Over the partition
-seeds: mean and spread (population standard deviation), a table, and one JSON line
-with `best_mode`, `best_time_to_85_vs_one_slot` and `best_accuracy_gain_points`.
+fractions of the clients and the coordinator once rounds run. Those accuracies are the
+test set's (the coordinator's central evaluation).
+
+Jobs to a target, twice: "jobs to T (test)" and "jobs to T (val)" count the client jobs
+ANSWERED (results received, `update_received`, failed ones included) from the first
+round until the moment the best model so far first reached T, by its test-set accuracy
+(the moment its `evaluation_finished` was logged) and by its accuracy on the clients'
+held-out validation splits (federated evaluation: the moment its `validation_finished` was
+logged, a round after the model's own, since the next round's clients evaluate it). A run
+that logged no validation (one from before federated evaluation, or `--eval central`)
+reads "n/a" there; "never": the target was not reached.
+
+Over the partition seeds: mean and spread (population standard deviation), a table, and
+one JSON line with `best_mode`, `best_time_to_85_vs_one_slot`,
+`best_accuracy_gain_points` and `jobs_to_target` (per mode and target, the mean jobs to
+it by test and by validation accuracy).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -52,6 +66,7 @@ from bench.testbed import Testbed, silos
 from bench.testbed import tasks as testbed_tasks
 from bench.testbed.profiles import PROFILES, STEP_S
 from replay.events import read_log
+from replay.model import Run
 from replay.summary import RunSummary, summarise
 from replay.timeline import rebuild_runs
 
@@ -70,8 +85,8 @@ class RunResult:
     mode: str
     seed: int
     wall_s: float  # first round started to the last evaluation (no evaluations: run end)
-    time_to: dict[str, float | None]  # target -> seconds since the first round
-    jobs_to: dict[str, int | None]  # target -> client jobs aggregated by then (load-free)
+    time_to: dict[str, float | None]  # target -> seconds since the first round (test set)
+    jobs_to: dict[str, int | None]  # target -> client jobs answered until the test set said so
     curve: list[tuple[float, float]]  # (s since first round, best accuracy so far)
     final_best: float | None
     client_busy: float
@@ -81,6 +96,9 @@ class RunResult:
     jobs_per_min: float = 0.0  # client jobs aggregated per minute once rounds run
     link: dict[str, int] | None = None  # testbed: bytes (and drops) over the silos' links
     emulation: dict[str, float] | None = None  # testbed: emulated training calls, overruns
+    # target -> client jobs answered until the clients' validation splits said so; None: the
+    # run logged no validation (n/a)
+    jobs_to_val: dict[str, int | None] | None = None
 
 
 def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[str]:
@@ -145,10 +163,14 @@ def run_on_testbed(args: argparse.Namespace, run_id: str, coordinator_args: list
     return args.out / run_id / "events.jsonl"
 
 
-def best_curve(summary: RunSummary) -> list[tuple[float, float]]:
-    """(s since the first round, best accuracy so far over every slot and merged model)."""
+def best_curve(summary: RunSummary, *, validation: bool = False) -> list[tuple[float, float]]:
+    """(s since the first round, best accuracy so far over every slot and merged model): on
+    the test set, or with `validation` on the clients' validation splits (each point when
+    its event was logged)."""
     start = summary.first_round_s or 0.0
-    points = sorted(p for slot in summary.slots for p in slot.accuracy_over_time)
+    points = sorted(p for slot in summary.slots
+                    for p in (slot.validation_over_time if validation
+                              else slot.accuracy_over_time))
     curve, best = [], 0.0
     for t, acc in points:
         best = max(best, acc)
@@ -165,20 +187,27 @@ def accuracy_at(curve: list[tuple[float, float]], t_s: float) -> float | None:
     return reached[-1] if reached else None
 
 
-def jobs_by(summary: RunSummary, t_s: float | None) -> int | None:
-    """Client updates aggregated (rounds past their quorum) by `t_s` since the first round."""
+def answered_at(run: Run) -> list[float]:
+    """When each client job was answered (`update_received`, failed ones included), sorted."""
+    return sorted(job.received_at for client in run.clients.values() for job in client.jobs)
+
+
+def jobs_by(answered: list[float], first_round_at: float, t_s: float | None) -> int | None:
+    """Client jobs answered from the run's start until `t_s` s after the first round."""
     if t_s is None:
         return None
-    start = summary.first_round_s or 0.0
-    return sum(r.num_updates for slot in summary.slots for r in slot.round_details
-               if r.start_s is not None and r.quorum_wait_s is not None
-               and r.start_s + r.quorum_wait_s - start <= t_s + 1e-9)
+    return bisect.bisect_right(answered, first_round_at + t_s + 1e-9)
 
 
 def result_of(mode: str, seed: int, path: Path) -> RunResult:
-    summary = summarise(rebuild_runs(read_log(path))[0], 0.85)
+    run = rebuild_runs(read_log(path))[0]
+    summary = summarise(run, 0.85)
     curve = best_curve(summary)
+    val_curve = best_curve(summary, validation=True)
     times = {f"{t:g}": time_to(curve, t) for t in TARGETS}
+    answered, first = answered_at(run), run.start + (summary.first_round_s or 0.0)
+    jobs_to_val = ({f"{t:g}": jobs_by(answered, first, time_to(val_curve, t)) for t in TARGETS}
+                   if val_curve else None)
     finals = [s.final_accuracy for s in summary.slots if s.final_accuracy is not None]
     jobs = sum(c.jobs_done for c in summary.clients)
     rounds_s = summary.wall_s - (summary.first_round_s or 0.0)
@@ -186,7 +215,8 @@ def result_of(mode: str, seed: int, path: Path) -> RunResult:
     extra = json.loads(testbed.read_text()) if testbed.exists() else {}
     return RunResult(
         mode=mode, seed=seed, wall_s=curve[-1][0] if curve else rounds_s,
-        time_to=times, jobs_to={k: jobs_by(summary, t) for k, t in times.items()}, curve=curve,
+        time_to=times, jobs_to={k: jobs_by(answered, first, t) for k, t in times.items()},
+        jobs_to_val=jobs_to_val, curve=curve,
         final_best=max(finals, default=None),
         client_busy=1.0 - summary.client_idle_fraction_after_first_round,
         coordinator_busy=summary.coordinator_busy_fraction_after_first_round,
@@ -214,6 +244,27 @@ def _link_mb(r: RunResult) -> float | None:
     return None if r.link is None else (r.link["download_bytes"] + r.link["upload_bytes"]) / 1e6
 
 
+NOT_APPLICABLE = {"mean": None, "spread": None, "missing": 0, "n/a": True}
+
+
+def _jobs_to(mine: list[RunResult]) -> dict[str, dict[str, Any]]:
+    """jobs_to_T_test and jobs_to_T_val per target T: test over every run, validation over
+    the runs that logged validation (none: n/a)."""
+    out: dict[str, dict[str, Any]] = {}
+    validated = [r for r in mine if r.jobs_to_val is not None]
+    for key in mine[0].jobs_to:
+        out[f"jobs_to_{key}_test"] = _stat([_num(r.jobs_to[key]) for r in mine])
+    for key in mine[0].jobs_to:
+        out[f"jobs_to_{key}_val"] = (_stat([_num((r.jobs_to_val or {}).get(key))
+                                            for r in validated])
+                                     if validated else dict(NOT_APPLICABLE))
+    return out
+
+
+def _stat(values: Sequence[float | None]) -> dict[str, Any]:
+    return dict(zip(("mean", "spread", "missing"), _stats(values), strict=True))
+
+
 def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     """Per mode: each metric's mean, spread and missing count over the seeds."""
     seeds = sorted({r.seed for r in results})
@@ -224,7 +275,6 @@ def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
         mine = [r for r in results if r.mode == mode]
         metrics: dict[str, list[float | None]] = {
             **{f"time_to_{k}": [r.time_to[k] for r in mine] for k in mine[0].time_to},
-            **{f"jobs_to_{k}": [_num(r.jobs_to[k]) for r in mine] for k in mine[0].jobs_to},
             "accuracy_at_equal_time": [accuracy_at(r.curve, equal_t[r.seed]) for r in mine],
             "final_best_accuracy": [r.final_best for r in mine],
             "client_busy": [r.client_busy for r in mine],
@@ -235,9 +285,25 @@ def table(results: list[RunResult]) -> dict[str, dict[str, Any]]:
                         for r in mine],
             "coordinator_busy": [r.coordinator_busy for r in mine],
             "wall_s": [r.wall_s for r in mine], "jobs": [float(r.jobs) for r in mine]}
-        rows[mode] = {k: dict(zip(("mean", "spread", "missing"), _stats(v), strict=True))
-                      for k, v in metrics.items()}
+        rows[mode] = {k: _stat(v) for k, v in metrics.items()}
+        jobs = _jobs_to(mine)
+        at = list(rows[mode]).index("accuracy_at_equal_time")  # the columns' order
+        items = list(rows[mode].items())
+        rows[mode] = dict(items[:at] + list(jobs.items()) + items[at:])
     return rows
+
+
+def jobs_to_target(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per mode and target: mean jobs to it by test and by validation accuracy (None:
+    never reached; "n/a": no validation logged)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode, row in rows.items():
+        for key, stat in row.items():
+            if key.startswith("jobs_to_"):
+                target, kind = key[len("jobs_to_"):].rsplit("_", 1)
+                value = "n/a" if stat.get("n/a") else stat["mean"]
+                out.setdefault(mode, {}).setdefault(target, {})[kind] = value
+    return out
 
 
 def _speed_key(row: dict[str, Any]) -> tuple[float, float, float]:
@@ -285,6 +351,8 @@ def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _cell(stat: dict[str, Any], scale: float = 1.0, unit: str = "", absent: str = "never"
           ) -> str:
+    if stat.get("n/a"):
+        return "n/a"
     if stat["mean"] is None:
         return absent
     text = f"{stat['mean'] * scale:.1f}±{stat['spread'] * scale:.1f}{unit}"
@@ -294,7 +362,8 @@ def _cell(stat: dict[str, Any], scale: float = 1.0, unit: str = "", absent: str 
 def render(rows: dict[str, dict[str, Any]]) -> str:
     first = rows[next(iter(rows))]
     header = ["mode", *(f"to {k[8:]}" for k in first if k.startswith("time_to")),
-              *(f"jobs to {k[8:]}" for k in first if k.startswith("jobs_to")),
+              *(f"jobs to {k[8:].rsplit('_', 1)[0]} ({k.rsplit('_', 1)[1]})"
+                for k in first if k.startswith("jobs_to")),
               "acc @ equal t", "final best", "client idle", "idle recovered", "jobs/min",
               "coord busy", "link MB", "overran", "wall", "jobs"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
@@ -386,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.testbed:
         print(f"EMULATION: {PROFILES[args.testbed].describe()}; 'overran' counts training "
               "calls whose real compute exceeded their nominal time (emulation failed)")
-    print(json.dumps({**verdict(rows), "seeds": args.seeds, "rounds": args.rounds,
+    print(json.dumps({**verdict(rows), "jobs_to_target": jobs_to_target(rows),
+                      "seeds": args.seeds, "rounds": args.rounds,
                       "max_steps": args.max_steps, "testbed": args.testbed,
                       "model": args.model}))
     return 0

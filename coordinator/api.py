@@ -32,8 +32,11 @@ from coordinator.settings import new_run_id
 
 __all__ = ["RunError", "RunResult", "load", "run"]
 POLL_S = 0.5  # how often progress reads the event log while the run goes on
-SHOWN_EVENTS = frozenset({"run_started", "round_closed", "slot_finished", "slot_failed",
-                          "run_finished"})
+# Rounds count when aggregated; accuracy is shown per kind: validation (the clients' held-out
+# splits, `validation_finished`) and test (the coordinator's test set, `evaluation_finished`).
+SHOWN_EVENTS = frozenset({"run_started", "run_resumed", "aggregation_finished",
+                          "validation_finished", "evaluation_finished", "slot_finished",
+                          "slot_failed", "run_finished"})
 
 
 SLOT_SOURCES = frozenset({"slot", "sweep", "slot_config"})
@@ -140,32 +143,46 @@ class _EventTail:
         return events
 
 
+def _percent(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, int | float) else "-"
+
+
 class _Progress:
-    """One line per run: each slot's round and accuracy, redrawn as rounds close."""
+    """One line per run: each slot's rounds aggregated and its latest validation and test
+    accuracy, redrawn as events come."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.rounds = 0
-        self.slots: dict[int, str] = {}
+        # slot -> {"round": rounds aggregated, "val": accuracy, "test": accuracy}
+        self.slots: dict[int, dict[str, Any]] = {}
         self.state = "starting"
         self.handle = _notebook_handle()
 
     def update(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             name = event["event"]
-            if name == "run_started":
+            if name in ("run_started", "run_resumed"):
                 self.rounds, self.state = int(event.get("rounds", 0)), "running"
-            elif name == "round_closed":
-                accuracy = event.get("accuracy")
-                acc = "-" if accuracy is None else f"{accuracy:.1%}"
-                self.slots[int(event["slot_id"])] = f"{event['round']}/{self.rounds} {acc}"
             elif name == "run_finished":
                 self.state = str(event.get("status", "finished"))
+            elif isinstance(event.get("slot_id"), int):
+                self._slot_event(name, event)
         if events:
             self._show()
 
+    def _slot_event(self, name: str, event: dict[str, Any]) -> None:
+        slot = self.slots.setdefault(int(event["slot_id"]), {"round": 0})
+        if name == "aggregation_finished" and isinstance(event.get("round"), int):
+            slot["round"] = max(slot["round"], event["round"])
+        elif name == "validation_finished" and event.get("accuracy") is not None:
+            slot["val"] = event["accuracy"]
+        elif name == "evaluation_finished" and event.get("accuracy") is not None:
+            slot["test"] = event["accuracy"]
+
     def text(self) -> str:
-        slots = "  ".join(f"slot {i}: {v}" for i, v in sorted(self.slots.items()))
+        slots = "  ".join(f"slot {i}: {v['round']}/{self.rounds} val {_percent(v.get('val'))} "
+                          f"test {_percent(v.get('test'))}" for i, v in sorted(self.slots.items()))
         return f"PWFL run {self.run_id} [{self.state}] {slots}".rstrip()
 
     def _show(self) -> None:

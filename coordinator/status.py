@@ -72,6 +72,11 @@ class SlotStatus:
             "rounds_done": self.rounds_done, "state": self.state, "clients": list(self.clients),
             "last_accuracy": self.last_accuracy, "best_accuracy": self.best_accuracy,
             "evaluations": self.evaluations, "config": dict(self.config),
+            # the same figures under names that say which set they are on: rounds aggregated,
+            # central accuracy on the test set (`last_accuracy`, `best_accuracy`, kept for
+            # older readers)
+            "rounds_aggregated": self.rounds_done,
+            "last_test_accuracy": self.last_accuracy, "best_test_accuracy": self.best_accuracy,
             "evaluated_round": self.evaluated_round,
             "evaluation_lag_rounds": self.evaluation_lag_rounds,
             "last_validation_accuracy": self.last_validation,

@@ -26,6 +26,7 @@ COORDINATOR_EVENTS = frozenset(
         "lease_taken", "lease_returned", "round_started", "model_published", "job_published",
         "update_received", "update_folded", "update_rejected", "update_late", "job_failed",
         "quorum_reached", "aggregation_finished", "evaluation_finished", "evaluation_skipped",
+        "validation_finished", "final_candidate_validated",
         "checkpoint_written",
         "round_closed", "round_failed", "slot_finished", "slot_failed", "run_finished",
         "api_token_generated", "http_unauthorized", "run_stop_requested",
@@ -60,6 +61,7 @@ OTHER_EVENTS = frozenset(
         "handoff_fallback",
         "num_examples_capped", "examples_declaration_rejected", "examples_declared",
         "examples_undeclared", "trainer_describe_failed",
+        "final_candidate_timeout", "final_merge_skipped", "validation_malformed",
     }
 )  # fmt: skip
 KNOWN_EVENTS = COORDINATOR_EVENTS | AGENT_EVENTS | OTHER_EVENTS

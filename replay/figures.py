@@ -3,7 +3,8 @@
 - `timeline`: one row for the coordinator's work, one per slot with its rounds
   (start to aggregation), one per client with its leases (light) and the
   training inside them (solid); colour is the slot; downtime is shaded.
-- `accuracy`: accuracy over wall time per slot, the target and when it was hit.
+- `accuracy`: accuracy over wall time per slot, test set (solid) and validation (dashed,
+  the clients' held-out splits, where the run has them), the target and when it was hit.
 - `idle`: idle fractions of each client, all clients and the coordinator.
 - `compare_accuracy`: best accuracy so far over time, one line per run.
 - `whatif`: predicted wall time of each simulated setting.
@@ -149,16 +150,23 @@ def _timeline_legend(slots: list[SlotId], colour: dict[SlotId, str]) -> list[Any
 
 
 def accuracy(summary: RunSummary) -> bytes:
-    """Accuracy over wall time, one line per slot, with the target."""
+    """Accuracy over wall time, per slot a test line (solid) and a validation line (dashed),
+    with the target."""
     fig = Figure(figsize=(9, 4.2))
     ax = fig.add_subplot()
     for index, slot in enumerate(summary.slots):
+        label = summary.slot_labels.get(str(slot.slot_id))
+        name = f"slot {slot.slot_id}" + (f": {label}" if label and "=" in label else "")
+        if slot.validation_over_time:
+            xs, ys = zip(*slot.validation_over_time, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.3, linestyle="--",
+                    markerfacecolor="white", color=_colour(index), label=f"{name} validation")
         if not slot.accuracy_over_time:
             continue
         xs, ys = zip(*slot.accuracy_over_time, strict=True)
-        label = summary.slot_labels.get(str(slot.slot_id))
+        validated = any(s.validation_over_time for s in summary.slots)
         ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.8, color=_colour(index),
-                label=f"slot {slot.slot_id}" + (f": {label}" if label and "=" in label else ""))
+                label=f"{name} test" if validated else name)
         if slot.time_to_target_s is not None:
             ax.axvline(slot.time_to_target_s, color=_colour(index), linestyle=":", linewidth=1)
     ax.axhline(summary.target_accuracy, color=_INK, linestyle="--", linewidth=1,
@@ -166,7 +174,9 @@ def accuracy(summary: RunSummary) -> bytes:
     _draw_exploits(ax, summary)
     ax.set_xlim(0, max(summary.wall_s, 1e-6) * 1.03)
     ax.set_xlabel("seconds since run start", color=_INK)
-    ax.set_ylabel("test accuracy", color=_INK)
+    ax.set_ylabel("accuracy (test set; dashed: validation)"
+                  if any(s.validation_over_time for s in summary.slots) else "test accuracy",
+                  color=_INK)
     _style(ax)
     ax.grid(axis="y", color=_GRID, linewidth=0.8)
     ax.legend(fontsize=8, frameon=False, loc="best")
@@ -235,7 +245,7 @@ def compare_accuracy(summaries: list[RunSummary]) -> bytes:
     ax.axhline(summaries[0].target_accuracy, color=_INK, linestyle="--", linewidth=1,
                label=f"target {summaries[0].target_accuracy:g}")
     ax.set_xlabel("seconds since run start", color=_INK)
-    ax.set_ylabel("best accuracy so far (any slot)", color=_INK)
+    ax.set_ylabel("best test accuracy so far (any slot)", color=_INK)
     _style(ax)
     ax.grid(axis="y", color=_GRID, linewidth=0.8)
     ax.legend(fontsize=8, frameon=False, loc="lower right")

@@ -47,12 +47,19 @@ class RoundRecord:
     aggregation_s: float = 0.0
     evaluation_s: float = 0.0
     checkpoint_s: float = 0.0
-    closed_at: float | None = None
+    aggregated_at: float | None = None  # aggregation_finished: the round is done
+    closed_at: float | None = None  # round_closed: its evaluate-and-checkpoint link finished
     duration_s: float | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None  # the test set's (central evaluation)
     loss: float | None = None
+    # this round's model on the clients' validation splits (`validation_finished`, logged
+    # during a later round)
+    validation_accuracy: float | None = None
+    validation_loss: float | None = None
     num_updates: int = 0
-    status: str = "open"  # closed, failed, interrupted (the coordinator stopped), open
+    # closed (aggregated: aggregation_finished, or round_closed in a log without it), failed,
+    # interrupted (the coordinator stopped before it closed, or before its checkpoint), open
+    status: str = "open"
     cut_at: float | None = None  # when the coordinator stopped, for an interrupted round
     model_nbytes: int = 0
     jobs_published: int = 0
@@ -62,6 +69,13 @@ class RoundRecord:
     def bytes_down(self) -> int:
         """The model went to each leased client once."""
         return self.model_nbytes * max(len(self.clients), self.jobs_published)
+
+    @property
+    def aggregated_s(self) -> float | None:
+        """From the round's start until its aggregate was ready (`aggregation_finished`)."""
+        if self.started_at is None or self.aggregated_at is None:
+            return None
+        return max(self.aggregated_at - self.started_at, 0.0)
 
     @property
     def server_s(self) -> float:
@@ -228,7 +242,11 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
     rounds: dict[SlotId, list[RoundRecord]] = field(default_factory=dict)
+    # (ts, round of the model, accuracy): the test set's (central evaluations) ...
     evaluations: dict[SlotId, list[tuple[float, int, float]]] = field(default_factory=dict)
+    # ... and the clients' validation splits' (`validation_finished`: federated evaluation;
+    # a merged model's candidates under the "merged" pseudo-slot)
+    validations: dict[SlotId, list[tuple[float, int, float]]] = field(default_factory=dict)
     clients: dict[str, ClientRecord] = field(default_factory=dict)
     agents: dict[str, AgentInfo] = field(default_factory=dict)
     coordinator_spans: list[CoordinatorSpan] = field(default_factory=list)
@@ -268,7 +286,8 @@ class Run:
         return self.path.stem
 
     def slot_ids(self) -> list[SlotId]:
-        return sorted(set(self.rounds) | set(self.evaluations), key=slot_sort_key)
+        return sorted(set(self.rounds) | set(self.evaluations) | set(self.validations),
+                      key=slot_sort_key)
 
     def first_round_at(self) -> float | None:
         starts = [r.started_at for rs in self.rounds.values() for r in rs if r.started_at]

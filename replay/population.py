@@ -3,7 +3,9 @@
 - Labels name a slot by what differs between the slots' configurations
   (``run_started.slot_configs``), e.g. ``lr=0.03 strategy=fedadam``.
 - The ranking orders slots by time to the target, then by final accuracy.
-- The lineage lists PBT's exploits and explores and the merges, in time order;
+- The lineage lists PBT's exploits and explores and the merges (with the final merge's
+  candidates as validated), in time order; each decision says which accuracy it was taken
+  on (`selected_on`: the clients' validation splits, or in older logs the test set);
   each slot's hyperparameter trajectory starts at its configuration and follows
   its `pbt_explore` events.
 """
@@ -17,7 +19,7 @@ from typing import Any
 from replay.events import SlotId
 
 POPULATION_EVENTS = frozenset({"pbt_exploit", "pbt_explore", "slots_merged", "merge_adopted",
-                               "merge_evaluated", "final_merge"})
+                               "merge_evaluated", "final_candidate_validated", "final_merge"})
 MERGED = "merged"  # the pseudo-slot whose evaluations are the merged models'
 _SHOWN_LAST = ("seed", "clients_per_round")  # differ by default; shown after the rest
 
@@ -62,9 +64,12 @@ def describe(event: str, fields: Mapping[str, Any]) -> str:
     """One line a reader can follow: who copied whom, what changed, what a merge scored."""
     slot = fields.get("slot_id")
     if event == "pbt_exploit":
-        return (f"slot {slot} (acc {_acc(fields.get('accuracy'))}) <- copies slot "
+        kind = _kind(fields)
+        return (f"slot {slot} ({kind} {_acc(fields.get('accuracy'))}"
+                f"{_of_round(fields.get('validated_round'))}) <- copies slot "
                 f"{fields.get('donor_slot_id')} round {fields.get('donor_round')} "
-                f"(acc {_acc(fields.get('donor_accuracy'))})")
+                f"({kind} {_acc(fields.get('donor_accuracy'))}"
+                f"{_of_round(fields.get('donor_validated_round'))})")
     if event == "pbt_explore":
         changes = fields.get("changed") or {}
         moved = ", ".join(f"{k} {_text(v[0])}->{_text(v[1])}" for k, v in changes.items()
@@ -77,14 +82,32 @@ def describe(event: str, fields: Mapping[str, Any]) -> str:
         return (f"slot {slot} goes on from merge {fields.get('epoch')} "
                 f"(+{fields.get('rounds_since')} round(s) of its own)")
     if event == "merge_evaluated":
-        return f"merge {fields.get('epoch')} evaluated: acc {_acc(fields.get('accuracy'))}"
-    return (f"final merge keeps {fields.get('kept')} (acc {_acc(fields.get('accuracy'))}; "
+        return f"merge {fields.get('epoch')} evaluated: test {_acc(fields.get('accuracy'))}"
+    if event == "final_candidate_validated":
+        return (f"final candidate {fields.get('candidate')} validated: val "
+                f"{_acc(fields.get('accuracy'))} over {fields.get('clients', '?')} client(s)")
+    if fields.get("selected_on") == "validation":
+        return (f"final merge keeps {fields.get('kept')}, chosen on validation (val "
+                f"{_acc(fields.get('validation_accuracy'))}; its one test-set evaluation "
+                f"{_acc(fields.get('accuracy'))})")
+    return (f"final merge keeps {fields.get('kept')} (test {_acc(fields.get('accuracy'))}; "
             f"average {_acc(fields.get('average_accuracy'))}, soup "
             f"{_acc(fields.get('soup_accuracy'))} of slots {fields.get('soup_members')})")
 
 
 def _acc(value: Any) -> str:
     return f"{value:.2%}" if isinstance(value, int | float) else "-"
+
+
+def _kind(fields: Mapping[str, Any]) -> str:
+    """Which accuracy a PBT decision used: "val" (the clients' validation splits), as the
+    event says, or "acc" (a log from before `selected_on`: the test set's)."""
+    selected = fields.get("selected_on")
+    return "val" if selected == "validation" else str(selected or "acc")
+
+
+def _of_round(value: Any) -> str:
+    return f" of round {value}" if isinstance(value, int) else ""
 
 
 def trajectories(configs: Sequence[Mapping[str, Any]], steps: Sequence[LineageStep]

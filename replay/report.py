@@ -122,7 +122,9 @@ def _run_section(directory: Path, run: Run, summary: RunSummary, whatif: WhatIf 
                 "colour = slot."),
         "<div class=\"two\">",
         _figure(directory, f"{slug}-accuracy.png", figures.accuracy(summary),
-                "Accuracy over wall time per slot; dotted lines: target reached."),
+                "Accuracy over wall time per slot: test set (solid, the coordinator's "
+                "central evaluation) and validation (dashed, the clients' held-out splits, "
+                "where the run has federated evaluation); dotted lines: test target reached."),
         _figure(directory, f"{slug}-idle.png", figures.idle(summary),
                 "Idle fractions: whole run, and once the first round started."),
         "</div>",
@@ -163,8 +165,10 @@ def _cards(summary: RunSummary) -> str:
     violations = "none" if summary.lease_violations == 0 else str(summary.lease_violations)
     return "<div class=\"cards\">" + "".join([
         _card("wall time", fmt.seconds(summary.wall_s), restarts),
-        _card(f"to accuracy {summary.target_accuracy:g}", target,
-              f"best final {fmt.accuracy(summary.final_accuracy)}"),
+        _card(f"to test accuracy {summary.target_accuracy:g}", target,
+              f"best final test {fmt.accuracy(summary.final_accuracy)}"
+              + ("" if summary.final_validation_accuracy is None else
+                 f", validation {fmt.accuracy(summary.final_validation_accuracy)}")),
         _card("slot-rounds / hour", f"{summary.slot_rounds_per_hour:.0f}",
               f"{summary.slot_rounds} slot-rounds"),
         _card("coordinator busy", fmt.percent(summary.coordinator_busy_fraction),
@@ -181,12 +185,14 @@ def _population_section(summary: RunSummary) -> str:
     out = []
     if summary.ranking and summary.slot_labels:
         rows = [[str(r.rank), str(r.slot_id), r.label, fmt.seconds(r.time_to_target_s),
-                 fmt.accuracy(r.final_accuracy), fmt.accuracy(r.best_accuracy)]
+                 fmt.accuracy(r.final_accuracy), fmt.accuracy(r.best_accuracy),
+                 fmt.accuracy(r.final_validation_accuracy)]
                 for r in summary.ranking]
-        out += ["<h3>Slots by configuration (ranked by time to target, then final "
+        out += ["<h3>Slots by configuration (ranked by time to test target, then final test "
                 "accuracy)</h3>", _table(["rank", "slot", "configuration (what differs)",
                                           f"time to {summary.target_accuracy:g}",
-                                          "final accuracy", "best accuracy"], rows, left=3)]
+                                          "final test", "best test", "final validation"],
+                                         rows, left=3)]
     if summary.lineage:
         rows = [[fmt.seconds(s.t_s), str(s.round), s.event, s.text] for s in summary.lineage]
         out += ["<h3>Lineage: PBT and merges</h3>",
@@ -196,24 +202,31 @@ def _population_section(summary: RunSummary) -> str:
 
 def _slot_tables(summary: RunSummary) -> str:
     target = f"{summary.target_accuracy:g}"
-    rows = [[str(s.slot_id), str(s.rounds), str(s.rounds_failed), fmt.seconds(s.mean_round_s),
+    rows = [[str(s.slot_id), str(s.rounds), str(s.rounds_failed),
+             fmt.seconds(s.mean_aggregated_s), fmt.seconds(s.mean_round_s),
              fmt.seconds(s.mean_lease_wait_s), fmt.seconds(s.mean_quorum_wait_s),
              fmt.seconds(s.mean_aggregation_s), fmt.seconds(s.mean_evaluation_s),
              fmt.seconds(s.mean_checkpoint_s), fmt.accuracy(s.final_accuracy),
-             fmt.seconds(s.time_to_target_s)] for s in summary.slots]
-    out = ["<h3>Slots (means over closed rounds)</h3>", _table(
-        ["slot", "rounds", "failed", "round", "lease wait", "quorum wait", "aggregation",
-         "evaluation", "checkpoint", "final accuracy", f"time to {target}"], rows)]
+             fmt.seconds(s.time_to_target_s), fmt.accuracy(s.final_validation_accuracy),
+             fmt.seconds(s.validation_time_to_target_s)] for s in summary.slots]
+    out = ["<h3>Slots (means over aggregated rounds; test: the coordinator's test set, "
+           "validation: the clients' held-out splits)</h3>", _table(
+               ["slot", "rounds", "failed", "to aggregated", "to closed", "lease wait",
+                "quorum wait", "aggregation", "evaluation", "checkpoint", "final test",
+                f"test: time to {target}", "final validation",
+                f"validation: time to {target}"], rows)]
     for slot in summary.slots:
         rows = [[str(r.round), r.status, fmt.seconds(r.start_s), fmt.seconds(r.quorum_wait_s),
                  fmt.seconds(r.aggregation_s), fmt.seconds(r.evaluation_s),
                  fmt.seconds(r.checkpoint_s), fmt.seconds(r.duration_s),
-                 fmt.accuracy(r.accuracy), f"{r.num_updates}/{r.clients}",
+                 fmt.accuracy(r.accuracy), fmt.accuracy(r.validation_accuracy),
+                 f"{r.num_updates}/{r.clients}",
                  fmt.nbytes(r.bytes_down + r.bytes_up)] for r in slot.round_details]
         out.append(f"<details><summary>Slot {_e(slot.slot_id)}: {len(rows)} rounds</summary>"
                    + _table(["round", "status", "start", "quorum wait", "aggregation",
-                             "evaluation", "checkpoint", "duration", "accuracy", "updates",
-                             "bytes moved"], rows, left=2) + "</details>")
+                             "evaluation", "checkpoint", "duration", "test accuracy",
+                             "validation accuracy", "updates", "bytes moved"], rows, left=2)
+                   + "</details>")
     return "\n".join(out)
 
 
@@ -272,7 +285,7 @@ def _comparison_section(directory: Path, comparison: Comparison) -> str:
             "<div class=\"two\"><div>" + _table(headers, rows) + "</div><div>"
             + _figure(directory, "comparison-accuracy.png",
                       figures.compare_accuracy(comparison.runs),
-                      "Best accuracy so far (any slot) over wall time, per run.")
+                      "Best test accuracy so far (any slot) over wall time, per run.")
             + "</div></div>")
 
 

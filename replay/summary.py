@@ -4,6 +4,11 @@ Times in a summary are seconds since the run's first `run_started`. Fractions
 are of the time the coordinator was up (its restarts' gaps left out), and a
 second set of them starts at the first `round_started`, so that start-up
 (registration, loading data) does not count as idle.
+
+Accuracy comes in two kinds, kept apart: `accuracy` (final, best, time to target, the
+curve) is the test set's, from the coordinator's central evaluation; `validation_*` is the
+clients' held-out validation splits', from federated evaluation (`validation_finished`;
+absent, None or empty, in logs from before it). A round counts once aggregated.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class RoundSummary:
     num_updates: int
     bytes_down: int
     bytes_up: int
+    aggregated_s: float | None = None  # round start to aggregation_finished
+    validation_accuracy: float | None = None  # this round's model on the validation splits
+    validation_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class SlotSummary:
     mean_checkpoint_s: float | None
     accuracy_over_time: list[tuple[float, float]]
     round_details: list[RoundSummary]
+    mean_aggregated_s: float | None = None  # round start to aggregated, closed rounds
+    final_validation_accuracy: float | None = None
+    best_validation_accuracy: float | None = None
+    validation_time_to_target_s: float | None = None
+    validation_over_time: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,9 @@ class RunSummary:
     lineage: list[LineageStep] = field(default_factory=list)
     hyperparameters: dict[str, list[tuple[float, int, dict[str, Any]]]] = field(
         default_factory=dict)
+    # The same on the clients' validation splits (None without validation_finished events).
+    final_validation_accuracy: float | None = None
+    validation_time_to_target_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,6 +221,12 @@ def summarise(run: Run, target: float) -> RunSummary:
         ],
         warnings=list(run.warnings),
         **_population(run, slots),
+        final_validation_accuracy=max((s.final_validation_accuracy for s in slots
+                                       if s.final_validation_accuracy is not None),
+                                      default=None),
+        validation_time_to_target_s=min((s.validation_time_to_target_s for s in slots
+                                          if s.validation_time_to_target_s is not None),
+                                         default=None),
     )
 
 
@@ -216,6 +238,7 @@ class RankedSlot:
     time_to_target_s: float | None
     final_accuracy: float | None
     best_accuracy: float | None
+    final_validation_accuracy: float | None = None
 
 
 def _population(run: Run, slots: list[SlotSummary]) -> dict[str, Any]:
@@ -225,7 +248,8 @@ def _population(run: Run, slots: list[SlotSummary]) -> dict[str, Any]:
     ordered = sorted(slots, key=lambda s: (s.time_to_target_s is None, s.time_to_target_s or 0.0,
                                            -(s.final_accuracy or 0.0)))
     ranking = [RankedSlot(i + 1, s.slot_id, labels.get(str(s.slot_id), f"slot {s.slot_id}"),
-                          s.time_to_target_s, s.final_accuracy, s.best_accuracy)
+                          s.time_to_target_s, s.final_accuracy, s.best_accuracy,
+                          s.final_validation_accuracy)
                for i, s in enumerate(ordered) if s.accuracy_over_time]
     steps = [population.LineageStep(ts - run.start, name, as_slot_id(f.get("slot_id", "?")),
                                     int(as_float(f.get("round")) or 0),
@@ -260,6 +284,7 @@ def _slot_summary(run: Run, slot_id: SlotId, target: float) -> SlotSummary:
     curve = [(ts - run.start, acc) for ts, _round, acc in run.evaluations.get(slot_id, [])]
     hit = next(((t, rnd, acc) for t, rnd, acc in _curve_rounds(run, slot_id) if acc >= target),
                None)
+    validation = [(ts - run.start, acc) for ts, _round, acc in run.validations.get(slot_id, [])]
     return SlotSummary(
         slot_id=slot_id,
         rounds=len(closed),
@@ -277,6 +302,11 @@ def _slot_summary(run: Run, slot_id: SlotId, target: float) -> SlotSummary:
         mean_checkpoint_s=_mean([r.checkpoint_s for r in closed]),
         accuracy_over_time=curve,
         round_details=[_round_summary(run, r) for r in records],
+        mean_aggregated_s=_mean([r.aggregated_s for r in closed]),
+        final_validation_accuracy=validation[-1][1] if validation else None,
+        best_validation_accuracy=max((acc for _t, acc in validation), default=None),
+        validation_time_to_target_s=next((t for t, acc in validation if acc >= target), None),
+        validation_over_time=validation,
     )
 
 
@@ -309,6 +339,9 @@ def _round_summary(run: Run, record: RoundRecord) -> RoundSummary:
         num_updates=record.num_updates,
         bytes_down=record.bytes_down,
         bytes_up=record.bytes_up,
+        aggregated_s=record.aggregated_s,
+        validation_accuracy=record.validation_accuracy,
+        validation_loss=record.validation_loss,
     )
 
 

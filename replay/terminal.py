@@ -69,25 +69,46 @@ def _headline(summary: RunSummary) -> Text:
         lines.append(f" ({summary.restarts} restart(s), down {fmt.seconds(summary.downtime_s)})")
     lines.append(f" · first round at {fmt.seconds(summary.first_round_s)}")
     lines.append(f" · {summary.slot_rounds} slot-rounds ({summary.slot_rounds_per_hour:.0f}/h)")
-    lines.append(f" · accuracy {summary.target_accuracy:g} ")
-    if summary.time_to_target_s is None:
+    lines.append(f" · test accuracy {summary.target_accuracy:g} ")
+    _reached(lines, summary.time_to_target_s)
+    if summary.final_validation_accuracy is not None:
+        lines.append(f" · validation accuracy {summary.target_accuracy:g} ")
+        _reached(lines, summary.validation_time_to_target_s)
+    return lines
+
+
+def _reached(lines: Text, at_s: float | None) -> None:
+    if at_s is None:
         lines.append("not reached", style="yellow")
     else:
-        lines.append(f"reached at {fmt.seconds(summary.time_to_target_s)}", style="green")
-    return lines
+        lines.append(f"reached at {fmt.seconds(at_s)}", style="green")
+
+
+def _validated(summary: RunSummary) -> bool:
+    """Whether the log has federated evaluation (validation_finished) at all."""
+    return any(s.validation_over_time for s in summary.slots)
 
 
 def _slots_table(summary: RunSummary) -> Table:
     target = f"{summary.target_accuracy:g}"
-    table = _table("Slots", "slot", "rounds", "failed", "final\naccuracy", "best\naccuracy",
-                   f"time to\n{target}", f"rounds\nto {target}", "accuracy over rounds")
+    validated = _validated(summary)
+    extra = ("final\nvalidation", "best\nvalidation", f"val. time\nto {target}") \
+        if validated else ()
+    table = _table("Slots (rounds aggregated; test: the coordinator's test set"
+                   + ("; validation: the clients' held-out splits)" if validated else ")"),
+                   "slot", "rounds", "failed", "final\ntest", "best\ntest",
+                   f"time to\n{target}", f"rounds\nto {target}", *extra,
+                   "test accuracy over rounds")
     table.columns[-1].justify = "left"
     for slot in summary.slots:
+        validation = (fmt.accuracy(slot.final_validation_accuracy),
+                      fmt.accuracy(slot.best_validation_accuracy),
+                      fmt.seconds(slot.validation_time_to_target_s)) if validated else ()
         table.add_row(
             str(slot.slot_id), str(slot.rounds), _failed(slot),
             fmt.accuracy(slot.final_accuracy), fmt.accuracy(slot.best_accuracy),
             fmt.seconds(slot.time_to_target_s),
-            "-" if slot.rounds_to_target is None else str(slot.rounds_to_target),
+            "-" if slot.rounds_to_target is None else str(slot.rounds_to_target), *validation,
             fmt.sparkline([acc for _t, acc in slot.accuracy_over_time], 0.0, 1.0),
         )
     return table
@@ -95,12 +116,14 @@ def _slots_table(summary: RunSummary) -> Table:
 
 def _ranking_table(summary: RunSummary) -> Table:
     target = f"{summary.target_accuracy:g}"
-    table = _table("Slots by configuration (ranked by time to target, then final accuracy)",
+    table = _table("Slots by configuration (ranked by time to test target, then final test "
+                   "accuracy)",
                    "rank", "slot", "configuration (what differs)", f"time to\n{target}",
-                   "final\naccuracy", "best\naccuracy", left=3)
+                   "final\ntest", "best\ntest", "final\nvalidation", left=3)
     for r in summary.ranking:
         table.add_row(str(r.rank), str(r.slot_id), r.label, fmt.seconds(r.time_to_target_s),
-                      fmt.accuracy(r.final_accuracy), fmt.accuracy(r.best_accuracy))
+                      fmt.accuracy(r.final_accuracy), fmt.accuracy(r.best_accuracy),
+                      fmt.accuracy(r.final_validation_accuracy))
     return table
 
 
@@ -113,12 +136,15 @@ def _lineage_table(summary: RunSummary) -> Table:
 
 
 def _phases_table(summary: RunSummary) -> Table:
-    table = _table("Where a round's time goes (mean over closed rounds)", "slot", "round",
+    table = _table("Where a round's time goes (mean over aggregated rounds; to aggregated: "
+                   "round start to aggregate; closed: to round_closed, evaluation and "
+                   "checkpoint included)", "slot", "to aggre-\ngated", "to\nclosed",
                    "lease\nwait", "quorum\nwait", "aggre-\ngation", "evalu-\nation",
                    "check-\npoint")
     for slot in summary.slots:
         table.add_row(
-            str(slot.slot_id), fmt.seconds(slot.mean_round_s),
+            str(slot.slot_id), fmt.seconds(slot.mean_aggregated_s),
+            fmt.seconds(slot.mean_round_s),
             fmt.seconds(slot.mean_lease_wait_s), fmt.seconds(slot.mean_quorum_wait_s),
             fmt.seconds(slot.mean_aggregation_s), fmt.seconds(slot.mean_evaluation_s),
             fmt.seconds(slot.mean_checkpoint_s),
@@ -137,13 +163,14 @@ _STATUS_MARK = {"closed": "", "failed": " failed", "interrupted": " cut", "open"
 def _rounds_table(slot: SlotSummary) -> Table:
     table = _table(f"Slot {slot.slot_id}: rounds (start: since run start)", "round", "start",
                    "quorum\nwait", "aggre-\ngation", "evalu-\nation", "check-\npoint",
-                   "duration", "accuracy", "updates", "bytes\nmoved")
+                   "duration", "test\naccuracy", "val.\naccuracy", "updates", "bytes\nmoved")
     for r in slot.round_details:
         table.add_row(
             f"{r.round}{_STATUS_MARK.get(r.status, r.status)}", fmt.seconds(r.start_s),
             fmt.seconds(r.quorum_wait_s), fmt.seconds(r.aggregation_s),
             fmt.seconds(r.evaluation_s), fmt.seconds(r.checkpoint_s),
             fmt.seconds(r.duration_s), fmt.accuracy(r.accuracy),
+            fmt.accuracy(r.validation_accuracy),
             f"{r.num_updates}/{r.clients}", fmt.nbytes(r.bytes_down + r.bytes_up),
         )
     return table

@@ -93,6 +93,7 @@ class _Builder:
             se.QuorumReached.name: self._on_quorum_reached,
             se.AggregationFinished.name: self._on_aggregation_finished,
             se.EvaluationFinished.name: self._on_evaluation_finished,
+            se.ValidationFinished.name: self._on_validation_finished,
             "checkpoint_written": self._on_checkpoint_written,
             se.RoundClosed.name: self._on_round_closed,
             se.RoundFailed.name: self._on_round_failed,
@@ -124,8 +125,8 @@ class _Builder:
             if client.present_since is not None:
                 client.presence.append((client.present_since, self.run.end))
                 client.present_since = None
-        for evaluations in self.run.evaluations.values():
-            evaluations.sort()
+        for points in (*self.run.evaluations.values(), *self.run.validations.values()):
+            points.sort()
         return self.run
 
     # -- segments --------------------------------------------------------------------------
@@ -135,9 +136,13 @@ class _Builder:
         self._finished = False
 
     def _close_segment(self) -> None:
+        """What the stopped process left: rounds still open, and rounds aggregated whose
+        evaluate-and-checkpoint link never finished (no `round_closed`: their model was
+        never checkpointed, a resumed run does them again), are interrupted; leases end."""
         end = self.run.segments[-1].end
         for record in self._current.values():
-            if record.status == "open":
+            if record.status == "open" or (record.status == "closed"
+                                           and record.closed_at is None):
                 record.status, record.cut_at = "interrupted", end
         self._current.clear()  # a restarted coordinator starts its rounds afresh
         for leases in self._open_leases.values():
@@ -312,18 +317,41 @@ class _Builder:
         record.failed = int(event.num("failed"))
 
     def _on_aggregation_finished(self, event: Event) -> None:
+        """The round is done (aggregated); its evaluation and checkpoint (`round_closed`)
+        may come rounds later."""
         record = self._round(event)
+        record.aggregated_at = event.ts
+        if record.status == "open":
+            record.status = "closed"
         record.aggregation_s += event.num("duration_s")
         record.num_updates = int(event.num("num_updates", record.num_updates))
         self._span(event)
 
     def _on_population(self, event: Event) -> None:
-        """PBT and merges: kept for the lineage; a merged model's score is a point of the
-        "merged" pseudo-slot's accuracy curve."""
+        """PBT and merges: kept for the lineage; a merged model's test score is a point of
+        the "merged" pseudo-slot's accuracy curve, a final candidate's validation score one
+        of its validation curve."""
         self.run.population_events.append((event.ts, event.name, dict(event.fields)))
         accuracy = event.opt_num("accuracy")
         if event.name in ("merge_evaluated", "final_merge") and accuracy is not None:
             self.run.evaluations.setdefault(MERGED, []).append((event.ts, event.round, accuracy))
+        if event.name == "final_candidate_validated" and accuracy is not None:
+            self.run.validations.setdefault(MERGED, []).append((event.ts, event.round, accuracy))
+
+    def _on_validation_finished(self, event: Event) -> None:
+        """Federated evaluation of the slot's round-`round` model (0: the initial one) on the
+        clients' validation splits, logged during a later round: a point of the slot's
+        validation curve, and the figures of that round's record where it has one."""
+        accuracy = event.opt_num("accuracy")
+        if accuracy is None:
+            return
+        self.run.validations.setdefault(event.slot_id, []).append(
+            (event.ts, event.round, accuracy))
+        record = next((r for r in reversed(self.run.rounds.get(event.slot_id, []))
+                       if r.round == event.round and r.status == "closed"), None)
+        if record is not None:
+            record.validation_accuracy = accuracy
+            record.validation_loss = event.opt_num("loss")
 
     def _on_evaluation_finished(self, event: Event) -> None:
         record = self._round(event)
@@ -342,6 +370,8 @@ class _Builder:
         self._span(event)
 
     def _on_round_closed(self, event: Event) -> None:
+        """The round's evaluate-and-checkpoint link finished (in a log from before
+        `aggregation_finished` counted rounds, also the round's end)."""
         record = self._round(event)
         record.status, record.closed_at = "closed", event.ts
         record.duration_s = event.opt_num("duration_s")

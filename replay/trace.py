@@ -9,8 +9,8 @@ The file is the JSON Object Format of the Trace Event Format: `{"traceEvents": [
                update, aggregate, evaluate, checkpoint), and a `process lifetimes` thread
                with one slice per coordinator process (a gap between two is downtime)
   slots        a thread per slot: its rounds, from start until the aggregate is ready,
-               with the quorum wait inside and the lease wait before; its accuracy
-               as a counter track
+               with the quorum wait inside and the lease wait before; its test-set
+               accuracy, and its validation accuracy (the clients' splits), as counters
   clients      a thread per client: its leases with the training inside; updates
                rejected or late, jobs failed, clients lost and lease violations as
                instant events
@@ -163,8 +163,12 @@ class _RunTrace:
         track = _Track(f"slot {slot}")
         for record in self.run.rounds.get(slot, []):
             track.slices += self._round_slices(record)
+        # test set (central evaluation) and, apart, the clients' validation splits
         track.counters = [(f"slot {slot} accuracy", self.us(at), {"accuracy": accuracy})
                           for at, _round, accuracy in self.run.evaluations.get(slot, [])]
+        track.counters += [(f"slot {slot} validation accuracy", self.us(at),
+                            {"validation_accuracy": accuracy})
+                           for at, _round, accuracy in self.run.validations.get(slot, [])]
         return track
 
     def _round_slices(self, record: RoundRecord) -> list[_Slice]:

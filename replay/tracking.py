@@ -3,7 +3,10 @@
 One MLflow parent run per PWFL run (run-level settings as parameters, wall time and the
 best final accuracy as metrics, run.toml and the lineage as artifacts) and one child run
 per slot: the slot's resolved configuration as parameters; per round (the MLflow step)
-``test_accuracy`` and ``test_loss`` of the central evaluation and the example-weighted
+``test_accuracy`` and ``test_loss`` of the central evaluation (the test set),
+``federated_validation_accuracy`` and ``federated_validation_loss`` of the federated one (the
+clients' held-out validation splits, ``validation_finished``; the step is the round of the
+model evaluated, 0 the initial one), and the example-weighted
 mean of every numeric metric its clients reported with their updates (``train_loss``,
 ``train_accuracy``, and validation figures such as ``val_accuracy`` where a task sends
 them); PBT exploits and explores and merges as tags ``event.RRRR.NAME`` with a readable
@@ -154,6 +157,9 @@ class _Exporter:
         if self.summary.final_accuracy is not None:
             self.client.log_metric(run_id, "best_final_test_accuracy",
                                    self.summary.final_accuracy)
+        if self.summary.final_validation_accuracy is not None:
+            self.client.log_metric(run_id, "best_final_validation_accuracy",
+                                   self.summary.final_validation_accuracy)
         if (self.run_dir / "run.toml").exists():
             self.client.log_artifact(run_id, str(self.run_dir / "run.toml"))
         merged = self.run_dir / "checkpoints" / "result.pwfl"  # --merge final's kept model
@@ -198,9 +204,13 @@ class _Exporter:
         metrics = []
         for record in self.run.rounds.get(slot_id, []):
             ts = int(1000 * (record.closed_at or self.run.end))
-            for key, value in (("test_accuracy", record.accuracy), ("test_loss", record.loss)):
+            for key, value in (("test_accuracy", record.accuracy), ("test_loss", record.loss),
+                               ("federated_validation_loss", record.validation_loss)):
                 if value is not None:
                     metrics.append(Metric(key, float(value), ts, record.round))
+        for at, rnd, accuracy in self.run.validations.get(slot_id, []):
+            metrics.append(Metric("federated_validation_accuracy", accuracy, int(1000 * at),
+                                  max(rnd, 0)))
         for rnd, values in sorted(client_metrics(self.events, slot_id).items()):
             ts = int(1000 * self.run.end)
             metrics += [Metric(_metric_name(k), v, ts, rnd) for k, v in sorted(values.items())]

@@ -89,3 +89,23 @@ def test_the_example_notebook_runs_a_sweep_and_plots_it(
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert (tmp_path / "sweep.png").stat().st_size > 0
     assert len(list((tmp_path / "runs").glob("*/checkpoints/slot2"))) == 1
+
+
+def test_progress_line_counts_rounds_aggregated_and_labels_both_accuracies() -> None:
+    """The one-line progress of pwfl.run: rounds when aggregated, the latest validation and
+    test accuracy each under its name; round_closed (which lags) moves nothing."""
+    shown = pwfl._Progress("r")
+    shown.handle = None
+    events = [{"event": "run_started", "rounds": 4},
+              {"event": "aggregation_finished", "slot_id": 0, "round": 1},
+              {"event": "validation_finished", "slot_id": 0, "round": 0, "accuracy": 0.5},
+              {"event": "aggregation_finished", "slot_id": 0, "round": 2},
+              {"event": "evaluation_finished", "slot_id": 0, "round": 1, "accuracy": 0.625},
+              {"event": "round_closed", "slot_id": 0, "round": 1, "accuracy": 0.625},
+              {"event": "aggregation_finished", "slot_id": 1, "round": 1}]
+    shown._show = lambda: None  # type: ignore[method-assign]
+    shown.update(events)
+    assert shown.text() == ("PWFL run r [running] slot 0: 2/4 val 50.0% test 62.5%  "
+                            "slot 1: 1/4 val - test -")
+    assert {"aggregation_finished", "validation_finished", "evaluation_finished"} <= set(
+        pwfl.SHOWN_EVENTS)

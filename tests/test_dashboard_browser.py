@@ -1,6 +1,8 @@
 """The live dashboard in a real headless Chromium against a real run: charts fill while the run
 goes, a page whose connection drops shows it and recovers, a page opened mid-run agrees, and
-the final state stays after the end.
+the final state stays after the end. And against a served state fed events by hand (no run):
+validation and test series drawn and labelled apart, rounds aggregated and the evaluation lag
+on each slot's card, and no busy fraction above 100%.
 
 Screenshots go to $PWFL_SCREENSHOT_DIR (else the test's tmp dir); their paths are printed."""
 
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +21,9 @@ from typing import Any
 import pytest
 
 from bus.embedded import EmbeddedRedis
+from coordinator.http import StatusServer
+from coordinator.observability import Observability
+from coordinator.status import RunStatus, SlotStatus
 from tests.e2e import Run, start_coordinator
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -33,7 +39,8 @@ EVERY_SLOT_PLOTTED = """([slots, clientsPerSlot]) => typeof S !== 'undefined' &&
   && S.status.slots.every(s => new Set(Object.entries(S.timeline).filter(([c, segs]) =>
        segs.some(g => g.slot === String(s.slot_id))).map(([c]) => c)).size >= clientsPerSlot)
   && document.querySelectorAll('#slots .slot').length === slots
-  && chart !== null && chart.series.length === slots + 1"""
+  && chart !== null
+  && chart.series.filter(s => / test$/.test(s.label)).length === slots"""
 
 
 @pytest.fixture
@@ -168,3 +175,86 @@ async def test_dashboard_live_then_final(redis_server: EmbeddedRedis, tmp_path: 
         assert state["done"] == [ROUNDS] * SLOTS
         assert state["points"] == expected
         assert "finished" in state["banner"]
+
+
+def _fed_events(t0: float) -> list[dict[str, Any]]:
+    """Two slots, three rounds each: leases, overlapping folds and aggregations, both slots'
+    evaluations queued on the one evaluation thread, and each round's validation."""
+    events: list[dict[str, Any]] = [{"event": "run_started", "slots": 2, "rounds": 6,
+                                     "task": "synthetic", "strategy": "fedavg", "ts": t0}]
+    for slot in (0, 1):
+        for r in (1, 2, 3):
+            t = t0 + 1 + 4 * (r - 1) + slot * 0.5
+            ids = {"slot_id": slot, "round": r}
+            events += [
+                {"event": "lease_taken", "client_id": str(slot), "ts": t, **ids},
+                {"event": "lease_returned", "client_id": str(slot), "reason": "result",
+                 "ts": t + 3, **ids},
+                {"event": "validation_finished", "slot_id": slot, "round": r - 1,
+                 "during_round": r, "accuracy": 0.4 + 0.1 * r + 0.02 * slot, "loss": 1.0,
+                 "num_examples": 100, "clients": 1, "ts": t + 3.1},
+                {"event": "update_folded", "duration_s": 2.0, "ts": t + 3.2, **ids},
+                {"event": "aggregation_finished", "duration_s": 3.0, "ts": t + 3.4, **ids},
+                # queued behind the other slot's: duration_s includes the wait
+                {"event": "evaluation_finished", "accuracy": 0.35 + 0.1 * r + 0.03 * slot,
+                 "duration_s": 3.0 + slot, "ts": t + 3.5 + slot, **ids},
+            ]
+    return sorted(events, key=lambda e: e["ts"])
+
+
+async def test_validation_and_test_are_drawn_apart_and_busy_stays_under_100(
+        browser: Any, tmp_path: Path) -> None:
+    """Fed by hand: each slot has a "test" and a dashed "validation" series, legend labelled;
+    a later validation point arrives live; cards count rounds aggregated and show the lag;
+    every busy bar reads at most 100% though the evaluations overlap the rounds' work."""
+    t0 = time.time() - 30
+    status = RunStatus("fed", started_at=t0)
+    obs = Observability(status, lambda: status.as_dict({}))
+    server = StatusServer(lambda: status.as_dict({}), "127.0.0.1", 0, observability=obs)
+    for slot in (0, 1):
+        status.slots[slot] = SlotStatus(slot, rounds=6, state="training")
+        for r in (1, 2, 3):
+            status.slots[slot].record_aggregated(r)
+            status.slots[slot].record_validation(r - 1, 0.4 + 0.1 * r, 1.0 * r)
+        status.slots[slot].record_evaluated(1)
+        status.slots[slot].record_accuracy(1, 0.45, 5.0)
+    url = await server.start()
+    try:
+        for event in _fed_events(t0):
+            obs._observe(event)
+        page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+        await page.goto(url)
+        labels = ["slot 0 test", "slot 0 validation", "slot 1 test", "slot 1 validation"]
+        await page.wait_for_function(
+            "(labels) => typeof chart !== 'undefined' && chart !== null && "
+            "JSON.stringify(chart.series.slice(1).map(s => s.label)) === JSON.stringify(labels)",
+            arg=labels, timeout=30_000)
+        obs._observe({"event": "validation_finished", "slot_id": 0, "round": 3,
+                      "during_round": 4, "accuracy": 0.9, "ts": t0 + 20})
+        await page.wait_for_function("() => (S.validation['0'] || []).length === 4",
+                                     timeout=30_000)
+        shots = _screenshot_dir(tmp_path)
+        await page.screenshot(path=shots / "dashboard-validation.png", full_page=True)
+        print(f"validation screenshot: {shots / 'dashboard-validation.png'}")  # noqa: T201
+        seen = await page.evaluate("""() => ({
+            legend: document.querySelector('.u-legend').textContent,
+            dashed: chart.series.slice(1).map(s => !!s.dash),
+            cards: [...document.querySelectorAll('#slots .slot')].map(e => e.textContent),
+            busy: [...document.querySelectorAll('#busy .bar')].map(e => [
+                e.querySelector('span').textContent, e.querySelector('.num').textContent])})""")
+    finally:
+        await server.stop()
+    assert "validation" in seen["legend"]
+    assert "test" in seen["legend"]
+    assert seen["dashed"] == [False, True, False, True]
+    for card in seen["cards"]:
+        assert "3 of 6 rounds aggregated" in card
+        assert "evaluation lag 2 rounds" in card
+        assert "validation" in card
+        assert "test" in card
+    names = [name for name, _ in seen["busy"]]
+    assert "evaluation thread" in names
+    assert "coordinator: rounds" in names
+    shares = [float(value.rstrip("%")) for _, value in seen["busy"]]
+    assert len(shares) >= 4
+    assert all(0 <= share <= 100 for share in shares), seen["busy"]

@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from client_agent.metrics import AgentMetrics
 from coordinator.http import StatusServer
 from coordinator.observability import STATIC_FILES, LatestModel, Observability, static_file
-from coordinator.observability.dashboard import DashboardState, IntervalUnion
+from coordinator.observability.dashboard import DashboardState, IntervalUnion, PoolBusy
 from coordinator.observability.metrics import CoordinatorMetrics
 from coordinator.status import RunStatus, SlotStatus
 from serialization import decode
@@ -28,10 +28,11 @@ from serialization.events import observe
 from trainer_worker import shm
 
 TOKEN = "t0ken-" + "z" * 30
-RUN = [
+RUN: list[dict[str, Any]] = [
     {"event": "run_started", "slots": 1, "strategy": "fedavg", "policy": "partition",
      "task": "synthetic", "late_policy": "drop"},
     {"event": "model_published", "slot_id": 0, "round": 1, "nbytes": 1000, "duration_s": 0.01},
+    {"event": "round_started", "slot_id": 0, "round": 1, "clients": ["0", "1"], "ts": 10.0},
     {"event": "lease_taken", "slot_id": 0, "round": 1, "client_id": "0", "ts": 10.0},
     {"event": "lease_taken", "slot_id": 0, "round": 1, "client_id": "1", "ts": 10.0},
     {"event": "job_published", "slot_id": 0, "round": 1, "client_id": "0", "job_id": "j0"},
@@ -44,6 +45,8 @@ RUN = [
      "ts": 13.0},
     {"event": "update_rejected", "reason": "bad_signature", "job_id": "jx"},
     {"event": "update_late", "slot_id": 0, "round": 0, "action": "dropped"},
+    {"event": "validation_finished", "slot_id": 0, "round": 0, "during_round": 1,
+     "accuracy": 0.3, "loss": 2.0, "num_examples": 40, "clients": 1, "ts": 12.7},
     {"event": "quorum_reached", "slot_id": 0, "round": 1, "wait_s": 1.5},
     {"event": "aggregation_finished", "slot_id": 0, "round": 1, "duration_s": 0.2, "ts": 13.2},
     {"event": "evaluation_finished", "slot_id": 0, "round": 1, "accuracy": 0.5,
@@ -52,6 +55,9 @@ RUN = [
     {"event": "redis_reconnected", "down_s": 2.0, "retries": 3},
     {"event": "http_unauthorized", "route": "/slots/{slot_id}/model", "path": "/slots/0/model"},
 ]
+
+
+AGGREGATED = next(e for e in RUN if e["event"] == "aggregation_finished")
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -68,7 +74,7 @@ def test_events_become_metrics_with_units_and_bounded_labels() -> None:
     got = samples(metrics.render().decode())
     slot = (("slot", "0"),)
     assert got[("pwfl_slot_rounds_completed_total", slot)] == 1
-    assert got[("pwfl_round_duration_seconds_sum", slot)] == 3.5
+    assert got[("pwfl_round_duration_seconds_sum", slot)] == pytest.approx(3.2)  # to aggregated
     assert got[("pwfl_quorum_wait_seconds_count", slot)] == 1
     assert got[("pwfl_client_jobs_total", (("client", "0"), ("outcome", "done")))] == 1
     assert got[("pwfl_client_jobs_total", (("client", "1"), ("outcome", "lost")))] == 1
@@ -106,7 +112,7 @@ def test_status_is_read_at_scrape_time() -> None:
 def test_each_coordinator_has_its_own_registry() -> None:
     """Two coordinators in one process never share a metric."""
     one, two = CoordinatorMetrics(RunStatus("a")), CoordinatorMetrics(RunStatus("b"))
-    one.observe(RUN[-3])
+    one.observe(AGGREGATED)
     assert ("pwfl_slot_rounds_completed_total", (("slot", "0"),)) not in samples(
         two.render().decode())
 
@@ -137,8 +143,8 @@ def test_observability_follows_only_its_own_run() -> None:
     """Events bound to another run's id leave this coordinator's metrics alone."""
     status = RunStatus("mine")
     obs = Observability(status, lambda: status.as_dict({}))
-    obs._observe({**RUN[-3], "run_id": "other"})
-    obs._observe({**RUN[-3], "run_id": "mine"})
+    obs._observe({**AGGREGATED, "run_id": "other"})
+    obs._observe({**AGGREGATED, "run_id": "mine"})
     got = samples(obs.metrics.render().decode())
     assert got[("pwfl_slot_rounds_completed_total", (("slot", "0"),))] == 1
 
@@ -180,6 +186,124 @@ def test_dashboard_state_draws_leases_and_accuracy() -> None:
     assert state.client_busy_s == {"0": 2.5, "1": 3.0}
     assert state.late["dropped"] == 1
     assert state.active_t == 10.0
+
+
+def test_rounds_count_when_aggregated_and_durations_end_there() -> None:
+    """pwfl_slot_rounds_completed_total counts aggregation_finished, not round_closed (which
+    may lag rounds behind); a round's duration runs from round_started to its aggregate."""
+    metrics = CoordinatorMetrics(RunStatus("agg"))
+    for r in (1, 2, 3):
+        metrics.observe({"event": "round_started", "slot_id": 0, "round": r, "ts": 10.0 * r})
+        metrics.observe({"event": "aggregation_finished", "slot_id": 0, "round": r,
+                         "duration_s": 0.1, "ts": 10.0 * r + 4})
+    metrics.observe({"event": "round_closed", "slot_id": 0, "round": 1, "duration_s": 99.0,
+                     "accuracy": 0.5, "ts": 35.0})  # the first round's link, finished late
+    got = samples(metrics.render().decode())
+    slot = (("slot", "0"),)
+    assert got[("pwfl_slot_rounds_completed_total", slot)] == 3
+    assert got[("pwfl_round_duration_seconds_count", slot)] == 3
+    assert got[("pwfl_round_duration_seconds_sum", slot)] == pytest.approx(12.0)
+
+
+def test_validation_test_accuracy_and_evaluation_lag_are_scraped_apart() -> None:
+    """Validation (the clients' splits) and test-set accuracy are separate gauges whose help
+    says which; the evaluation lag is rounds aggregated minus the newest evaluated round."""
+    status = RunStatus("val")
+    metrics = CoordinatorMetrics(status)
+    status.slots[0] = SlotStatus(0, rounds=10)
+    status.slots[1] = SlotStatus(1, rounds=10)
+    slot = status.slots[0]
+    for r in range(1, 6):
+        slot.record_aggregated(r)
+    slot.record_evaluated(2)
+    slot.record_accuracy(2, 0.71, 1.0)
+    slot.record_validation(3, 0.82, 1.5)
+    slot.record_validation(4, 0.80, 2.0)
+    text = metrics.render().decode()
+    got = samples(text)
+    zero, one = (("slot", "0"),), (("slot", "1"),)
+    assert got[("pwfl_slot_accuracy_ratio", zero)] == 0.71
+    assert got[("pwfl_slot_validation_accuracy_ratio", zero)] == 0.80
+    assert got[("pwfl_slot_best_validation_accuracy_ratio", zero)] == 0.82
+    assert got[("pwfl_slot_evaluation_lag_rounds", zero)] == 3
+    assert got[("pwfl_slot_evaluation_lag_rounds", one)] == 0
+    assert ("pwfl_slot_validation_accuracy_ratio", one) not in got  # nothing validated yet
+    helps = {f.name: f.documentation for f in text_string_to_metric_families(text)}
+    assert "Test-set" in helps["pwfl_slot_accuracy_ratio"]
+    assert "validation" in helps["pwfl_slot_validation_accuracy_ratio"].lower()
+    assert "not the test set" in helps["pwfl_slot_validation_accuracy_ratio"]
+    assert "aggregated" in helps["pwfl_round_duration_seconds"]
+
+
+def test_dashboard_state_keeps_validation_and_test_points_apart() -> None:
+    """validation_finished becomes a validation point (its model's round and the round that
+    evaluated it), evaluation_finished a test point; both reach a page as ops and in the
+    snapshot; /status's point lists stay out of the flushed summary."""
+    state = DashboardState("r", started_at=0.0)
+    ops = [op for event in RUN for op in state.apply(event)]
+    assert list(state.validation["0"]) == [[12.7, 0.3, 0, 1]]
+    assert list(state.accuracy["0"]) == [[13.5, 0.5, 1]]
+    assert ["val", "0", 12.7, 0.3, 0, 1] in ops
+    assert ["acc", "0", 13.5, 0.5, 1] in ops
+    assert state.apply({"event": "validation_finished", "slot_id": 0, "round": 1}) == []
+    status = RunStatus("r")
+    status.slots[0] = SlotStatus(0, rounds=3)
+    status.slots[0].record_validation(0, 0.3, 12.7)
+    snapshot = state.snapshot(status.as_dict({}))
+    assert snapshot["validation"] == {"0": [[12.7, 0.3, 0, 1]]}
+    assert "validation_accuracies" not in snapshot["status"]["slots"][0]
+    assert snapshot["status"]["slots"][0]["last_validation_accuracy"] == 0.3
+
+
+def _every_fraction(busy: dict[str, Any]) -> list[float]:
+    f = busy["busy_fractions"]
+    return [f["round_work"], f["evaluation"], *f["kinds"].values(), *f["clients"].values()]
+
+
+def test_busy_fractions_never_pass_one_with_overlapping_evaluation_and_aggregation() -> None:
+    """Three slots' evaluations queue on the one evaluation thread (each duration_s includes
+    its wait) while folds and aggregations of the three overlap on the loop: summed, the
+    evaluate kind alone came to 180% and the kinds to far more; each fraction is now a share
+    of its own capacity, so none passes 1, and a thread busy the whole time is at 1."""
+    state = DashboardState("r", started_at=0.0)
+    state.apply({"event": "lease_taken", "slot_id": 0, "round": 1, "client_id": "a", "ts": 0.0})
+    for slot in range(3):
+        # evaluations of the three slots queued at t=7, run one after the other to t=10
+        state.apply({"event": "evaluation_finished", "slot_id": slot, "round": 1,
+                     "accuracy": 0.5, "duration_s": 1.0 + slot, "ts": 8.0 + slot})
+        state.apply({"event": "evaluation_finished", "slot_id": slot, "round": 0,
+                     "accuracy": 0.1, "duration_s": 4.0, "ts": 4.0})
+        for k in range(4):  # folds and aggregations of every slot, all overlapping
+            state.apply({"event": "update_folded", "slot_id": slot, "round": 1,
+                         "duration_s": 3.0, "ts": 3.0 + k * 0.5})
+            state.apply({"event": "aggregation_finished", "slot_id": slot, "round": 1,
+                         "duration_s": 6.0, "ts": 6.5 + k * 0.1})
+    busy = state.busy(now_t=10.0)
+    assert all(0.0 <= f <= 1.0 for f in _every_fraction(busy)), busy
+    assert busy["busy_fractions"]["evaluation"] == pytest.approx(0.7)  # [0,4] and [7,10]
+    assert busy["evaluation_busy_s"] == pytest.approx(7.0)
+    assert busy["round_work_s"] == pytest.approx(6.8)  # folds [0,4.5], aggregations [0.5,6.8]
+    assert busy["busy_fractions"]["clients"] == {"a": pytest.approx(1.0)}  # leased throughout
+    summary = state.summary({"slots": []}, now_t=10.0)
+    assert summary["busy_fractions"] == busy["busy_fractions"]
+
+
+def test_pool_busy_counts_busy_threads_of_queued_work() -> None:
+    """While n pieces of queued work are in flight, min(n, workers) threads are busy; spans
+    pushed past the horizon keep their total."""
+    one, two = PoolBusy(1), PoolBusy(2)
+    for span in [(0.0, 1.0), (0.0, 2.0), (0.0, 3.0), (5.0, 6.0)]:
+        one.add(*span)
+        two.add(*span)
+    assert one.busy_s == pytest.approx(4.0)
+    assert two.busy_s == pytest.approx(2 * 2.0 + 1.0 + 1.0)  # [0,2] both, [2,3] one, [5,6]
+    rng = random.Random(3)
+    pool, spans, end = PoolBusy(2), [], 0.0
+    for _ in range(400):
+        end += rng.random() * 5
+        spans.append((end - rng.random() * 8, end))
+        pool.add(*spans[-1])
+    assert pool.busy_s == pytest.approx(PoolBusy(2)._busy_s(sorted(spans)))
 
 
 @pytest.fixture

@@ -151,17 +151,18 @@ def _query(prometheus: str, promql: str) -> float | None:
 
 def test_prometheus_scrapes_and_answers_a_query(observed: ObservedRun, prometheus: str) -> None:
     """A real Prometheus scrapes /metrics of the coordinator and of the agent; its query API
-    returns rounds completed and the agent's jobs, at most what the run has done."""
+    returns rounds completed (aggregated) and the agent's jobs, at most what the run has
+    done."""
     rounds = _until(lambda: _query(prometheus, "sum(pwfl_slot_rounds_completed_total)"), 90,
-                    "prometheus has scraped closed rounds")
+                    "prometheus has scraped aggregated rounds")
     jobs = _until(lambda: _query(prometheus, 'sum(pwfl_agent_jobs_total{status="ok"})'), 60,
                   "prometheus has scraped the agent's jobs")
     hits = _until(lambda: _query(prometheus, "sum(pwfl_agent_model_fetches_total)"), 30,
                   "model fetches")
-    closed_now = len(observed.run.events("round_closed"))
-    print(f"prometheus: pwfl_slot_rounds_completed_total={rounds:g} (log: {closed_now}), "  # noqa: T201
+    aggregated_now = len(observed.run.events("aggregation_finished"))
+    print(f"prometheus: pwfl_slot_rounds_completed_total={rounds:g} (log: {aggregated_now}), "  # noqa: T201
           f"pwfl_agent_jobs_total={jobs:g}, model fetches={hits:g}")
-    assert 1 <= rounds <= closed_now
+    assert 1 <= rounds <= aggregated_now
     assert jobs >= 1
     up = _query(prometheus, 'sum(up{job=~"pwfl-.*"})')
     assert up == 2.0
@@ -199,11 +200,15 @@ def test_downloaded_model_scores_what_status_reports(observed: ObservedRun,
 
 def test_checkpoints_are_listed_with_the_token(observed: ObservedRun) -> None:
     """GET /runs/RUN/checkpoints lists the kept rounds of each slot; another run is 404."""
-    _until(lambda: _status(observed.url)["slots"][1]["rounds_done"] >= 1, 120, "a closed round")
-    status, _, body = _get(observed.url + "/runs/observed/checkpoints", observed.token)
-    assert status == 200
-    kept = json.loads(body)["checkpoints"]
-    assert {(c["slot_id"], c["round"]) for c in kept} >= {(0, 1), (1, 1)}
+    def listed() -> list[dict[str, Any]] | None:
+        """The listing once both slots' round 1 is checkpointed (a round counts as done when
+        aggregated; its checkpoint comes behind it)."""
+        status, _, body = _get(observed.url + "/runs/observed/checkpoints", observed.token)
+        assert status == 200
+        kept: list[dict[str, Any]] = json.loads(body)["checkpoints"]
+        return kept if {(c["slot_id"], c["round"]) for c in kept} >= {(0, 1), (1, 1)} else None
+
+    kept = _until(listed, 120, "round 1 of both slots checkpointed")
     assert all(c["nbytes"] > 0 for c in kept)
     assert _get(observed.url + "/runs/another/checkpoints", observed.token)[0] == 404
 

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from bench.payoff import RunResult, accuracy_at, render, table, time_to, verdict
+from bench.payoff import (
+    RunResult,
+    _parser,
+    accuracy_at,
+    jobs_to_target,
+    render,
+    result_of,
+    table,
+    time_to,
+    verdict,
+)
+from tests.fixtures.replay.synth import event_line, write_jsonl
 
 
 def result(mode: str, seed: int, curve: list[tuple[float, float]]) -> RunResult:
@@ -36,3 +51,56 @@ def test_verdict_compares_the_best_multi_slot_mode_with_one_slot() -> None:
     assert found["best_accuracy_gain_points"] == pytest.approx((0.87 - 0.8) * 100)  # at t=30
     assert found["goal_met"] is True
     assert "never" in render(rows)
+
+
+def _run_log(path: Path, *, validation: bool) -> Path:
+    """One slot, four rounds of 6 s with two clients each (answered 4 s into the round);
+    round r's clients validate model r - 1 half a second after answering; the coordinator's
+    test-set evaluation of model r comes 1 s after the round's aggregate."""
+    val = {0: 0.5, 1: 0.7, 2: 0.82, 3: 0.9}
+    test = {1: 0.6, 2: 0.81, 3: 0.86, 4: 0.9}
+    lines = [event_line(0.0, "run_started", slots=1, rounds=4)]
+    for r in (1, 2, 3, 4):
+        t, ids = 1.0 + 6 * (r - 1), dict[str, Any](slot_id=0, round=r)
+        lines.append(event_line(t, "round_started", clients=["x", "y"], **ids))
+        for client in ("x", "y"):
+            lines += [event_line(t, "job_published", client_id=client, job_id=f"{client}{r}",
+                                 **ids),
+                      event_line(t + 4, "update_received", client_id=client, status="ok",
+                                 job_id=f"{client}{r}", timings={"train_s": 3.0}, **ids)]
+        if validation:
+            lines.append(event_line(t + 4.5, "validation_finished", slot_id=0, round=r - 1,
+                                    during_round=r, accuracy=val[r - 1], loss=1.0,
+                                    num_examples=200, clients=2))
+        lines += [event_line(t + 5, "quorum_reached", reason="all", wait_s=5.0, **ids),
+                  event_line(t + 5.5, "aggregation_finished", num_updates=2, duration_s=0.5,
+                             **ids),
+                  event_line(t + 6.5, "evaluation_finished", accuracy=test[r], duration_s=1.0,
+                             **ids)]
+    lines.append(event_line(26.0, "run_finished", status="finished"))
+    path.mkdir(parents=True)
+    return write_jsonl(sorted(lines, key=lambda line: line["ts"]), path / "events.jsonl")
+
+
+def test_jobs_to_target_by_test_and_by_validation(tmp_path: Path) -> None:
+    """Jobs answered until the best model first reached each target: by the test set when its
+    evaluation was logged, by the clients' validation splits when theirs was (a round later,
+    so more jobs); a run that logged no validation reads n/a, not never."""
+    new = result_of("one", 0, _run_log(tmp_path / "new", validation=True))
+    assert new.time_to == {"0.8": 12.5, "0.85": 18.5, "0.88": 24.5}
+    assert new.jobs_to == {"0.8": 4, "0.85": 6, "0.88": 8}
+    assert new.jobs_to_val == {"0.8": 6, "0.85": 8, "0.88": 8}
+    old = result_of("one", 1, _run_log(tmp_path / "old", validation=False))
+    assert (old.jobs_to, old.jobs_to_val) == (new.jobs_to, None)
+    rows = table([new, old, replace(old, mode="merged")])
+    assert rows["one"]["jobs_to_0.8_val"] == {"mean": 6.0, "spread": 0.0, "missing": 0}
+    assert rows["one"]["jobs_to_0.8_test"]["mean"] == 4.0
+    assert rows["merged"]["jobs_to_0.8_val"]["n/a"] is True
+    text = render(rows)
+    assert "jobs to 0.8 (test) | jobs to 0.85 (test)" in text
+    assert "jobs to 0.8 (val)" in text
+    merged = next(line for line in text.splitlines() if line.startswith("merged |"))
+    assert "n/a" in merged
+    assert jobs_to_target(rows)["one"]["0.85"] == {"test": 6.0, "val": 8.0}
+    assert jobs_to_target(rows)["merged"]["0.85"]["val"] == "n/a"
+    assert "ANSWERED" in _parser().format_help()  # --help says which jobs are counted

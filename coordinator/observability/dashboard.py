@@ -2,13 +2,18 @@
 
 `DashboardState` folds the run's events into what the page shows, each part
 bounded (accuracy points and lease segments per slot and client, merged busy
-intervals): accuracy over time, which client trains for which slot, rejected
-and late updates, busy time of clients and coordinator. `DashboardHub` streams
-it to browsers: a full snapshot when a page connects (so a page opened mid-run,
-or reconnecting after a drop, starts from the truth), then every half second the
-new points and segments plus the current `/status`. Each op carries a sequence number and a
-snapshot the last one it holds, so a page never applies an op twice. The run's end is sent as a
-snapshot marked final, which the page keeps showing after the server has gone.
+intervals): accuracy over time (the test set's, `evaluation_finished`, and the clients'
+validation splits', `validation_finished`), which client trains for which slot, rejected
+and late updates, busy time of clients and coordinator. Busy fractions are each of their
+own capacity, so none exceeds 1: the coordinator's round work (publish, fold, aggregate,
+checkpoint: the union of their intervals) over the elapsed time, the evaluation thread's
+busy seconds over elapsed time x its workers, each client's leases over the elapsed time.
+`DashboardHub` streams it to browsers: a full snapshot when a page connects (so a page
+opened mid-run, or reconnecting after a drop, starts from the truth), then every half
+second the new points and segments plus the current `/status`. Each op carries a sequence
+number and a snapshot the last one it holds, so a page never applies an op twice. The run's
+end is sent as a snapshot marked final, which the page keeps showing after the server has
+gone.
 """
 
 from __future__ import annotations
@@ -72,16 +77,76 @@ class IntervalUnion:
         return self._closed_s + sum(b - a for a, b in self._spans)
 
 
-class CoordinatorBusy:
-    """The coordinator's work: seconds by kind (kinds overlap), and their union."""
+class PoolBusy:
+    """Busy worker-seconds of a pool of `workers` threads that take queued work in order,
+    from each piece's [queued, finished] interval (an evaluation's `duration_s` includes its
+    wait for the thread): while n pieces are in flight, min(n, workers) threads work. So the
+    total never exceeds elapsed x workers, however the intervals overlap. Bounded like
+    `IntervalUnion`: what lies more than BUSY_HORIZON_S before the newest end is a total."""
 
-    def __init__(self) -> None:
-        self.by_kind_s: dict[str, float] = {}
-        self.union = IntervalUnion()
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = max(1, workers)
+        self._closed_s = 0.0
+        self._spans: list[tuple[float, float]] = []  # sorted by start
+
+    def add(self, start: float, end: float) -> None:
+        bisect.insort(self._spans, (start, end))
+        cut = end - BUSY_HORIZON_S
+        if any(b <= cut for _a, b in self._spans):
+            self._closed_s += self._busy_s(self._spans, until=cut)
+            self._spans = [(max(a, cut), b) for a, b in self._spans if b > cut]
+
+    def _busy_s(self, spans: list[tuple[float, float]], until: float = float("inf")) -> float:
+        edges = sorted([(a, 1) for a, _b in spans] + [(b, -1) for _a, b in spans])
+        total, running, previous = 0.0, 0, None
+        for t, step in edges:
+            t = min(t, until)
+            if previous is not None and t > previous:
+                total += min(running, self.workers) * (t - previous)
+            previous, running = t, running + step
+        return total
+
+    @property
+    def busy_s(self) -> float:
+        """Worker-seconds: divide by elapsed x `workers` for the pool's busy fraction."""
+        return self._closed_s + self._busy_s(self._spans)
+
+
+EVALUATION_KIND = BUSY_KIND_OF_EVENT[se.EvaluationFinished.name]
+
+
+class CoordinatorBusy:
+    """The coordinator's work, each part measured against its own capacity: per kind the
+    union of its intervals (several slots' work of a kind overlaps), the round work (every
+    kind but evaluation: the event loop and its short worker-thread calls) as one union, and
+    the evaluation thread(s) as a pool (`PoolBusy`): evaluations run there, beside the
+    rounds, so adding them to the round work would count two places at once as one."""
+
+    def __init__(self, eval_workers: int = 1) -> None:
+        self.by_kind: dict[str, IntervalUnion] = {}
+        self.rounds = IntervalUnion()
+        self.evaluation = PoolBusy(eval_workers)
+        self.first_start: float | None = None
 
     def add(self, kind: str, start: float, end: float) -> None:
-        self.by_kind_s[kind] = self.by_kind_s.get(kind, 0.0) + (end - start)
-        self.union.add(start, end)
+        self.first_start = start if self.first_start is None else min(self.first_start, start)
+        if kind == EVALUATION_KIND:
+            self.evaluation.add(start, end)
+        else:
+            self.by_kind.setdefault(kind, IntervalUnion()).add(start, end)
+            self.rounds.add(start, end)
+
+    def set_eval_workers(self, workers: int) -> None:
+        if workers != self.evaluation.workers and not self.evaluation.busy_s:
+            self.evaluation = PoolBusy(workers)
+
+    @property
+    def by_kind_s(self) -> dict[str, float]:
+        """Busy seconds per kind (evaluation: the evaluation threads' busy seconds)."""
+        kinds = {kind: union.length_s for kind, union in self.by_kind.items()}
+        if self.evaluation.busy_s:
+            kinds[EVALUATION_KIND] = self.evaluation.busy_s
+        return kinds
 
 
 class DashboardState:
@@ -91,10 +156,13 @@ class DashboardState:
         self.run_id = run_id
         self.t0 = started_at
         self.run: dict[str, Any] = {}
-        self.accuracy: dict[str, deque[Op]] = {}
+        self.accuracy: dict[str, deque[Op]] = {}  # test set: [t, accuracy, round]
+        # the clients' validation splits: [t, accuracy, round of the model, during_round]
+        self.validation: dict[str, deque[Op]] = {}
         self.timeline: dict[str, deque[dict[str, Any]]] = {}
         self._open: dict[tuple[str, str], dict[str, Any]] = {}  # (client, slot) -> segment
-        self.client_busy_s: dict[str, float] = {}
+        self.client_busy_s: dict[str, float] = {}  # closed leases (a union per client)
+        self._client_busy: dict[str, IntervalUnion] = {}
         self.late: Counter[str] = Counter()
         self.coordinator = CoordinatorBusy()
         self.final = False
@@ -113,6 +181,9 @@ class DashboardState:
 
     def _run_started(self, event: Mapping[str, Any]) -> list[Op]:
         self.run = {k: event.get(k) for k in RUN_FIELDS if k in event}
+        workers = event.get("eval_workers")  # evaluations run at once (the Evaluator: 1)
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
+            self.coordinator.set_eval_workers(workers)
         return [["run", self.run]]
 
     def _evaluation(self, event: Mapping[str, Any]) -> list[Op]:
@@ -123,6 +194,15 @@ class DashboardState:
         point = [self._t(event), float(accuracy), event.get("round")]
         self.accuracy.setdefault(slot, deque(maxlen=MAX_POINTS_PER_SLOT)).append(point)
         return [["acc", slot, *point]]
+
+    def _validation(self, event: Mapping[str, Any]) -> list[Op]:
+        accuracy = event.get("accuracy")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, int | float):
+            return []
+        slot = str(event.get("slot_id"))
+        point = [self._t(event), float(accuracy), event.get("round"), event.get("during_round")]
+        self.validation.setdefault(slot, deque(maxlen=MAX_POINTS_PER_SLOT)).append(point)
+        return [["val", slot, *point]]
 
     def _lease_taken(self, event: Mapping[str, Any]) -> list[Op]:
         client, slot, start = str(event.get("client_id")), str(event.get("slot_id")), self._t(event)
@@ -141,8 +221,9 @@ class DashboardState:
                                                                  or k[1] == str(slot))]:
             segment = self._open.pop(key)
             segment["end"], segment["outcome"] = self._t(event), event.get("reason")
-            busy_s = segment["end"] - segment["start"]
-            self.client_busy_s[client] = self.client_busy_s.get(client, 0.0) + busy_s
+            union = self._client_busy.setdefault(client, IntervalUnion())
+            union.add(segment["start"], max(segment["start"], segment["end"]))
+            self.client_busy_s[client] = union.length_s
             ops.append(["seg", client, segment])
         return ops
 
@@ -156,28 +237,58 @@ class DashboardState:
 
     _handlers: dict[str, Callable[[DashboardState, Mapping[str, Any]], list[Op]]] = {
         "run_started": _run_started, "run_resumed": _run_started,
-        se.EvaluationFinished.name: _evaluation, "lease_taken": _lease_taken,
+        se.EvaluationFinished.name: _evaluation, se.ValidationFinished.name: _validation,
+        "lease_taken": _lease_taken,
         "lease_returned": _lease_returned, se.UpdateLate.name: _update_late,
         "run_finished": _run_finished,
     }
 
-    def summary(self, status: dict[str, Any]) -> dict[str, Any]:
-        """The small part sent every flush: /status (less its accuracy lists) and busy times."""
-        now_t = round(time.time() - self.t0, 3)
-        busy = dict(self.client_busy_s)
+    def busy_since_t(self) -> float | None:
+        """Where busy fractions start: the first lease (clients are there, rounds go), or
+        earlier coordinator work (seconds since the run started)."""
+        first = self.coordinator.first_start
+        starts = [t for t in (self.active_t, None if first is None else first - self.t0)
+                  if t is not None]
+        return min(starts) if starts else None
+
+    def busy(self, now_t: float) -> dict[str, Any]:
+        """Busy seconds and fractions up to `now_t` (s since start), each fraction of its own
+        capacity: none exceeds 1."""
+        clients = dict(self.client_busy_s)
         for (client, _slot), segment in self._open.items():
-            busy[client] = busy.get(client, 0.0) + max(0.0, now_t - segment["start"])
-        slots = [{k: v for k, v in s.items() if k != "accuracies"}
+            clients[client] = clients.get(client, 0.0) + max(0.0, now_t - segment["start"])
+        since = self.busy_since_t()
+        span = max(now_t - since, 1e-6) if since is not None else 0.0
+        coordinator, evaluation = self.coordinator, self.coordinator.evaluation
+
+        def share(seconds: float, capacity: float = 1.0) -> float:
+            return seconds / (span * capacity) if span > 0 else 0.0
+
+        kinds = {k: v for k, v in coordinator.by_kind_s.items() if k != EVALUATION_KIND}
+        return {
+            "busy_since_t": since, "client_busy_s": clients,
+            "coordinator_busy_s": kinds, "round_work_s": coordinator.rounds.length_s,
+            "evaluation_busy_s": evaluation.busy_s, "eval_workers": evaluation.workers,
+            "busy_fractions": {
+                "round_work": share(coordinator.rounds.length_s),
+                "evaluation": share(evaluation.busy_s, evaluation.workers),
+                "kinds": {k: share(v) for k, v in kinds.items()},
+                "clients": {c: share(v) for c, v in clients.items()},
+            },
+        }
+
+    def summary(self, status: dict[str, Any], now_t: float | None = None) -> dict[str, Any]:
+        """The small part sent every flush: /status (less its accuracy lists) and busy times."""
+        now_t = round(time.time() - self.t0, 3) if now_t is None else now_t
+        slots = [{k: v for k, v in s.items() if k not in ("accuracies", "validation_accuracies")}
                  for s in status.get("slots", [])]
         return {"status": {**status, "slots": slots}, "now_t": now_t, "final": self.final,
-                "active_t": self.active_t,
-                "late": dict(self.late), "client_busy_s": busy,
-                "coordinator_busy_s": dict(self.coordinator.by_kind_s),
-                "coordinator_union_s": self.coordinator.union.length_s}
+                "active_t": self.active_t, "late": dict(self.late), **self.busy(now_t)}
 
     def snapshot(self, status: dict[str, Any]) -> dict[str, Any]:
         return {"run_id": self.run_id, "t0": self.t0, "run": self.run,
                 "accuracy": {k: list(v) for k, v in self.accuracy.items()},
+                "validation": {k: list(v) for k, v in self.validation.items()},
                 "timeline": {k: list(v) for k, v in self.timeline.items()},
                 **self.summary(status)}
 

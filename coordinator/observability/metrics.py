@@ -1,11 +1,13 @@
 """The coordinator's Prometheus metrics, kept up to date from its own events.
 
 Each logged event (docs/events.md) updates counters and histograms as it
-happens; what `RunStatus` already holds (rounds, clients alive, accuracy) is read
-when Prometheus scrapes. Every coordinator has its own `CollectorRegistry`, so
-several in one process (tests) never mix. Labels are bounded: slot ids, client
-ids, rejection reasons and kinds of work, never job ids. docs/monitoring.md
-lists every metric.
+happens; what `RunStatus` already holds (rounds, clients alive, accuracy on the test set
+and on the clients' validation splits, how far evaluation lags) is read when Prometheus
+scrapes. A round counts once it is aggregated (`aggregation_finished`); its
+evaluate-and-checkpoint link (`round_closed`) may finish rounds later. Every coordinator
+has its own `CollectorRegistry`, so several in one process (tests) never mix. Labels are
+bounded: slot ids, client ids, rejection reasons and kinds of work, never job ids.
+docs/monitoring.md lists every metric.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class CoordinatorMetrics:
         self.rounds = RoundMetrics(self.registry)
         self.traffic = TrafficMetrics(self.registry)
         self.busy_s = Counter("pwfl_coordinator_busy_seconds",
-                              "Coordinator work by kind (sums; kinds overlap in time)",
+                              "Coordinator work by kind: the events' duration_s summed (kinds "
+                              "overlap in time; several slots' work of one kind too, and an "
+                              "evaluation's includes its wait for the evaluation thread)",
                               ("kind",), registry=self.registry)
         self.registry.register(_StatusCollector(status, self._run_info))
 
@@ -85,25 +89,31 @@ class CoordinatorMetrics:
 
 
 class RoundMetrics:
-    """Per slot: rounds closed and failed, and how long their parts took."""
+    """Per slot: rounds aggregated and failed, and how long their parts took."""
 
     def __init__(self, r: CollectorRegistry) -> None:
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, ("slot",), buckets=DURATION_BUCKETS_S, registry=r)
 
-        self.rounds = Counter("pwfl_slot_rounds_completed", "Rounds closed", ("slot",),
-                              registry=r)
+        self._started: dict[tuple[str, str], float] = {}  # (slot, round) -> round_started ts
+        self.rounds = Counter("pwfl_slot_rounds_completed",
+                              "Rounds aggregated (aggregation_finished); their evaluation "
+                              "and checkpoint may finish rounds later", ("slot",), registry=r)
         self.rounds_failed = Counter("pwfl_slot_rounds_failed",
                                      "Round attempts that missed their quorum", ("slot",),
                                      registry=r)
         self.round_s = histogram("pwfl_round_duration_seconds",
-                                 "From round_started to round_closed (evaluation included)")
+                                 "From round_started until the round was aggregated "
+                                 "(aggregation_finished): the time it held its slot; its "
+                                 "evaluation and checkpoint, behind the next rounds, excluded")
         self.quorum_wait_s = histogram("pwfl_quorum_wait_seconds",
                                        "From round_started until its quorum closed it")
         self.aggregation_s = histogram("pwfl_aggregation_duration_seconds",
                                        "Finalising a round's aggregate")
         self.evaluation_s = histogram("pwfl_evaluation_duration_seconds",
-                                      "Evaluating a new global model")
+                                      "Evaluating a new global model on the test set, on the "
+                                      "coordinator (its wait for the evaluation thread "
+                                      "included)")
 
     def _run_started(self, event: Mapping[str, Any]) -> None:
         slots = event.get("slots")
@@ -112,21 +122,28 @@ class RoundMetrics:
                            self.aggregation_s, self.evaluation_s):
                 metric.labels(str(slot))
 
-    def _round_closed(self, event: Mapping[str, Any]) -> None:
-        self.rounds.labels(_slot(event)).inc()
-        if (seconds := event_seconds(event)) is not None:
-            self.round_s.labels(_slot(event)).observe(seconds)
+    def _round_started(self, event: Mapping[str, Any]) -> None:
+        slot = _slot(event)
+        for key in [k for k in self._started if k[0] == slot]:  # one open round per slot
+            del self._started[key]
+        self._started[(slot, str(event.get("round")))] = event_ts(event)
 
     def _round_failed(self, event: Mapping[str, Any]) -> None:
         self.rounds_failed.labels(_slot(event)).inc()
+        self._started.pop((_slot(event), str(event.get("round"))), None)
 
     def _quorum_reached(self, event: Mapping[str, Any]) -> None:
         if (seconds := event_seconds(event, "wait_s")) is not None:
             self.quorum_wait_s.labels(_slot(event)).observe(seconds)
 
     def _aggregation_finished(self, event: Mapping[str, Any]) -> None:
+        slot = _slot(event)
+        self.rounds.labels(slot).inc()
         if (seconds := event_seconds(event)) is not None:
-            self.aggregation_s.labels(_slot(event)).observe(seconds)
+            self.aggregation_s.labels(slot).observe(seconds)
+        started = self._started.pop((slot, str(event.get("round"))), None)
+        if started is not None:
+            self.round_s.labels(slot).observe(max(0.0, event_ts(event) - started))
 
     def _evaluation_finished(self, event: Mapping[str, Any]) -> None:
         if (seconds := event_seconds(event)) is not None:
@@ -134,7 +151,7 @@ class RoundMetrics:
 
     handlers: dict[str, Handler] = {
         "run_started": _run_started, "run_resumed": _run_started,
-        se.RoundClosed.name: _round_closed, se.RoundFailed.name: _round_failed,
+        se.RoundStarted.name: _round_started, se.RoundFailed.name: _round_failed,
         se.QuorumReached.name: _quorum_reached, se.AggregationFinished.name: _aggregation_finished,
         se.EvaluationFinished.name: _evaluation_finished,
     }
@@ -251,16 +268,32 @@ class _StatusCollector(Collector):
         families = {
             "round": GaugeMetricFamily("pwfl_slot_round", "The round in progress (or the "
                                        "last one, once finished)", labels=["slot"]),
-            "last": GaugeMetricFamily("pwfl_slot_accuracy_ratio", "Accuracy of the latest "
-                                      "evaluated global model", labels=["slot"]),
-            "best": GaugeMetricFamily("pwfl_slot_best_accuracy_ratio", "Best accuracy so far",
-                                      labels=["slot"]),
+            "last": GaugeMetricFamily("pwfl_slot_accuracy_ratio", "Test-set accuracy of the "
+                                      "latest centrally evaluated global model (on the "
+                                      "coordinator)", labels=["slot"]),
+            "best": GaugeMetricFamily("pwfl_slot_best_accuracy_ratio", "Best test-set "
+                                      "accuracy so far (central evaluation)", labels=["slot"]),
+            "val": GaugeMetricFamily("pwfl_slot_validation_accuracy_ratio", "Validation "
+                                     "accuracy of the latest federated evaluation: the "
+                                     "clients' held-out validation splits, example-weighted "
+                                     "(validation_finished; not the test set)",
+                                     labels=["slot"]),
+            "best_val": GaugeMetricFamily("pwfl_slot_best_validation_accuracy_ratio", "Best "
+                                          "validation accuracy so far (federated evaluation "
+                                          "on the clients' validation splits)",
+                                          labels=["slot"]),
+            "lag": GaugeMetricFamily("pwfl_slot_evaluation_lag_rounds", "Rounds aggregated "
+                                     "whose evaluate-and-checkpoint link has not finished "
+                                     "(rounds aggregated minus the newest evaluated round)",
+                                     labels=["slot"]),
         }
         for slot in status.slots.values():
             label = [str(slot.slot_id)]
             families["round"].add_metric(label, slot.round)
-            if slot.last_accuracy is not None:
-                families["last"].add_metric(label, slot.last_accuracy)
-            if slot.best_accuracy is not None:
-                families["best"].add_metric(label, slot.best_accuracy)
+            families["lag"].add_metric(label, slot.evaluation_lag_rounds)
+            for key, value in (("last", slot.last_accuracy), ("best", slot.best_accuracy),
+                               ("val", slot.last_validation),
+                               ("best_val", slot.best_validation)):
+                if value is not None:
+                    families[key].add_metric(label, value)
         yield from families.values()

@@ -2,13 +2,19 @@
 // A snapshot replaces the whole state (on connect and reconnect); a delta adds points and lease
 // segments and replaces the summary (/status and busy times). A snapshot marked final is the
 // run's end: the page closes the stream and keeps showing it after the server has gone.
+// Accuracy comes in two kinds, drawn and labelled apart: "test" (the coordinator's central
+// evaluation on the test set, evaluation_finished) and "validation" (the clients' held-out
+// validation splits, validation_finished). Busy fractions come computed by the server, each
+// of its own capacity (the evaluation thread apart from the round work), so none passes 100%.
 "use strict";
 
 const COLORS = ["#58a6ff", "#f0883e", "#3fb950", "#bc8cff", "#ff7b72", "#39c5cf", "#d29922",
                 "#f778ba", "#a5d6ff", "#7ee787"];
 const MAX_POINTS = 2000, MAX_SEGMENTS = 400, TIMELINE_WINDOW_S = 600;
 const KNOWN_SLOT_KEYS = new Set(["slot_id", "round", "rounds", "rounds_done", "state", "clients",
-  "last_accuracy", "best_accuracy", "evaluations", "accuracies", "config"]);
+  "last_accuracy", "best_accuracy", "evaluations", "accuracies", "config", "rounds_aggregated",
+  "last_test_accuracy", "best_test_accuracy", "evaluated_round", "evaluation_lag_rounds",
+  "last_validation_accuracy", "best_validation_accuracy", "validation_accuracies"]);
 
 let S = null;                 // the run as last received
 let receivedAt = 0;           // performance.now() at the last message: "now" advances from there
@@ -21,12 +27,11 @@ const pct = (v) => (v === null || v === undefined) ? "–" : `${(100 * v).toFixe
 const secs = (v) => v < 120 ? `${v.toFixed(1)} s` : `${Math.floor(v / 60)} min ${Math.round(v % 60)} s`;
 const bytes = (n) => n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
 const slotIds = () => (S.status.slots || []).map((s) => String(s.slot_id));
+const pointsOf = (kind, slot) => ((kind === "test" ? S.accuracy : S.validation) || {})[slot] || [];
 function slotColor(slot) {
   const ids = slotIds(), i = ids.indexOf(String(slot));
   return COLORS[(i < 0 ? ids.length : i) % COLORS.length];
 }
-// Busy fractions count from the first lease: waiting for the agents to start is nobody's work.
-function activeSpan() { return Math.max(nowT() - (S.active_t ?? 0), 1e-6); }
 
 function nowT() {
   if (!S) return 0;
@@ -38,7 +43,11 @@ function nowT() {
 
 function connect() {
   source = new EventSource("/events");
-  source.addEventListener("snapshot", (e) => { S = JSON.parse(e.data); received(); });
+  source.addEventListener("snapshot", (e) => {
+    S = JSON.parse(e.data);
+    S.validation = S.validation || {};
+    received();
+  });
   source.addEventListener("delta", (e) => {
     if (!S) return;
     const d = JSON.parse(e.data);
@@ -64,10 +73,11 @@ function apply(op) {
   if (seq <= S.seq) return;  // already in the snapshot this page started from
   S.seq = seq;
   if (kind === "run") S.run = rest[0];
-  else if (kind === "acc") {
-    const [slot, t, acc, round] = rest;
-    const points = (S.accuracy[slot] = S.accuracy[slot] || []);
-    points.push([t, acc, round]);
+  else if (kind === "acc" || kind === "val") {
+    const [slot, ...point] = rest;  // [t, accuracy, round(, during_round)]
+    const all = kind === "acc" ? S.accuracy : S.validation;
+    const points = (all[slot] = all[slot] || []);
+    points.push(point);
     if (points.length > MAX_POINTS) points.shift();
   } else if (kind === "seg") {
     const [client, seg] = rest;
@@ -132,35 +142,51 @@ function slotConfig(slot) {
 
 function drawSlots() {
   $("slots").innerHTML = S.status.slots.map((slot) => {
-    const done = slot.rounds ? slot.rounds_done / slot.rounds : 0;
+    const aggregated = slot.rounds_aggregated ?? slot.rounds_done;
+    const done = slot.rounds ? aggregated / slot.rounds : 0;
+    const lag = slot.evaluation_lag_rounds;
+    const lagText = lag === undefined ? "" : ` · evaluation lag <span class="lag${lag > 1 ? " behind" : ""}">${esc(lag)}</span> round${lag === 1 ? "" : "s"}`;
     const config = slotConfig(slot).map(([k, v]) =>
       `<dt>${esc(k)}</dt><dd title="${esc(v)}">${esc(typeof v === "number" ? +v.toPrecision(6) : v)}</dd>`).join("");
     const clients = slot.state === "training" && slot.clients.length ? slot.clients.join(", ") : "–";
     return `<div class="slot" style="--slot:${slotColor(slot.slot_id)}">
       <div class="slot-head"><span class="slot-name">slot ${esc(slot.slot_id)}</span>
         <span class="slot-state">${esc(slot.state)}</span></div>
-      <div class="acc"><div><div class="big">${pct(slot.last_accuracy)}</div><div class="label">accuracy</div></div>
-        <div><div class="big">${pct(slot.best_accuracy)}</div><div class="label">best</div></div></div>
+      <div class="acc">
+        <div class="kind validation"><div class="big">${pct(slot.last_validation_accuracy)}</div>
+          <div class="label">validation · best ${pct(slot.best_validation_accuracy)}</div></div>
+        <div class="kind test"><div class="big">${pct(slot.last_test_accuracy ?? slot.last_accuracy)}</div>
+          <div class="label">test · best ${pct(slot.best_test_accuracy ?? slot.best_accuracy)}</div></div></div>
       <div class="progress"><div style="width:${(100 * done).toFixed(1)}%"></div></div>
-      <div class="progress-text">round ${slot.rounds_done} of ${slot.rounds} closed · training: ${esc(clients)}</div>
+      <div class="progress-text"><span class="rounds">${esc(aggregated)} of ${esc(slot.rounds)} rounds aggregated</span>${lagText}</div>
+      <div class="progress-text">training: ${esc(clients)}</div>
       <dl class="config">${config}</dl></div>`;
   }).join("");
 }
 
-function accuracyData() {
-  const ids = slotIds(), xs = new Set();
-  for (const id of ids) for (const p of S.accuracy[id] || []) xs.add(p[0]);
+// One series per slot and kind that has points: [kind, slot id]; a test series for every slot.
+function accuracySeries() {
+  const out = [];
+  for (const id of slotIds()) {
+    out.push(["test", id]);
+    if (pointsOf("validation", id).length) out.push(["validation", id]);
+  }
+  return out;
+}
+
+function accuracyData(series) {
+  const xs = new Set();
+  for (const [kind, id] of series) for (const p of pointsOf(kind, id)) xs.add(p[0]);
   const x = [...xs].sort((a, b) => a - b), index = new Map(x.map((t, i) => [t, i]));
-  const series = ids.map((id) => {
+  return [x, ...series.map(([kind, id]) => {
     const ys = new Array(x.length).fill(null);
-    for (const p of S.accuracy[id] || []) ys[index.get(p[0])] = p[1];
+    for (const p of pointsOf(kind, id)) ys[index.get(p[0])] = p[1];
     return ys;
-  });
-  return [x, ...series];
+  })];
 }
 
 function drawAccuracy() {
-  const ids = slotIds(), key = ids.join(","), el = $("accuracy");
+  const series = accuracySeries(), key = series.map((s) => s.join(":")).join(","), el = $("accuracy");
   if (chart && key !== chartKey) { chart.destroy(); chart = null; }
   if (!chart) {
     chartKey = key;
@@ -171,12 +197,16 @@ function drawAccuracy() {
       axes: [{ ...axis, label: "seconds since start", labelSize: 18 },
              { ...axis, values: (u, v) => v.map((x) => `${Math.round(100 * x)}%`), size: 50 }],
       series: [{ label: "t", value: (u, v) => v === null ? "–" : `${v.toFixed(1)} s` },
-        ...ids.map((id) => ({ label: `slot ${id}`, stroke: slotColor(id), width: 2, spanGaps: true,
-          points: { show: true, size: 5, fill: slotColor(id) }, value: (u, v) => pct(v) }))],
+        ...series.map(([kind, id]) => kind === "test"
+          ? { label: `slot ${id} test`, stroke: slotColor(id), width: 2, spanGaps: true,
+              points: { show: true, size: 5, fill: slotColor(id) }, value: (u, v) => pct(v) }
+          : { label: `slot ${id} validation`, stroke: slotColor(id), width: 1.5, dash: [6, 4],
+              spanGaps: true, points: { show: true, size: 4, fill: "#0f1419", stroke: slotColor(id) },
+              value: (u, v) => pct(v) })],
       legend: { live: false },  // labels only: live values read "–" whenever the cursor is off
-    }, accuracyData(), el);
+    }, accuracyData(series), el);
   } else {
-    chart.setData(accuracyData());
+    chart.setData(accuracyData(series));
   }
 }
 
@@ -244,14 +274,19 @@ function bar(label, fraction, cls = "") {
     style="width:${(100 * f).toFixed(1)}%"></div></div><span class="num">${pct(fraction)}</span></div>`;
 }
 
+// Each bar is a share of its own capacity: the round work (publish, fold, aggregate,
+// checkpoint: the union of their intervals) of the elapsed time, the evaluation thread(s) of
+// elapsed x threads (evaluations run there beside the rounds), each client of the elapsed time.
 function drawBusy() {
-  const now = activeSpan();
-  let html = bar("coordinator", S.coordinator_union_s / now);
-  for (const kind of ["publish", "fold", "aggregate", "evaluate", "checkpoint"]) {
-    if (S.coordinator_busy_s[kind]) html += bar(kind, S.coordinator_busy_s[kind] / now, "sub");
+  const f = S.busy_fractions || { kinds: {}, clients: {} };
+  let html = bar("coordinator: rounds", f.round_work);
+  for (const kind of ["publish", "fold", "aggregate", "checkpoint"]) {
+    if (S.coordinator_busy_s[kind]) html += bar(kind, f.kinds[kind], "sub");
   }
-  const clients = Object.keys(S.client_busy_s).sort((a, b) => (+a - +b) || a.localeCompare(b));
-  const busy = clients.map((c) => S.client_busy_s[c] / now);
+  const workers = S.eval_workers || 1;
+  html += bar(workers > 1 ? `evaluation (${workers} threads)` : "evaluation thread", f.evaluation);
+  const clients = Object.keys(f.clients).sort((a, b) => (+a - +b) || a.localeCompare(b));
+  const busy = clients.map((c) => f.clients[c]);
   if (clients.length) html += bar("clients (mean)", busy.reduce((a, b) => a + b, 0) / clients.length);
   clients.forEach((c, i) => { html += bar(`client ${c}`, busy[i], "sub"); });
   $("busy").innerHTML = html;
@@ -271,13 +306,13 @@ function drawUpdates() {
 }
 
 function drawClients() {
-  const now = activeSpan();
+  const busy = (S.busy_fractions || {}).clients || {};
   const rows = (S.status.clients || []).map((c) => {
     const lease = c.lease === null || c.lease === undefined ? "–"
       : `<span class="dot" style="background:${slotColor(c.lease)}"></span>slot ${esc(c.lease)}`;
     const alive = `<span class="dot" style="background:${c.alive ? "#3fb950" : "#f85149"}"></span>${c.alive ? "alive" : "lost"}`;
     return `<tr><td>${esc(c.client_id)}</td><td>${esc(c.agent_id || "")}</td><td>${alive}</td><td>${lease}</td>
-      <td>${pct((S.client_busy_s[c.client_id] || 0) / now)}</td></tr>`;
+      <td>${pct(busy[c.client_id] || 0)}</td></tr>`;
   }).join("");
   $("clients").innerHTML = `<tr><th>client</th><th>agent</th><th></th><th>training for</th><th>busy</th></tr>${rows}`;
 }
