@@ -32,14 +32,17 @@ wall time (the shortest run of that seed), the final best accuracy and the busy
 fractions of the clients and the coordinator once rounds run. Those accuracies are the
 test set's (the coordinator's central evaluation).
 
-Jobs to a target, twice: "jobs to T (test)" and "jobs to T (val)" count the client jobs
-ANSWERED (results received, `update_received`, failed ones included) from the first
-round until the moment the best model so far first reached T, by its test-set accuracy
-(the moment its `evaluation_finished` was logged) and by its accuracy on the clients'
-held-out validation splits (federated evaluation: the moment its `validation_finished` was
-logged, a round after the model's own, since the next round's clients evaluate it). A run
-that logged no validation (one from before federated evaluation, or `--eval central`)
-reads "n/a" there; "never": the target was not reached.
+Jobs to a target, twice: "jobs to T (test)" and "jobs to T (val)" count the client
+updates the run had aggregated (every slot's, rounds past their quorum) when the first
+model that reaches T was itself aggregated: judged by its test-set accuracy (central
+evaluation) or by its accuracy on the clients' held-out validation splits (federated
+evaluation: the next round's clients score it). Counting to the model's aggregation, not
+to the moment its figure was logged, keeps evaluation lag (and the machine's load) out of
+it: it is the compute the run spent to make a model that good. Each slot's validation
+figure covers only that round's clients (2 of 6 with three slots, all 6 with one), so
+with several slots the best-so-far over their noisy figures runs ahead of the test
+set's. A run that logged no validation (one from before federated evaluation, or `--eval
+central`) reads "n/a" there; "never": the target was not reached.
 
 Over the partition seeds: mean and spread (population standard deviation), a table, and
 one JSON line with `best_mode`, `best_time_to_85_vs_one_slot`,
@@ -50,7 +53,6 @@ it by test and by validation accuracy).
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import statistics
@@ -86,7 +88,8 @@ class RunResult:
     seed: int
     wall_s: float  # first round started to the last evaluation (no evaluations: run end)
     time_to: dict[str, float | None]  # target -> seconds since the first round (test set)
-    jobs_to: dict[str, int | None]  # target -> client jobs answered until the test set said so
+    jobs_to: dict[str, int | None]  # target -> updates aggregated to make the first model that
+    # reaches it, by the test set
     curve: list[tuple[float, float]]  # (s since first round, best accuracy so far)
     final_best: float | None
     client_busy: float
@@ -96,8 +99,7 @@ class RunResult:
     jobs_per_min: float = 0.0  # client jobs aggregated per minute once rounds run
     link: dict[str, int] | None = None  # testbed: bytes (and drops) over the silos' links
     emulation: dict[str, float] | None = None  # testbed: emulated training calls, overruns
-    # target -> client jobs answered until the clients' validation splits said so; None: the
-    # run logged no validation (n/a)
+    # the same by the clients' validation splits; None: the run logged no validation (n/a)
     jobs_to_val: dict[str, int | None] | None = None
 
 
@@ -124,7 +126,7 @@ def common_args(args: argparse.Namespace, seed: int) -> list[str]:
     return [*task, *agents, "--rounds", str(args.rounds),
             "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
             "--lr", f"{args.lr:g}", "--seed", str(seed), "--task-option", f"{option}={seed}",
-            "--no-progress", "--http-port", "0"]
+            "--client-choice", args.client_choice, "--no-progress", "--http-port", "0"]
 
 
 def run_mode(args: argparse.Namespace, mode: str, seed: int) -> Path:
@@ -187,16 +189,29 @@ def accuracy_at(curve: list[tuple[float, float]], t_s: float) -> float | None:
     return reached[-1] if reached else None
 
 
-def answered_at(run: Run) -> list[float]:
-    """When each client job was answered (`update_received`, failed ones included), sorted."""
-    return sorted(job.received_at for client in run.clients.values() for job in client.jobs)
+def aggregated_at(run: Run) -> dict[tuple[Any, int], tuple[float, int]]:
+    """(slot, round) -> (when it was aggregated, its updates), for every aggregated round (a
+    log without `aggregation_finished` falls back to a closed round's quorum)."""
+    out = {}
+    for slot_id, records in run.rounds.items():
+        for r in records:
+            at = r.aggregated_at if r.aggregated_at is not None else (
+                r.quorum_at if r.status == "closed" else None)
+            if at is not None:  # aggregated: the model exists, checkpointed or not
+                out[(slot_id, r.round)] = (at, r.num_updates)
+    return out
 
 
-def jobs_by(answered: list[float], first_round_at: float, t_s: float | None) -> int | None:
-    """Client jobs answered from the run's start until `t_s` s after the first round."""
-    if t_s is None:
+def jobs_to(run: Run, figures: dict[Any, list[tuple[float, int, float]]],
+            target: float) -> int | None:
+    """Client updates the run had aggregated when the first model whose figure reaches
+    `target` was aggregated (see the module docstring); None: never."""
+    rounds = aggregated_at(run)
+    reached = [rounds[(slot_id, round_)][0] for slot_id, points in figures.items()
+               for _ts, round_, acc in points if acc >= target and (slot_id, round_) in rounds]
+    if not reached:
         return None
-    return bisect.bisect_right(answered, first_round_at + t_s + 1e-9)
+    return sum(n for at, n in rounds.values() if at <= min(reached) + 1e-9)
 
 
 def result_of(mode: str, seed: int, path: Path) -> RunResult:
@@ -205,8 +220,7 @@ def result_of(mode: str, seed: int, path: Path) -> RunResult:
     curve = best_curve(summary)
     val_curve = best_curve(summary, validation=True)
     times = {f"{t:g}": time_to(curve, t) for t in TARGETS}
-    answered, first = answered_at(run), run.start + (summary.first_round_s or 0.0)
-    jobs_to_val = ({f"{t:g}": jobs_by(answered, first, time_to(val_curve, t)) for t in TARGETS}
+    jobs_to_val = ({f"{t:g}": jobs_to(run, run.validations, t) for t in TARGETS}
                    if val_curve else None)
     finals = [s.final_accuracy for s in summary.slots if s.final_accuracy is not None]
     jobs = sum(c.jobs_done for c in summary.clients)
@@ -215,7 +229,7 @@ def result_of(mode: str, seed: int, path: Path) -> RunResult:
     extra = json.loads(testbed.read_text()) if testbed.exists() else {}
     return RunResult(
         mode=mode, seed=seed, wall_s=curve[-1][0] if curve else rounds_s,
-        time_to=times, jobs_to={k: jobs_by(answered, first, t) for k, t in times.items()},
+        time_to=times, jobs_to={f"{t:g}": jobs_to(run, run.evaluations, t) for t in TARGETS},
         jobs_to_val=jobs_to_val, curve=curve,
         final_best=max(finals, default=None),
         client_busy=1.0 - summary.client_idle_fraction_after_first_round,
@@ -408,6 +422,11 @@ def _parser() -> argparse.ArgumentParser:
                                                           "(default 0.05)")
     p.add_argument("--merge-every", type=int, default=2, help="merged mode's K (default 2)")
     p.add_argument("--pbt-every", type=int, default=2, help="pbt mode's K (default 2)")
+    p.add_argument("--client-choice", choices=("least-used", "rotate", "policy-order"),
+                   default="least-used",
+                   help="the coordinator's --client-choice for every mode (rotate: slots swap "
+                        "clients instead of keeping their own round after round) "
+                        "(default least-used)")
     p.add_argument("--out", type=Path, default=None,
                    help="where the runs go (default runs/payoff, or runs/payoff-PROFILE[-MODEL] "
                         "with --testbed)")

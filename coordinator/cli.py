@@ -167,11 +167,14 @@ def _add_schedule_options(g: argparse._ArgumentGroup) -> None:
                    help="partition: random disjoint split of idle clients among waiting slots; "
                         "greedy: a freed client goes to the slot waiting longest "
                         "(default partition)")
-    g.add_argument("--client-choice", choices=("least-used", "policy-order"),
+    g.add_argument("--client-choice", choices=("least-used", "rotate", "policy-order"),
                    default="least-used",
                    help="when a slot can choose among idle clients, take those it trained with "
-                        "least (better coverage of non-IID data) or keep the policy's order "
-                        "(default least-used)")
+                        "least (better coverage of non-IID data) or keep the policy's order; "
+                        "rotate: least-used, and a slot whose only idle candidates are its "
+                        "previous round's clients waits while another slot trains, to swap "
+                        "(with several slots, slots otherwise keep the same clients for most "
+                        "rounds) (default least-used)")
     g.add_argument("--clients-per-round", type=int, default=0,
                    help="most clients one slot leases per round (default ceil(clients/slots))")
     g.add_argument("--min-clients", type=_positive(int), default=1,

@@ -123,7 +123,8 @@ async def build(settings: CoordinatorSettings, secrets: CoordinatorSecrets,
 def client_pool(s: CoordinatorSettings, configs: dict[int, SlotConfig]) -> ClientPool:
     caps = {i: c.clients_per_round for i, c in configs.items()}
     return ClientPool(s.policy, clients_per_round=max(caps.values()), min_clients=s.min_clients,
-                      rng=random.Random(s.seed), prefer_unused=s.client_choice == "least-used",
+                      rng=random.Random(s.seed), prefer_unused=s.client_choice != "policy-order",
+                      rotate=s.client_choice == "rotate",
                       slot_caps=caps)
 
 

@@ -87,7 +87,8 @@ class Simulation:
         self._seq = itertools.count()
         self.pool = ClientPool(setting.policy, clients_per_round=setting.clients_per_round,
                                min_clients=setting.min_clients, rng=random.Random(pool_seed),
-                               prefer_unused=setting.client_choice == "least-used")
+                               prefer_unused=setting.client_choice != "policy-order",
+                               rotate=setting.client_choice == "rotate")
         self.rule = QuorumRule(fraction=setting.quorum, min_updates=setting.min_clients,
                                deadline_s=setting.deadline_s)
         self.slots = [SimSlot(i) for i in range(setting.slots)]

@@ -83,17 +83,18 @@ def _run_log(path: Path, *, validation: bool) -> Path:
 
 
 def test_jobs_to_target_by_test_and_by_validation(tmp_path: Path) -> None:
-    """Jobs answered until the best model first reached each target: by the test set when its
-    evaluation was logged, by the clients' validation splits when theirs was (a round later,
-    so more jobs); a run that logged no validation reads n/a, not never."""
+    """Updates aggregated to make the first model that reached each target, by the test set
+    and by the clients' validation splits: counted to that model's own aggregation, not to
+    when its figure was logged (the validation of model r is logged a round later, the test
+    set's a second later: neither adds jobs); a run that logged no validation reads n/a."""
     new = result_of("one", 0, _run_log(tmp_path / "new", validation=True))
     assert new.time_to == {"0.8": 12.5, "0.85": 18.5, "0.88": 24.5}
     assert new.jobs_to == {"0.8": 4, "0.85": 6, "0.88": 8}
-    assert new.jobs_to_val == {"0.8": 6, "0.85": 8, "0.88": 8}
+    assert new.jobs_to_val == {"0.8": 4, "0.85": 6, "0.88": 6}  # model 3 validated at 0.9
     old = result_of("one", 1, _run_log(tmp_path / "old", validation=False))
     assert (old.jobs_to, old.jobs_to_val) == (new.jobs_to, None)
     rows = table([new, old, replace(old, mode="merged")])
-    assert rows["one"]["jobs_to_0.8_val"] == {"mean": 6.0, "spread": 0.0, "missing": 0}
+    assert rows["one"]["jobs_to_0.8_val"] == {"mean": 4.0, "spread": 0.0, "missing": 0}
     assert rows["one"]["jobs_to_0.8_test"]["mean"] == 4.0
     assert rows["merged"]["jobs_to_0.8_val"]["n/a"] is True
     text = render(rows)
@@ -101,6 +102,6 @@ def test_jobs_to_target_by_test_and_by_validation(tmp_path: Path) -> None:
     assert "jobs to 0.8 (val)" in text
     merged = next(line for line in text.splitlines() if line.startswith("merged |"))
     assert "n/a" in merged
-    assert jobs_to_target(rows)["one"]["0.85"] == {"test": 6.0, "val": 8.0}
+    assert jobs_to_target(rows)["one"]["0.85"] == {"test": 6.0, "val": 6.0}
     assert jobs_to_target(rows)["merged"]["0.85"]["val"] == "n/a"
-    assert "ANSWERED" in _parser().format_help()  # --help says which jobs are counted
+    assert "aggregated" in _parser().format_help()  # --help says which jobs are counted

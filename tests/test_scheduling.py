@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -325,3 +326,60 @@ def test_policy_order_kept_without_the_preference() -> None:
     """With prefer_unused off, greedy takes the longest-idle clients whatever the history."""
     pool = _pool_after_one_round(prefer_unused=False)
     assert pool.assign(now=12.0) == [Assignment(0, ("a", "b"))]
+
+
+def _staggered_rounds(pool: ClientPool, rounds: int) -> dict[int, list[frozenset[str]]]:
+    """3 slots of 2 clients on 6 clients, finishing in turn (slot 0, 1, 2, 0, ...): each slot
+    releases its clients and waits for its next round; what each slot leased, in order."""
+    for c in "012345":
+        pool.add_client(c, 0.0)
+    leased: dict[int, list[frozenset[str]]] = {0: [], 1: [], 2: []}
+    now = 0.0
+    for slot in (0, 1, 2):
+        pool.slot_waiting(slot, now)
+    for a in pool.assign(now):
+        leased[a.slot_id].append(frozenset(a.client_ids))
+    for step in range(3 * rounds):
+        slot, now = step % 3, now + 1.0
+        for client in leased[slot][-1]:
+            pool.release(client, now, slot_id=slot)
+        pool.slot_waiting(slot, now)
+        for a in pool.assign(now):
+            leased[a.slot_id].append(frozenset(a.client_ids))
+    return leased
+
+
+def _repeats(leased: dict[int, list[frozenset[str]]]) -> int:
+    return sum(a == b for rounds in leased.values() for a, b in itertools.pairwise(rounds))
+
+
+def test_without_rotation_staggered_slots_keep_their_clients() -> None:
+    """The measured degeneration: slots that finish in turn find only their own clients idle
+    and lease them again every round (least-used has nothing to choose from)."""
+    leased = _staggered_rounds(ClientPool("partition", clients_per_round=2,
+                                          rng=random.Random(0)), rounds=6)
+    assert _repeats(leased) == sum(len(r) - 1 for r in leased.values())
+
+
+def test_rotation_swaps_clients_between_slots_and_keeps_them_disjoint() -> None:
+    """With rotate, a slot whose only idle candidates are its own last clients waits while
+    another slot holds a lease; the next release swaps them: no slot leases the same pair
+    twice in a row, leases stay disjoint, and no client stays idle once two slots wait."""
+    pool = ClientPool("partition", clients_per_round=2, rng=random.Random(0), rotate=True)
+    leased = _staggered_rounds(pool, rounds=6)
+    assert _repeats(leased) == 0
+    assert all(len(rounds) >= 4 for rounds in leased.values())
+    assert len(set(pool.leases)) == len(pool.leases)
+
+
+def test_a_lone_slot_never_defers() -> None:
+    """One slot (or the last one running): nobody else holds a lease, so it takes its own
+    clients back at once."""
+    pool = ClientPool("partition", clients_per_round=2, rotate=True)
+    for c in "01":
+        pool.add_client(c, 0.0)
+    for round_ in range(3):
+        pool.slot_waiting(0, float(round_))
+        (assignment,) = pool.assign(float(round_))
+        for c in assignment.client_ids:
+            pool.release(c, float(round_), slot_id=0)
