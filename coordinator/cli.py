@@ -278,7 +278,7 @@ def _add_output_options(g: argparse._ArgumentGroup) -> None:
                    help="federated: each job first evaluates the model it received on its "
                         "client's held-out validation split (--val-fraction) and reports it "
                         "with its update; a slot's validation accuracy for a round is the "
-                        "example-weighted mean over its clients; PBT, merges and --merge "
+                        "example-weighted mean over its clients; PBT and --merge "
                         "final decide on it. central: the coordinator evaluates on the task's "
                         "test set (every --eval-every rounds and after the last), for "
                         "reporting. both: federated every round and central as said (default "
