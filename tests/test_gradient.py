@@ -159,16 +159,24 @@ def test_batch_order_matches_local_training() -> None:
     assert [b.tolist() for b in batches] == [b.tolist() for b in want]
 
 
-def test_trainer_session_returns_the_batch_gradient() -> None:
-    """A trainer's gradient session loads the weights from shared memory and writes the
-    autograd gradient of the client's next batch into its own segment."""
-    task = SyntheticTask(num_clients=2, examples_per_client=12)
+def _weights_in_a_segment(task: SyntheticTask) -> tuple[torch.nn.Module, torch.nn.Module,
+                                                         Any, int]:
+    """The trainer's own model, a reference model of other weights, those weights written
+    flat into a new shared-memory segment (the caller removes it), and their count."""
     model = task.build_model(seed=0)
     numel = sum(p.numel() for p in model.parameters())
     weights = shm.create(numel * 4, prefix="pwfl-test")
     reference = task.build_model(seed=4)
     write_flat([p.detach() for p in reference.parameters()],
                torch.frombuffer(shm.buffer(weights), dtype=torch.float32, count=numel))
+    return model, reference, weights, numel
+
+
+def test_trainer_session_returns_the_batch_gradient() -> None:
+    """A trainer's gradient session loads the weights from shared memory and writes the
+    autograd gradient of the client's next batch into its own segment."""
+    task = SyntheticTask(num_clients=2, examples_per_client=12)
+    model, reference, weights, numel = _weights_in_a_segment(task)
     sessions = GradientSessions(torch.device("cpu"), "pwfl-test", lambda _s, _o: (task, model))
     config = {"batch_size": 5, "seed": 11}
     try:
@@ -201,12 +209,7 @@ def test_a_validate_session_scores_the_weights_it_opens_on() -> None:
     val_accuracy, val_loss, val_examples with validate_s; a reopen (batches already taken)
     does not score again; without validate nothing is scored."""
     task = SyntheticTask(num_clients=2, examples_per_client=20)
-    model = task.build_model(seed=0)
-    numel = sum(p.numel() for p in model.parameters())
-    weights = shm.create(numel * 4, prefix="pwfl-test")
-    reference = task.build_model(seed=4)
-    write_flat([p.detach() for p in reference.parameters()],
-               torch.frombuffer(shm.buffer(weights), dtype=torch.float32, count=numel))
+    model, reference, weights, _numel = _weights_in_a_segment(task)
     want = task.validate(reference, "1", torch.device("cpu"))
     assert want is not None
     sessions = GradientSessions(torch.device("cpu"), "pwfl-test", lambda _s, _o: (task, model))
