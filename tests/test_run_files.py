@@ -37,7 +37,8 @@ def test_every_key_of_the_file_is_an_option(tmp_path: Path) -> None:
     _, s = _parse(tmp_path, SWEEP_FILE)
     assert (s.task, s.rounds, s.local_agents, s.local_handoff) == (
         "trainer_worker.tasks.synthetic:SyntheticTask", 3, 2, False)
-    assert s.task_options == {"examples_per_client": 16, "features": 8}
+    # val_fraction: the default --val-fraction, added for a task that takes it
+    assert s.task_options == {"examples_per_client": 16, "features": 8, "val_fraction": 0.1}
     assert s.slots == 2
     assert [o["lr"] for o in s.slot_overrides] == [0.01, 0.05]
 
@@ -48,7 +49,7 @@ def test_the_command_line_overrides_the_file(tmp_path: Path) -> None:
     _, s = _parse(tmp_path, SWEEP_FILE, "--rounds", "5", "--task-option", "features=4",
                   "--sweep", "momentum=0.0,0.5,0.9")
     assert s.rounds == 5
-    assert s.task_options == {"examples_per_client": 16, "features": 4}
+    assert s.task_options == {"examples_per_client": 16, "features": 4, "val_fraction": 0.1}
     assert [o["momentum"] for o in s.slot_overrides] == [0.0, 0.5, 0.9]
     assert all("lr" not in o for o in s.slot_overrides)
 
@@ -115,3 +116,19 @@ def test_a_run_reproduced_from_its_run_toml_has_the_same_settings(
     settings = [json.loads((tmp_path / r / "state.json").read_text())["settings"]
                 for r in ("first", "second")]
     assert {k for k in settings[0] if settings[0][k] != settings[1][k]} == {"run_id"}
+
+
+def test_val_fraction_goes_to_tasks_that_take_it_and_is_refused_elsewhere(
+        tmp_path: Path) -> None:
+    """--val-fraction becomes the task option val_fraction for a task whose factory names it
+    (its own value wins over the default); for one that does not, an explicit value is a
+    clear error and the default adds nothing; a value outside [0, 1) is refused."""
+    _, s = _parse(tmp_path, SWEEP_FILE, "--val-fraction", "0.25")
+    assert s.task_options["val_fraction"] == 0.25
+    _, s = _parse(tmp_path, SWEEP_FILE, "--task", "tests.e2e_tasks:SlowEvalTask")
+    assert "val_fraction" not in s.task_options
+    with pytest.raises(SystemExit, match="takes no val_fraction"):
+        _parse(tmp_path, SWEEP_FILE, "--task", "tests.e2e_tasks:SlowEvalTask",
+               "--val-fraction", "0.2")
+    with pytest.raises(SystemExit, match=r"\[0, 1\)"):
+        _parse(tmp_path, SWEEP_FILE, "--val-fraction", "1.5")

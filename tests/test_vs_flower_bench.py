@@ -34,12 +34,21 @@ def test_candidate_parses_to_a_labelled_setting() -> None:
 @pytest.mark.skipif(data.find_data_dir(environ={}) is None,
                     reason="needs the Fashion-MNIST IDX files")
 def test_flower_clients_get_pwfl_partitions() -> None:
-    """Flower's client p trains on exactly PWFL's Dirichlet partition p, for each seed."""
+    """Flower's client p trains on exactly what PWFL's client p trains on: its Dirichlet
+    partition less the validation split PWFL holds out (10%), for each seed."""
+    from trainer_worker.tasks.fashion_mnist import FashionMnistTask
+
     for seed in (0, 1):
         parts = vs_flower.partition_indices(seed)
         labels = data.load_split("train").labels.numpy()
         expected = data.dirichlet_partition(labels, vs_flower.CLIENTS, vs_flower.ALPHA, seed)
-        assert [p for p in parts] == [e.tolist() for e in expected]
+        task = FashionMnistTask(num_clients=vs_flower.CLIENTS, alpha=vs_flower.ALPHA,
+                                partition_seed=seed)
+        for p, (part, whole) in enumerate(zip(parts, expected, strict=True)):
+            held_out = task.validation_indices(p).tolist()
+            assert sorted(part + held_out) == sorted(whole.tolist())
+            assert not set(part) & set(held_out)
+            assert len(held_out) == round(len(whole) * 0.1)
     assert vs_flower.partition_indices(0) != vs_flower.partition_indices(1)
 
 
