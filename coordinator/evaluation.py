@@ -62,12 +62,6 @@ class Evaluator:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.evaluate, slot_id, state)
 
-    def evaluate_queued(self, slot_id: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """`evaluate` on the evaluation thread, waited for: for blocking code on another
-        worker thread (model merges), so its evaluations queue with the rounds' at the
-        same priority instead of taking a further core."""
-        return self._executor.submit(self.evaluate, slot_id, state).result()
-
     def close(self) -> None:
         """Stop the evaluation thread once queued work is done (nothing new is taken)."""
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -129,7 +129,7 @@ def test_evaluations_run_one_at_a_time_on_a_niced_thread() -> None:
     async def main() -> list[dict[str, float]]:
         return await asyncio.gather(
             *(evaluator.evaluate_in_background(i, state) for i in range(3)),
-            asyncio.to_thread(evaluator.evaluate_queued, -1, state))  # as a model merge does
+            evaluator.evaluate_in_background(-1, state))  # as --merge final's test does
 
     results = asyncio.run(main())
     evaluator.close()

@@ -1,9 +1,9 @@
 """``--merge final``: at the end, the plain average and a greedy soup of the slots.
 
 The candidates are every slot's last model, their uniform average and a greedy soup
-(`merge.greedy_soup`'s rule: the slots best first, each kept only if the soup's score
-does not drop with it). Every candidate is scored on validation data: the clients'
-held-out validation splits, by federated evaluation (`FederatedValidation`, one
+(Wortsman et al., 2022: the slots best first, each kept only if the soup's score does
+not drop with it). Every candidate is scored on validation data: the clients'
+held-out validation splits, by federated evaluation (`slots.scoring.FederatedScorer`, one
 validate-only job per live client and candidate), so the choice never reads the test
 set. The kept model is then evaluated once on the test set, and that is the accuracy
 reported; it is written to ``checkpoints/result.pwfl`` (served by

@@ -112,9 +112,6 @@ class PopulationMember:
     def status(self) -> SlotStatus:
         return self._slot.status
 
-    async def settle(self) -> None:
-        await self._slot.chain.settle()
-
     async def replace_model(self, state: dict[str, torch.Tensor], strategy: Strategy,
                             config: SlotConfig, round_: int) -> None:
         """PBT or a merge replaced the model the next round starts from: checkpointed as
