@@ -161,13 +161,15 @@ class TensorClassificationTask(Task):
 
     def validate(self, model: nn.Module, client_id: str,
                  device: torch.device) -> dict[str, float] | None:
-        indices = self.validation_indices(self.partition_of(client_id))
-        if not len(indices):
+        partition = self.partition_of(client_id)
+        if not len(self.validation_indices(partition)):
             return None  # val_fraction 0, or a partition too small to hold one out
-        data = self._examples_on("train", device)
-        held_out = indices.to(device)
-        return evaluate_batches(model, Examples(data.inputs[held_out], data.labels[held_out]),
-                                self.eval_batch_size)
+        key = (f"validation:{partition}", str(device))
+        if key not in self._on_device:  # gathered once per partition, not once per job
+            data = self._examples_on("train", device)
+            held_out = self.validation_indices(partition).to(device)
+            self._on_device[key] = Examples(data.inputs[held_out], data.labels[held_out])
+        return evaluate_batches(model, self._on_device[key], self.eval_batch_size)
 
     def gradient_batches(self, client_id: str, config: TrainConfig,
                          device: torch.device) -> Iterator[tuple[Any, int]]:
