@@ -29,7 +29,7 @@ from coordinator.results.validation import BlobReader, SegmentReader
 from coordinator.settings import CoordinatorSettings, TrainingSettings
 from coordinator.slots.published import PublishedModels
 from coordinator.status import RunStatus
-from serialization import AnyJob, Result
+from serialization import AnyJob, Job, Result
 from serialization.slot_events import JobPublished, ModelPublished, emit
 
 log = structlog.get_logger()
@@ -148,6 +148,17 @@ class ModelPublisher:
         """Where an update's bytes are: its handed-over segment, or the blob store."""
         return SegmentReader(self._handoff, result.update_shm) if result.update_shm else (
             self._blobs)
+
+
+def model_job(record: JobRecord, shared: dict[str, Any], *, model: BlobRef,
+              advert: tuple[str, str, str], deadline_ts: float, config: dict[str, Any]) -> Job:
+    """A weight job (or a validate-only one) for `record` on the published `model`;
+    `advert` is `ModelPublisher.advert`'s (token, its digest, the model's segment)."""
+    token, token_digest, segment = advert
+    return Job(job_id=record.job_id, slot_id=record.slot_id, round=record.round,
+               client_id=record.client_id, model_digest=model.digest, model_nbytes=model.nbytes,
+               deadline_ts=deadline_ts, config=config, **shared, handoff=token,
+               handoff_digest=token_digest, model_shm=segment)
 
 
 class JobPublisher:

@@ -25,7 +25,7 @@ from coordinator.results.figures import Validation, ValidationTally
 from coordinator.results.sink import ResultSink
 from coordinator.results.validation import ResultValidator
 from coordinator.settings import CoordinatorSettings
-from coordinator.slots.publishing import JobPublisher, ModelPublisher
+from coordinator.slots.publishing import JobPublisher, ModelPublisher, model_job
 from serialization import Job, encode
 
 log = structlog.get_logger()
@@ -79,15 +79,12 @@ class FederatedScorer:
                        clients: tuple[str, ...]) -> list[JobRecord]:
         ref = await self._models.publish(self.slot_id, round_, payload, clients)
         records = self._jobs.records(self.slot_id, round_, clients)
-        token, token_digest, segment = self._models.advert(ref)
-        deadline_ts = time.time() + self._settings.deadline_s
+        advert, deadline_ts = self._models.advert(ref), time.time() + self._settings.deadline_s
 
         def job_of(record: JobRecord, shared: dict[str, Any]) -> Job:
             config = {**self._jobs.config(record, None), "validate": True, "validate_only": True}
-            return Job(job_id=record.job_id, slot_id=self.slot_id, round=record.round,
-                       client_id=record.client_id, model_digest=ref.digest,
-                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts, config=config,
-                       **shared, handoff=token, handoff_digest=token_digest, model_shm=segment)
+            return model_job(record, shared, model=ref, advert=advert, deadline_ts=deadline_ts,
+                             config=config)
 
         await self._jobs.publish(records, job_of)
         return records

@@ -29,7 +29,7 @@ from coordinator.results.sink import ResultSink
 from coordinator.results.validation import ResultValidator
 from coordinator.settings import CoordinatorSettings
 from coordinator.slots.protocol import ClosedRound, RoundEnd, RoundProtocol, State
-from coordinator.slots.publishing import JobPublisher, ModelPublisher
+from coordinator.slots.publishing import JobPublisher, ModelPublisher, model_job
 from coordinator.status import RunStatus
 from coordinator.strategies import Strategy
 from serialization import Job, encode
@@ -91,15 +91,11 @@ class WeightRounds(RoundProtocol):
         emit(log, events.RoundStarted(self.slot_id, round=round_, clients=list(clients),
                                       quorum_count=quorum.needed, deadline_s=s.deadline_s,
                                       wait_s=round(wait_s, 6)))
-        token, token_digest, segment = self._models.advert(ref)
-        deadline_ts = time.time() + s.deadline_s
+        advert, deadline_ts = self._models.advert(ref), time.time() + s.deadline_s
 
         def job_of(record: JobRecord, shared: dict[str, Any]) -> Job:
-            return Job(job_id=record.job_id, slot_id=self.slot_id, round=record.round,
-                       client_id=record.client_id, model_digest=ref.digest,
-                       model_nbytes=ref.nbytes, deadline_ts=deadline_ts,
-                       config=self._jobs.config(record, self.config.training), **shared,
-                       handoff=token, handoff_digest=token_digest, model_shm=segment)
+            return model_job(record, shared, model=ref, advert=advert, deadline_ts=deadline_ts,
+                             config=self._jobs.config(record, self.config.training))
 
         await self._jobs.publish(records, job_of)
 
