@@ -46,7 +46,8 @@ async def _results(client: aioredis.Redis, keys: Keys, count: int,
             return {r.job_id: r for r in results}
         assert agent.proc.poll() is None, agent.output()
         assert time.monotonic() < deadline, f"no {count} results in time: {agent.output()}"
-        await asyncio.sleep(0.2)
+        last = entries[-1][0] if entries else "0-0"  # wait for the next entry, not a tick
+        await client.xread({keys.results(0): last}, block=200)
 
 
 async def test_an_agent_answers_validate_only_with_a_signed_result_without_update(
