@@ -9,6 +9,9 @@ R rounds x 2 clients for each of three slots), the modes:
 - ``sweep``: 3 slots, ``--sweep lr=LR/2,LR,2LR``;
 - ``pbt``: 3 slots with ``--population pbt``;
 - ``merged``: 3 slots from one initial model, ``--merge every=K``;
+- ``merged-async`` (not in the default list): ``merged`` whose slots close a round on
+  half their clients and fold the late ones in (``--quorum 0.5 --late-policy fold
+  --staleness inverse``), so that a slot's fast client does not wait for a slow partner;
 
 and two one-slot baselines a practitioner would try first (``one`` above is the
 synchronous one; the three-slot modes are judged against the better of the two):
@@ -75,6 +78,8 @@ from replay.timeline import rebuild_runs
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.88)
 MODES = ("one", "one-async", "independent", "sweep", "pbt", "merged")
+ALL_MODES = (*MODES, "merged-async")
+ASYNC = ["--quorum", "0.5", "--late-policy", "fold", "--staleness", "inverse"]
 BASELINES = ("one", "one-async")  # one slot: synchronous, asynchronous
 GOAL_TIME_RATIO = 0.7
 GOAL_GAIN_POINTS = 1.0
@@ -107,12 +112,13 @@ def mode_args(mode: str, lr: float, merge_every: int, pbt_every: int) -> list[st
     """The coordinator options that make a mode (beyond the common ones)."""
     return {
         "one": ["--slots", "1", "--clients-per-round", "6"],
-        "one-async": ["--slots", "1", "--clients-per-round", "6", "--quorum", "0.5",
-                      "--late-policy", "fold", "--staleness", "inverse"],
+        "one-async": ["--slots", "1", "--clients-per-round", "6", *ASYNC],
         "independent": ["--slots", "3"],
         "sweep": ["--sweep", f"lr={lr / 2:g},{lr:g},{lr * 2:g}"],
         "pbt": ["--slots", "3", "--population", "pbt", "--pbt-every", str(pbt_every)],
         "merged": ["--slots", "3", "--shared-init", "--merge", f"every={merge_every}"],
+        "merged-async": ["--slots", "3", "--shared-init", "--merge", f"every={merge_every}",
+                         *ASYNC],
     }[mode]
 
 
@@ -402,7 +408,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=16, help="rounds per slot (default 16)")
     p.add_argument("--seeds", default="0,1,2", help="partition and run seeds (default 0,1,2)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"default {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"default {','.join(MODES)}; also merged-async")
     p.add_argument("--task", default="fashion_mnist", help="default fashion_mnist")
     p.add_argument("--model", choices=tuple(STEP_S), default="cnn",
                    help="cnn: the task's CNN, trained (accuracy); resnet18: a ResNet-18-sized "
@@ -435,15 +442,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _planned(args: argparse.Namespace) -> list[tuple[str, int, Path]]:
+    """(mode, seed, its event log) for every run the arguments ask for, in running order."""
+    return [(mode, seed, args.out / f"{mode}-seed{seed}" / "events.jsonl")
+            for seed in (int(s) for s in args.seeds.split(","))
+            for mode in args.modes.split(",")]
+
+
+def _runs_missing(args: argparse.Namespace) -> bool:
+    """Whether some run must be made (not `--reuse`, or a planned run has no log yet)."""
+    return not args.reuse or any(not path.exists() for _, _, path in _planned(args))
+
+
 def _run_all(args: argparse.Namespace) -> list[RunResult]:
     results = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for mode in args.modes.split(","):
-            path = args.out / f"{mode}-seed{seed}" / "events.jsonl"
-            if not (args.reuse and path.exists()):
-                path = run_mode(args, mode, seed)
-            results.append(result_of(mode, seed, path))
-            _save(args.out, results)  # what is done so far survives a stopped benchmark
+    for mode, seed, path in _planned(args):
+        if not (args.reuse and path.exists()):
+            path = run_mode(args, mode, seed)
+        results.append(result_of(mode, seed, path))
+        _save(args.out, results)  # what is done so far survives a stopped benchmark
     return results
 
 
@@ -454,11 +471,15 @@ def _default_out(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modes.split(",") if m not in ALL_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {','.join(unknown)}: choose from {','.join(ALL_MODES)}")
     args.out = args.out or _default_out(args)
     args.out.mkdir(parents=True, exist_ok=True)
     args.bed = None
-    if args.testbed and not (args.reuse and (args.out / "results.json").exists()):
+    if args.testbed and _runs_missing(args):
         with Testbed(PROFILES[args.testbed]) as args.bed:
             print(f"testbed: {args.bed.profile.describe()}", flush=True)
             args.redis = args.bed.start_redis(args.out / "redis")

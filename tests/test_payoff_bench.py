@@ -11,8 +11,11 @@ import pytest
 from bench.payoff import (
     RunResult,
     _parser,
+    _runs_missing,
     accuracy_at,
     jobs_to_target,
+    main,
+    mode_args,
     render,
     result_of,
     table,
@@ -105,3 +108,35 @@ def test_jobs_to_target_by_test_and_by_validation(tmp_path: Path) -> None:
     assert jobs_to_target(rows)["one"]["0.85"] == {"test": 6.0, "val": 6.0}
     assert jobs_to_target(rows)["merged"]["0.85"]["val"] == "n/a"
     assert "aggregated" in _parser().format_help()  # --help says which jobs are counted
+
+
+def test_merged_async_is_merged_with_a_quorum_and_late_folds() -> None:
+    args = mode_args("merged-async", 0.05, 2, 2)
+    assert args[:args.index("--quorum")] == mode_args("merged", 0.05, 2, 2)
+    assert args[args.index("--quorum"):] == ["--quorum", "0.5", "--late-policy", "fold",
+                                             "--staleness", "inverse"]
+
+
+def test_an_unknown_mode_is_refused_before_anything_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--modes", "one,merged-sync", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "unknown mode(s) merged-sync" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reuse_runs_only_when_a_planned_log_is_missing(tmp_path: Path) -> None:
+    """With --reuse a new mode next to finished runs still needs its runs (and, on the
+    testbed, its silos); a profile whose every run is logged needs none."""
+    args = _parser().parse_args(["--modes", "one,merged", "--seeds", "0", "--reuse"])
+    args.out = tmp_path
+    for mode in ("one", "merged"):
+        (tmp_path / f"{mode}-seed0").mkdir()
+        (tmp_path / f"{mode}-seed0" / "events.jsonl").write_text("")
+    assert not _runs_missing(args)
+    args.modes = "one,merged,merged-async"
+    assert _runs_missing(args)
+    args.reuse = False
+    args.modes = "one"
+    assert _runs_missing(args)
