@@ -3,15 +3,17 @@
 Reads what the testbed benchmarks left in RUNS (default `runs/`), per profile:
 
 - `payoff-PROFILE/results.json` (`bench.payoff --testbed PROFILE`): the best 3-slot
-  mode's time to 85% over the best one-slot baseline's (synchronous or asynchronous);
+  mode's time to the target accuracy (`--target`, 85% by default) over the best one-slot
+  baseline's (synchronous or asynchronous);
 - `payoff-PROFILE-resnet18/results.json` (`... --model resnet18`): the best 3-slot
   mode's client jobs per minute over the best baseline's, shown inverted (time per
   job) so that, like the others, below 1 means the slots win;
 - `vs-flower-PROFILE.log` (`bench.vs_flower --testbed PROFILE | tee ...`, its last
-  line): PWFL's best time to 85% (any payoff mode, or PWFL's default job in the
+  line): PWFL's best time to the target (any payoff mode, or PWFL's default job in the
   vs_flower run) over Flower's deployment engine's (Flower's default-like job).
 
-Missing files leave gaps ("-"); a target some seed never reached is "never". The
+Missing files leave gaps ("-", "not measured"); where 3-slot runs exist and none of
+their modes reached the target on every seed, the slots' ratio is "never". The
 figure is a PNG (profiles on the x axis, one bar per ratio, the issue's goals 0.7
 and 0.3 drawn), the table Markdown; both say that devices were emulated.
 """
@@ -32,36 +34,40 @@ from bench.testbed.profiles import PROFILES
 
 GOAL_SLOTS = 0.7
 GOAL_FLOWER = 0.3
-T85 = "time_to_0.85"
+TARGETS = ("0.8", "0.85")
 
 
 @dataclass(frozen=True)
 class Regime:
-    """One profile's ratios (None: not measured or a target never reached)."""
+    """One profile's ratios at one target accuracy (None: not measured, or never reached:
+    `slots_never` says which for the slots' ratio)."""
 
     profile: str
-    slots_vs_one: float | None  # best 3-slot time to 85% / best one-slot baseline's
+    slots_vs_one: float | None  # best 3-slot time to target / best one-slot baseline's
     best_slots: str | None
     best_one: str | None
     resnet_slots_vs_one: float | None  # best baseline's jobs/min / best 3-slot mode's
     pwfl_vs_flower: float | None  # PWFL's best time to 85% / Flower deployment's
     flower_t85_s: float | None
     pwfl_t85_s: float | None
+    slots_never: bool = False  # 3-slot runs exist, and no mode reached the target every seed
+    target: str = "0.85"
 
 
 def _rows(path: Path) -> dict[str, dict[str, Any]] | None:
     return json.loads(path.read_text())["rows"] if path.exists() else None
 
 
-def _t85(row: dict[str, Any]) -> float | None:
-    stat = row[T85]
+def _time_to(row: dict[str, Any], key: str) -> float | None:
+    stat = row[key]
     return None if stat["missing"] or stat["mean"] is None else float(stat["mean"])
 
 
 def _best(rows: dict[str, dict[str, Any]], modes: Sequence[str], key: str,
           smaller: bool) -> tuple[str | None, float | None]:
-    """The mode among `modes` with the best mean of `key` (time: smaller), and that mean."""
-    found = [(m, _t85(rows[m]) if key == T85 else rows[m][key]["mean"])
+    """The mode among `modes` with the best mean of `key` (time: smaller), and that mean;
+    a time some seed never reached does not count."""
+    found = [(m, _time_to(rows[m], key) if key.startswith("time_to_") else rows[m][key]["mean"])
              for m in modes if m in rows]
     found = [(m, v) for m, v in found if v is not None]
     if not found:
@@ -73,46 +79,57 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _flower(log: Path) -> tuple[float | None, float | None]:
-    """(Flower deployment's, PWFL default job's) mean time to 85% from a vs_flower log."""
+def _flower(log: Path, target: str = "0.85") -> tuple[float | None, float | None]:
+    """(Flower deployment's, PWFL default job's) mean time to `target` from a vs_flower
+    log."""
     if not log.exists():
         return None, None
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
     if not lines:
         return None, None
     last = json.loads(lines[-1])
-    return (last.get("flower-deployment:flower-default-like:time_to_85_s"),
-            last.get("pwfl:pwfl-default-job:time_to_85_s"))
+    key = f"time_to_{round(float(target) * 100)}_s"
+    return (last.get(f"flower-deployment:flower-default-like:{key}"),
+            last.get(f"pwfl:pwfl-default-job:{key}"))
 
 
-def regime(runs: Path, profile: str) -> Regime:
-    """The ratios of `profile` from the files under `runs`."""
+def regime(runs: Path, profile: str, target: str = "0.85") -> Regime:
+    """The ratios of `profile` at `target` accuracy from the files under `runs`."""
+    key = f"time_to_{target}"
     cnn = _rows(runs / f"payoff-{profile}" / "results.json") or {}
     resnet = _rows(runs / f"payoff-{profile}-resnet18" / "results.json") or {}
     slots = [m for m in cnn if m not in BASELINES]
-    best_one, t_one = _best(cnn, BASELINES, T85, smaller=True)
-    best_slots, t_slots = _best(cnn, slots, T85, smaller=True)
+    best_one, t_one = _best(cnn, BASELINES, key, smaller=True)
+    best_slots, t_slots = _best(cnn, slots, key, smaller=True)
     _, j_one = _best(resnet, BASELINES, "jobs_per_min", smaller=False)
     _, j_slots = _best(resnet, [m for m in resnet if m not in BASELINES], "jobs_per_min",
                        smaller=False)
-    flower, pwfl_default = _flower(runs / f"vs-flower-{profile}.log")
+    flower, pwfl_default = _flower(runs / f"vs-flower-{profile}.log", target)
     pwfl = min((t for t in (t_one, t_slots, pwfl_default) if t is not None), default=None)
     return Regime(profile, _ratio(t_slots, t_one), best_slots, best_one,
-                  _ratio(j_one, j_slots), _ratio(pwfl, flower), flower, pwfl)
+                  _ratio(j_one, j_slots), _ratio(pwfl, flower), flower, pwfl,
+                  slots_never=bool(slots) and t_slots is None, target=target)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _pct(target: str) -> str:
+    return f"{round(float(target) * 100)}%"
+
+
 def table(regimes: list[Regime]) -> str:
-    """The Markdown table of the map."""
-    lines = ["| profile | best 3-slot / best 1-slot, time to 85% | modes | ResNet-18-sized: "
-             "3-slot / 1-slot time per job | PWFL best / Flower deployment, time to 85% | "
-             "PWFL t85 s | Flower t85 s |", "|---|---|---|---|---|---|---|"]
+    """The Markdown table of the map ("never": 3-slot runs were made and none of their
+    modes reached the target on every seed; "-": not measured)."""
+    t = _pct(regimes[0].target) if regimes else "85%"
+    lines = [f"| profile | best 3-slot / best 1-slot, time to {t} | modes | ResNet-18-sized: "
+             f"3-slot / 1-slot time per job | PWFL best / Flower deployment, time to {t} | "
+             f"PWFL s to {t} | Flower s to {t} |", "|---|---|---|---|---|---|---|"]
     for r in regimes:
         modes = f"{r.best_slots or '-'} vs {r.best_one or '-'}"
-        lines.append(f"| {r.profile} | {_fmt(r.slots_vs_one)} | {modes} | "
+        slots = "never" if r.slots_never else _fmt(r.slots_vs_one)
+        lines.append(f"| {r.profile} | {slots} | {modes} | "
                      f"{_fmt(r.resnet_slots_vs_one)} | {_fmt(r.pwfl_vs_flower)} | "
                      f"{_fmt(r.pwfl_t85_s, 0)} | {_fmt(r.flower_t85_s, 0)} |")
     lines.append("\nBelow 1: the first system or mode is faster. Devices EMULATED (training "
@@ -127,10 +144,11 @@ def figure(regimes: list[Regime], title: str) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    series = (("3 slots / 1 slot, time to 85% (CNN)", "slots_vs_one", "#4C72B0"),
+    t = _pct(regimes[0].target) if regimes else "85%"
+    series = ((f"3 slots / 1 slot, time to {t} (CNN)", "slots_vs_one", "#4C72B0"),
               ("3 slots / 1 slot, time per job (ResNet-18-sized)", "resnet_slots_vs_one",
                "#55A868"),
-              ("PWFL / Flower deployment, time to 85%", "pwfl_vs_flower", "#DD8452"))
+              (f"PWFL / Flower deployment, time to {t}", "pwfl_vs_flower", "#DD8452"))
     fig = Figure(figsize=(1.6 + 1.5 * len(regimes), 4.2))
     ax = fig.add_subplot()
     width = 0.26
@@ -139,8 +157,9 @@ def figure(regimes: list[Regime], title: str) -> bytes:
             value = getattr(r, attr)
             pos = x + (i - 1) * width
             if value is None:
-                ax.text(pos, 0.02, f"{'abc'[i]}: n/a", ha="center", va="bottom", fontsize=7,
-                        rotation=90)
+                never = attr == "slots_vs_one" and r.slots_never
+                ax.text(pos, 0.02, f"{'abc'[i]}: {'3 slots never' if never else 'not measured'}",
+                        ha="center", va="bottom", fontsize=7, rotation=90)
             else:
                 ax.bar(pos, value, width, color=colour)
                 ax.text(pos, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
@@ -172,17 +191,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"profiles on the x axis, in order (default {','.join(PROFILES)})")
     p.add_argument("--out", type=Path, default=None,
                    help="figure and table go to OUT.png and OUT.md (default RUNS/regime-map)")
-    p.add_argument("--title", default="Where several slots pay off (devices EMULATED)",
-                   help="the figure's title (say 'SMOKE RUN' for one)")
+    p.add_argument("--target", choices=TARGETS, default="0.85",
+                   help="the accuracy whose time the ratios compare (default 0.85; 0.8 shows "
+                        "where slots got at all when they never reached 85%%)")
+    p.add_argument("--title", default=None,
+                   help="the figure's title (default: 'Where several slots pay off, time to "
+                        "TARGET (devices EMULATED)'; say 'SMOKE RUN' for one)")
     args = p.parse_args(argv)
+    args.title = args.title or (f"Where several slots pay off, time to {_pct(args.target)} "
+                                "(devices EMULATED)")
     out = args.out or args.runs / "regime-map"
-    regimes = [regime(args.runs, name) for name in args.profiles.split(",")]
+    regimes = [regime(args.runs, name, args.target) for name in args.profiles.split(",")]
     text = table(regimes)
+    # OUT.md and OUT.png next to OUT (not with_suffix: "map-0.8" would lose its ".8")
+    md, png = (out.with_name(f"{out.name}.{ext}") for ext in ("md", "png"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(f"# {args.title}\n\n{text}\n")
-    out.with_suffix(".png").write_bytes(figure(regimes, args.title))
+    md.write_text(f"# {args.title}\n\n{text}\n")
+    png.write_bytes(figure(regimes, args.title))
     print(text)
-    print(f"figure: {out.with_suffix('.png')}, table: {out.with_suffix('.md')}")
+    print(f"figure: {png}, table: {md}")
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.payoff import RunResult, table, time_to, verdict
-from bench.regime_map import figure, regime
+from bench.regime_map import figure, main, regime
 from bench.regime_map import table as map_table
 from bench.testbed.silos import emulation_report, link_bytes
 
@@ -60,6 +60,32 @@ def test_regime_reads_payoff_resnet_and_flower_results(tmp_path: Path) -> None:
     assert "| wan | 0.50 | pbt vs one | 0.50 | 0.10 |" in text
     assert "EMULATED" in text
     assert figure([wan, empty], "test").startswith(b"\x89PNG")
+
+
+def test_slots_that_never_reach_the_target_read_never_and_a_lower_target_gives_a_ratio(
+        tmp_path: Path) -> None:
+    """3-slot runs that miss 85% on a seed are "never" (measured), not a gap; at --target
+    0.8 the same runs give a ratio, Flower's 80% time included; OUT.md and OUT.png keep a
+    dotted name whole."""
+    write_payoff(tmp_path / "payoff-hetero", [
+        result("one", 0, [(20.0, 0.8), (60.0, 0.85)]), result("one", 1, [(30.0, 0.85)]),
+        result("merged", 0, [(10.0, 0.8), (40.0, 0.85)]), result("merged", 1, [(20.0, 0.8)])])
+    (tmp_path / "vs-flower-hetero.log").write_text(json.dumps(
+        {"flower-deployment:flower-default-like:time_to_80_s": 100.0,
+         "pwfl:pwfl-default-job:time_to_80_s": 12.0}) + "\n")
+    at_85 = regime(tmp_path, "hetero")
+    assert (at_85.slots_vs_one, at_85.slots_never, at_85.pwfl_vs_flower) == (None, True, None)
+    assert "| hetero | never | - vs one |" in map_table([at_85])
+    assert not regime(tmp_path, "lan").slots_never  # nothing measured: a gap, not "never"
+    at_80 = regime(tmp_path, "hetero", "0.8")
+    assert at_80.slots_vs_one == pytest.approx(15.0 / 25.0)
+    assert at_80.pwfl_vs_flower == pytest.approx(12.0 / 100.0)
+    assert "time to 80%" in map_table([at_80])
+    out = tmp_path / "maps" / "map-0.8"
+    assert main(["--runs", str(tmp_path), "--profiles", "hetero,lan", "--target", "0.8",
+                 "--out", str(out)]) == 0
+    assert (tmp_path / "maps" / "map-0.8.png").read_bytes().startswith(b"\x89PNG")
+    assert "| hetero | 0.60 | merged vs one |" in (tmp_path / "maps" / "map-0.8.md").read_text()
 
 
 def test_emulation_report_counts_overruns_and_first_calls(tmp_path: Path) -> None:
