@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,37 @@ def test_sigterm_to_run_removes_the_bed_and_its_command() -> None:
         assert b"testbed up" in proc.stderr.readline()
         assert len(_kernel_objects(proc.pid)) == 4
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 143
+        try:
+            assert proc.wait(60) == 143
+        finally:
+            proc.kill()
+    assert _kernel_objects(proc.pid) == []
+
+
+def _other_threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+
+
+@needs_root
+def test_sigterm_that_lands_on_the_relay_thread_still_removes_the_bed() -> None:
+    """The kernel may hand a process-directed SIGTERM to any thread that does not block it.
+    kill(2) on the relay thread's id makes it that thread: the bed still comes down. (It
+    did not: the main thread slept in waitpid() until CMD ended, and a CI run hung.)"""
+    with subprocess.Popen([*TESTBED, "run", "wan", "--silos", "1", "--", "sleep", "600"],
+                          cwd=ROOT, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        assert b"testbed up" in proc.stderr.readline()
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until CMD has started, then a moment for run to wait on it
+        time.sleep(0.5)
+        (relay,) = _other_threads(proc.pid)
+        os.kill(relay, signal.SIGTERM)
+        try:
+            assert proc.wait(30) == 143
+        finally:
+            proc.kill()
     assert _kernel_objects(proc.pid) == []
 
 

@@ -35,6 +35,7 @@ from bench.testbed.relay import RelayThread
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
+POLL_S = 1.0  # Popen.wait(timeout) itself polls every 50 ms at most
 REDIS_START_S = 20.0
 ROOT = Path(__file__).resolve().parents[2]
 Handler = Callable[[int, FrameType | None], Any] | int | None
@@ -169,6 +170,16 @@ class Testbed:
 
     def qdisc_text(self, index: int = 0) -> str:
         return netns.qdisc_text(self.silos[index].link)
+
+
+def wait(proc: subprocess.Popen[bytes]) -> int:
+    """`proc`'s exit status, waited for in short polls: a signal that unwinds the bed is acted
+    on within a poll. A plain `proc.wait()` blocks in waitpid(), which a signal handled just
+    before it started (or by another thread) does not interrupt: the bed would stay up until
+    `proc` exits by itself."""
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=POLL_S)
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:

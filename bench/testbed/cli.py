@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from bench.testbed import netns
-from bench.testbed.bed import Testbed
+from bench.testbed.bed import POLL_S, Testbed, wait
 from bench.testbed.profiles import PROFILES, STEP_S, Profile
 
 ENV = "PWFL_TESTBED"  # `run` sets it: the path of the bed's description (JSON)
@@ -99,8 +99,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(json.dumps(describe(bed), indent=1))
         print(f"testbed up ({len(bed.silos)} silos): {args.profile.describe()}; Ctrl-C or SIGTERM "
               "removes it", flush=True)
-        while True:
-            signal.pause()  # until a signal unwinds the bed
+        while True:  # until a signal unwinds the bed; pause() could sleep through one
+            time.sleep(POLL_S)  # that arrived just before it
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         desc.flush()
         print(f"testbed up ({len(bed.silos)} silos): {args.profile.describe()}", file=sys.stderr,
               flush=True)
-        return bed.popen(None, argv, env={ENV: desc.name}).wait()
+        return wait(bed.popen(None, argv, env={ENV: desc.name}))
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -16,13 +16,15 @@ up faster than over a real long link of that RTT. A bounded queue per direction
 (`QUEUE_CHUNKS`) pushes back on the sender instead of buffering without limit.
 
 The relay runs on its own event loop in a daemon thread (`RelayThread`), so it
-stops with the process that owns the testbed, however that process ends.
+stops with the process that owns the testbed, however that process ends. That thread
+blocks the signals that unwind a testbed, so the kernel hands them to the main thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading
 from collections.abc import Coroutine
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 CHUNK_BYTES = 256 * 1024
 QUEUE_CHUNKS = 256  # per direction of one connection: at most 64 MiB held
 START_TIMEOUT_S = 10.0
+UNWIND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 T = TypeVar("T")
 
 
@@ -123,10 +126,17 @@ class RelayThread:
 
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="testbed-relay",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="testbed-relay", daemon=True)
         self._relays: list[DelayRelay] = []
         self._thread.start()
+
+    def _run(self) -> None:
+        # A process-directed signal goes to any thread that does not block it. Python runs
+        # its handler in the main thread only, and only once that thread is between
+        # bytecodes: one landing here would leave a main thread blocked in waitpid() asleep
+        # until its child exits, the bed up all that time (a CI run hung on it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, UNWIND_SIGNALS)
+        self._loop.run_forever()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(START_TIMEOUT_S)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.testbed.bed import Testbed
+from bench.testbed.bed import Testbed, wait
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def run_pwfl(bed: Testbed, redis: tuple[str, list[str]], coordinator_args: list[
         coordinator = bed.popen(None, argv, stdout=console, stderr=console,
                                 stdin=subprocess.DEVNULL)
     agents = start_agents(bed, silo_urls, run_id, run_dir, step_s, *agent_args)
-    code = coordinator.wait()
+    code = wait(coordinator)
     for agent in agents:  # they leave once the run is over (--exit-when-done)
         try:
             agent.wait(AGENTS_EXIT_S)
