@@ -164,19 +164,23 @@ def figure(regimes: list[Regime], title: str) -> bytes:
             else:
                 ax.bar(pos, value, width, color=colour)
                 ax.text(pos, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
-    for goal, text in ((GOAL_SLOTS, "goal: slots 0.7"), (GOAL_FLOWER, "goal: vs Flower 0.3")):
-        ax.axhline(goal, color="#999999", linestyle="--", linewidth=0.8)
-        ax.text(-0.45, goal, text, fontsize=7, va="bottom", ha="left", color="#666666")
-    ax.axhline(1.0, color="#2b2b2b", linewidth=0.8)
+    # The goals are named in the legend, in their series' colour (a label on the plot ran
+    # into the rotated "not measured" texts).
+    lines = [ax.axhline(GOAL_SLOTS, color=series[0][2], linestyle="--", linewidth=1.0,
+                        label=f"goal for a: {GOAL_SLOTS}"),
+             ax.axhline(GOAL_FLOWER, color=series[2][2], linestyle="--", linewidth=1.0,
+                        label=f"goal for c: {GOAL_FLOWER}"),
+             ax.axhline(1.0, color="#2b2b2b", linewidth=0.8, label="1.0: break-even")]
     values = [v for r in regimes for _, a, _ in series if (v := getattr(r, a)) is not None]
     ax.set_ylim(0, max([1.2, *(1.15 * v for v in values)]))
     ax.set_xlim(-0.5, len(regimes) - 0.5)
     ax.set_xticks(range(len(regimes)), [r.profile for r in regimes])
     ax.set_ylabel("ratio (below 1: slots / PWFL faster)")
     ax.set_title(title, fontsize=10)
-    ax.legend(handles=[Patch(color=colour, label=f"{'abc'[i]}: {label}")
-                       for i, (label, _, colour) in enumerate(series)],
-              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.legend(handles=[*(Patch(color=colour, label=f"{'abc'[i]}: {label}")
+                         for i, (label, _, colour) in enumerate(series)), *lines],
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False,
+              ncols=2)
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
