@@ -13,7 +13,8 @@ Reads what the testbed benchmarks left in RUNS (default `runs/`), per profile:
   vs_flower run) over Flower's deployment engine's (Flower's default-like job).
 
 Missing files leave gaps ("-", "not measured"); where 3-slot runs exist and none of
-their modes reached the target on every seed, the slots' ratio is "never". The
+their modes reached the target on every seed, the slots' ratio is "3 slots never"
+(likewise "1 slot never" for the baselines, "both never"). The
 figure is a PNG (profiles on the x axis, one bar per ratio, the issue's goals 0.7
 and 0.3 drawn), the table Markdown; both say that devices were emulated.
 """
@@ -40,7 +41,7 @@ TARGETS = ("0.8", "0.85")
 @dataclass(frozen=True)
 class Regime:
     """One profile's ratios at one target accuracy (None: not measured, or never reached:
-    `slots_never` says which for the slots' ratio)."""
+    `never` says which side missed the target, for the slots' ratio)."""
 
     profile: str
     slots_vs_one: float | None  # best 3-slot time to target / best one-slot baseline's
@@ -50,7 +51,9 @@ class Regime:
     pwfl_vs_flower: float | None  # PWFL's best time to target / Flower deployment's
     flower_s: float | None  # Flower deployment's time to target
     pwfl_s: float | None  # PWFL's best time to target
-    slots_never: bool = False  # 3-slot runs exist, and no mode reached the target every seed
+    # Runs exist and no mode of that side reached the target on every seed: "3 slots",
+    # "1 slot", "both"; "" when the slots' ratio is there or was not measured.
+    never: str = ""
     target: str = "0.85"
 
 
@@ -106,9 +109,12 @@ def regime(runs: Path, profile: str, target: str = "0.85") -> Regime:
                        smaller=False)
     flower, pwfl_default = _flower(runs / f"vs-flower-{profile}.log", target)
     pwfl = min((t for t in (t_one, t_slots, pwfl_default) if t is not None), default=None)
+    missed = (bool(slots) and t_slots is None, any(m in cnn for m in BASELINES) and t_one is None)
+    never = {(True, True): "both", (True, False): "3 slots", (False, True): "1 slot"}.get(
+        missed, "")
     return Regime(profile, _ratio(t_slots, t_one), best_slots, best_one,
-                  _ratio(j_one, j_slots), _ratio(pwfl, flower), flower, pwfl,
-                  slots_never=bool(slots) and t_slots is None, target=target)
+                  _ratio(j_one, j_slots), _ratio(pwfl, flower), flower, pwfl, never=never,
+                  target=target)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -121,15 +127,16 @@ def _percent(target: str) -> int:
 
 
 def table(regimes: list[Regime]) -> str:
-    """The Markdown table of the map ("never": 3-slot runs were made and none of their
-    modes reached the target on every seed; "-": not measured)."""
+    """The Markdown table of the map ("3 slots never": 3-slot runs were made and none of
+    their modes reached the target on every seed, likewise "1 slot never" and "both never";
+    "-": not measured)."""
     t = f"{_percent(regimes[0].target) if regimes else 85}%"
     lines = [f"| profile | best 3-slot / best 1-slot, time to {t} | modes | ResNet-18-sized: "
              f"3-slot / 1-slot time per job | PWFL best / Flower deployment, time to {t} | "
              f"PWFL s to {t} | Flower s to {t} |", "|---|---|---|---|---|---|---|"]
     for r in regimes:
         modes = f"{r.best_slots or '-'} vs {r.best_one or '-'}"
-        slots = "never" if r.slots_never else _fmt(r.slots_vs_one)
+        slots = f"{r.never} never" if r.never else _fmt(r.slots_vs_one)
         lines.append(f"| {r.profile} | {slots} | {modes} | "
                      f"{_fmt(r.resnet_slots_vs_one)} | {_fmt(r.pwfl_vs_flower)} | "
                      f"{_fmt(r.pwfl_s, 0)} | {_fmt(r.flower_s, 0)} |")
@@ -158,8 +165,8 @@ def figure(regimes: list[Regime], title: str) -> bytes:
             value = getattr(r, attr)
             pos = x + (i - 1) * width
             if value is None:
-                never = attr == "slots_vs_one" and r.slots_never
-                ax.text(pos, 0.02, f"{'abc'[i]}: {'3 slots never' if never else 'not measured'}",
+                never = r.never if attr == "slots_vs_one" else ""
+                ax.text(pos, 0.02, f"{'abc'[i]}: {f'{never} never' if never else 'not measured'}",
                         ha="center", va="bottom", fontsize=7, rotation=90)
             else:
                 ax.bar(pos, value, width, color=colour)

@@ -74,9 +74,9 @@ def test_slots_that_never_reach_the_target_read_never_and_a_lower_target_gives_a
         {"flower-deployment:flower-default-like:time_to_80_s": 100.0,
          "pwfl:pwfl-default-job:time_to_80_s": 12.0}) + "\n")
     at_85 = regime(tmp_path, "hetero")
-    assert (at_85.slots_vs_one, at_85.slots_never, at_85.pwfl_vs_flower) == (None, True, None)
-    assert "| hetero | never | - vs one |" in map_table([at_85])
-    assert not regime(tmp_path, "lan").slots_never  # nothing measured: a gap, not "never"
+    assert (at_85.slots_vs_one, at_85.never, at_85.pwfl_vs_flower) == (None, "3 slots", None)
+    assert "| hetero | 3 slots never | - vs one |" in map_table([at_85])
+    assert regime(tmp_path, "lan").never == ""  # nothing measured: a gap, not "never"
     at_80 = regime(tmp_path, "hetero", "0.8")
     assert at_80.slots_vs_one == pytest.approx(15.0 / 25.0)
     assert at_80.pwfl_vs_flower == pytest.approx(12.0 / 100.0)
@@ -86,6 +86,21 @@ def test_slots_that_never_reach_the_target_read_never_and_a_lower_target_gives_a
                  "--out", str(out)]) == 0
     assert (tmp_path / "maps" / "map-0.8.png").read_bytes().startswith(b"\x89PNG")
     assert "| hetero | 0.60 | merged vs one |" in (tmp_path / "maps" / "map-0.8.md").read_text()
+
+
+def test_never_names_the_side_that_missed_the_target(tmp_path: Path) -> None:
+    """A baseline that misses the target is named as such (it was "not measured" when only
+    the slots' misses counted), and so is a regime where both sides missed it."""
+    write_payoff(tmp_path / "payoff-wan", [
+        result("one", 0, [(20.0, 0.8)]), result("merged", 0, [(10.0, 0.85)])])
+    write_payoff(tmp_path / "payoff-hetero", [
+        result("one", 0, [(20.0, 0.8)]), result("merged", 0, [(10.0, 0.8)])])
+    wan, hetero = regime(tmp_path, "wan"), regime(tmp_path, "hetero")
+    assert (wan.never, hetero.never) == ("1 slot", "both")
+    text = map_table([wan, hetero])
+    assert "| wan | 1 slot never | merged vs - |" in text
+    assert "| hetero | both never | - vs - |" in text
+    assert regime(tmp_path, "hetero", "0.8").never == ""  # at 80% both got there
 
 
 def test_emulation_report_counts_overruns_and_first_calls(tmp_path: Path) -> None:
