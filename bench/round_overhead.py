@@ -1,9 +1,13 @@
 """`python -m bench.round_overhead`: what a round costs beyond the clients' compute.
 
-Runs the real coordinator, agents and trainer processes with no-op training
-(trainers return the weights they received), 6 clients on 2 local agents, with
-1 and with 3 slots, for the ~580k-parameter CNN and a ResNet-18-sized state
-dict. Evaluation is off: what remains is the framework. For each round:
+Runs the real coordinator, agents and trainer processes with no-op training, 6
+clients on 2 local agents, with 1 and with 3 slots, for the ~580k-parameter CNN and
+a ResNet-18-sized state dict. The no-op "training" changes one value of the model
+(`bench.testbed.tasks:PerturbedNoopTask`), so every update is a new blob that moves
+and is checked like a trained one: with plain `--noop-training` an update has the
+model's digest, the content-addressed blob store finds it stored, and no update would
+cross Redis at all, while the raw baseline below pays for each. Evaluation is off:
+what remains is the framework. For each round:
 
     overhead = round wall time (model published .. aggregation finished)
                - the slowest client's compute (load + train + encode in its trainer)
@@ -39,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._measure import ameasure_all
+from bench.testbed import tasks as testbed_tasks
 from bus.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +80,8 @@ class Outcome:
 def _run_coordinator(case: Case, redis_url: str, runs_dir: Path) -> Path:
     run_id = f"bench-{case.model}-{case.slots}slots-{'shm' if case.handoff else 'redis'}"
     argv = [sys.executable, "-m", "coordinator", "--redis", redis_url, "--runs-dir",
-            str(runs_dir), "--run-id", run_id, "--task", "synthetic", "--task-option",
-            f"model={case.model}", "--noop-training", "--eval-every", "0", "--slots",
+            str(runs_dir), "--run-id", run_id, "--task", testbed_tasks.SPEC, "--task-option",
+            f"model={case.model}", "--eval-every", "0", "--slots",
             str(case.slots), "--rounds", str(case.rounds), "--clients", str(CLIENTS),
             "--local-agents", str(AGENTS), "--no-progress", "--http-port", "0",
             *([] if case.handoff else ["--no-local-handoff"])]

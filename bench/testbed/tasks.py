@@ -1,4 +1,5 @@
-"""Tasks for testbed throughput runs: a big state dict on the links, next to no compute.
+"""Tasks for throughput runs (the testbed's, `bench.round_overhead`): a big state dict on
+the links, next to no compute.
 
 `--noop-training` returns the received weights untouched, so an update has the same
 bytes, hence the same digest, as the model it came from, and the content-addressed
