@@ -4,10 +4,13 @@ Runs the real coordinator, agents and trainer processes with no-op training, 6
 clients on 2 local agents, with 1 and with 3 slots, for the ~580k-parameter CNN and
 a ResNet-18-sized state dict. The no-op "training" changes one value of the model
 (`bench.testbed.tasks:PerturbedNoopTask`), so every update is a new blob that moves
-and is checked like a trained one: with plain `--noop-training` an update has the
-model's digest, the content-addressed blob store finds it stored, and no update would
-cross Redis at all, while the raw baseline below pays for each. Evaluation is off:
-what remains is the framework. For each round:
+and is checked like a trained one. With plain `--noop-training` an update has the
+model's digest and the content-addressed blob store finds it stored: a blob above its
+4 MiB chunk size (the ResNet's) only has its chunks' TTL refreshed, so no update
+crossed Redis, while the raw baseline below paid for each. Each case also
+reports what Redis read and sent per round (its INFO counters), so the bytes a round
+moves are counted, not assumed. Evaluation is off: what remains is the framework.
+For each round:
 
     overhead = round wall time (model published .. aggregation finished)
                - the slowest client's compute (load + train + encode in its trainer)
@@ -71,6 +74,13 @@ class Outcome:
     round_ms: list[float]
     client_idle_fraction: float | None
     wall_s: float
+    redis_in_bytes: int  # what Redis read from its clients during the run (uploads)
+    redis_out_bytes: int  # and what it sent them (downloads)
+    rounds_closed: int
+
+    def redis_mb_per_round(self, which: str) -> float:
+        moved = self.redis_in_bytes if which == "in" else self.redis_out_bytes
+        return moved / 1e6 / max(self.rounds_closed, 1)
 
     @property
     def median_overhead_ms(self) -> float:
@@ -128,13 +138,26 @@ def _client_idle(path: Path) -> float | None:
     return float(value) if value is not None else None
 
 
+def _redis_net_bytes(url: str) -> tuple[int, int]:
+    """Bytes Redis has read from and written to its clients since it started (INFO)."""
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        stats = client.info("stats")
+    return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
+
+
 def run_case(case: Case, redis_url: str, runs_dir: Path) -> Outcome:
+    before = _redis_net_bytes(redis_url)
     path = _run_coordinator(case, redis_url, runs_dir)
+    after = _redis_net_bytes(redis_url)
     events = _events(path)
     overhead, wall, nbytes = _round_overheads(events)
     finished = [e for e in events if e["event"] == "run_finished"]
+    closed = sum(e["event"] == "aggregation_finished" for e in events)
     return Outcome(case, nbytes, overhead, wall, _client_idle(path),
-                   finished[-1]["wall_s"] if finished else float("nan"))
+                   finished[-1]["wall_s"] if finished else float("nan"),
+                   after[0] - before[0], after[1] - before[1], closed)
 
 
 async def raw_transfer_s(url: str, nbytes: int, reps: int) -> float:
@@ -157,14 +180,16 @@ async def raw_transfer_s(url: str, nbytes: int, reps: int) -> float:
 
 def _table(outcomes: list[Outcome], raw_s: dict[str, float]) -> Table:
     table = Table(title="Framework overhead per round (no-op training, 6 clients, 2 agents)")
-    for col in ("model", "MB", "slots", "path", "rounds", "round ms", "overhead ms",
-                "raw SET+GET ms", "overhead / raw", "client idle"):
+    for col in ("model", "MB", "slots", "path", "rounds", "Redis MB/round in, out",
+                "round ms", "overhead ms", "raw SET+GET ms", "overhead / raw", "client idle"):
         table.add_column(col, justify="right")
     for o in outcomes:
         raw_ms = raw_s[o.case.model] * 1000
         idle = "-" if o.client_idle_fraction is None else f"{o.client_idle_fraction:.1%}"
         table.add_row(o.case.model, f"{o.nbytes / 1e6:.1f}", str(o.case.slots), o.case.path,
-                      str(len(o.overhead_ms)), f"{statistics.median(o.round_ms):.1f}",
+                      str(len(o.overhead_ms)),
+                      f"{o.redis_mb_per_round('in'):.1f}, {o.redis_mb_per_round('out'):.1f}",
+                      f"{statistics.median(o.round_ms):.1f}",
                       f"{o.median_overhead_ms:.1f}", f"{raw_ms:.1f}",
                       f"{o.median_overhead_ms / raw_ms:.2f}x", idle)
     return table
@@ -206,6 +231,8 @@ def _summary(outcomes: list[Outcome], raw_s: dict[str, float]) -> dict[str, Any]
         prefix, suffix = f"{o.case.model}_{o.case.slots}slot", _suffix(o.case)
         out[f"{prefix}_round_overhead_ms{suffix}"] = round(o.median_overhead_ms, 2)
         out[f"{prefix}_client_idle_fraction{suffix}"] = o.client_idle_fraction
+        out[f"{prefix}_redis_mb_per_round_in{suffix}"] = round(o.redis_mb_per_round("in"), 2)
+        out[f"{prefix}_redis_mb_per_round_out{suffix}"] = round(o.redis_mb_per_round("out"), 2)
         out[f"{prefix}_vs_raw_transfer{suffix}"] = _ratio(o, raw_s)
     for model in raw_s:
         out[f"{model}_raw_transfer_ms"] = round(raw_s[model] * 1000, 2)
