@@ -21,24 +21,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.testbed import netns
 from bench.testbed.profiles import Profile
 from bench.testbed.relay import RelayThread
+from bench.testbed.signals import signals_unwind
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
 POLL_S = 1.0  # Popen.wait(timeout) itself polls every 50 ms at most
 REDIS_START_S = 20.0
 ROOT = Path(__file__).resolve().parents[2]
-Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 @dataclass(frozen=True)
@@ -61,26 +59,6 @@ class Silo:
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _exit_on(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def signals_unwind() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise SystemExit while inside (main thread only), so `finally`
-    blocks run; the previous handlers are back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous: dict[int, Handler] = {s: signal.signal(s, _exit_on)
-                                    for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 class Testbed:

@@ -24,6 +24,7 @@ from typing import Any
 
 from bench.testbed.bed import Testbed
 from bench.testbed.profiles import Profile
+from bench.testbed.signals import block_in_worker_thread
 
 PINGS = 50
 UPLOAD_MB = 8
@@ -47,6 +48,7 @@ async def _probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 def _serve(endpoints: list[tuple[str, int]], ready: threading.Event) -> None:
+    block_in_worker_thread()
     async def main() -> None:
         servers = [await asyncio.start_server(_probe, host, port) for host, port in endpoints]
         ready.set()

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from bench.testbed.signals import block_in_worker_thread
+
 CHUNK_BYTES = 256 * 1024
 QUEUE_CHUNKS = 256  # per direction of one connection: at most 64 MiB held
 START_TIMEOUT_S = 10.0
-UNWIND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 T = TypeVar("T")
 
 
@@ -131,11 +131,7 @@ class RelayThread:
         self._thread.start()
 
     def _run(self) -> None:
-        # A process-directed signal goes to any thread that does not block it. Python runs
-        # its handler in the main thread only, and only once that thread is between
-        # bytecodes: one landing here would leave a main thread blocked in waitpid() asleep
-        # until its child exits, the bed up all that time (a CI run hung on it).
-        signal.pthread_sigmask(signal.SIG_BLOCK, UNWIND_SIGNALS)
+        block_in_worker_thread()  # bench.testbed.signals: they go to the main thread
         self._loop.run_forever()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
