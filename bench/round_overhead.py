@@ -78,9 +78,13 @@ class Outcome:
     redis_out_bytes: int  # and what it sent them (downloads)
     rounds_closed: int
 
-    def redis_mb_per_round(self, which: str) -> float:
-        moved = self.redis_in_bytes if which == "in" else self.redis_out_bytes
-        return moved / 1e6 / max(self.rounds_closed, 1)
+    @property
+    def redis_in_mb_per_round(self) -> float:
+        return self.redis_in_bytes / 1e6 / max(self.rounds_closed, 1)
+
+    @property
+    def redis_out_mb_per_round(self) -> float:
+        return self.redis_out_bytes / 1e6 / max(self.rounds_closed, 1)
 
     @property
     def median_overhead_ms(self) -> float:
@@ -188,7 +192,7 @@ def _table(outcomes: list[Outcome], raw_s: dict[str, float]) -> Table:
         idle = "-" if o.client_idle_fraction is None else f"{o.client_idle_fraction:.1%}"
         table.add_row(o.case.model, f"{o.nbytes / 1e6:.1f}", str(o.case.slots), o.case.path,
                       str(len(o.overhead_ms)),
-                      f"{o.redis_mb_per_round('in'):.1f}, {o.redis_mb_per_round('out'):.1f}",
+                      f"{o.redis_in_mb_per_round:.1f}, {o.redis_out_mb_per_round:.1f}",
                       f"{statistics.median(o.round_ms):.1f}",
                       f"{o.median_overhead_ms:.1f}", f"{raw_ms:.1f}",
                       f"{o.median_overhead_ms / raw_ms:.2f}x", idle)
@@ -231,8 +235,8 @@ def _summary(outcomes: list[Outcome], raw_s: dict[str, float]) -> dict[str, Any]
         prefix, suffix = f"{o.case.model}_{o.case.slots}slot", _suffix(o.case)
         out[f"{prefix}_round_overhead_ms{suffix}"] = round(o.median_overhead_ms, 2)
         out[f"{prefix}_client_idle_fraction{suffix}"] = o.client_idle_fraction
-        out[f"{prefix}_redis_mb_per_round_in{suffix}"] = round(o.redis_mb_per_round("in"), 2)
-        out[f"{prefix}_redis_mb_per_round_out{suffix}"] = round(o.redis_mb_per_round("out"), 2)
+        out[f"{prefix}_redis_mb_per_round_in{suffix}"] = round(o.redis_in_mb_per_round, 2)
+        out[f"{prefix}_redis_mb_per_round_out{suffix}"] = round(o.redis_out_mb_per_round, 2)
         out[f"{prefix}_vs_raw_transfer{suffix}"] = _ratio(o, raw_s)
     for model in raw_s:
         out[f"{model}_raw_transfer_ms"] = round(raw_s[model] * 1000, 2)
